@@ -1,0 +1,80 @@
+"""ForwardBatch: everything a model needs to know about one engine step, passed explicitly to forward.
+
+A step runs T new tokens belonging to B sequences. Each sequence contributes its next
+`query_len` tokens (a prefill chunk or one decode token) on top of `seq_len - query_len`
+tokens whose K/V already sit in the paged cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64: new tokens of all sequences, concatenated in batch order
+    positions: torch.Tensor  # [T] int64: absolute position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block_id * block_size + offset) per new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32: physical block ids of each sequence, 0-padded
+    query_start_loc: torch.Tensor  # [B + 1] int32: prefix sums of query_lens
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache once this step's K/V are written
+    logits_indices: torch.Tensor  # [B] int64: index into T of each sequence's last new token
+    query_lens_cpu: tuple[int, ...]  # the same lengths on the host, for loops and slicing
+    seq_lens_cpu: tuple[int, ...]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @staticmethod
+    def build(
+        token_chunks: list[list[int]],
+        num_cached: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Build a batch from per-sequence new tokens, how many tokens each already has cached,
+        and each sequence's block table (which must cover num_cached + len(new tokens) slots)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        for chunk, cached, table in zip(token_chunks, num_cached, block_tables, strict=True):
+            for pos in range(cached, cached + len(chunk)):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            input_ids.extend(chunk)
+            query_lens.append(len(chunk))
+            seq_lens.append(cached + len(chunk))
+        width = max(1, max(len(t) for t in block_tables))
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+
+        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=on_device(input_ids, torch.int64),
+            positions=on_device(positions, torch.int64),
+            slot_mapping=on_device(slots, torch.int64),
+            block_tables=tables.to(device, non_blocking=True),
+            query_start_loc=on_device(starts, torch.int32),
+            seq_lens=on_device(seq_lens, torch.int32),
+            logits_indices=on_device([s - 1 for s in starts[1:]], torch.int64),
+            query_lens_cpu=tuple(query_lens),
+            seq_lens_cpu=tuple(seq_lens),
+            block_size=block_size,
+        )
