@@ -1,0 +1,114 @@
+"""ModelRunner: owns the model, the paged KV pool and the sampler; turns a scheduled step into tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1deploy.engine.batch import ForwardBatch
+from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.scheduler import SchedulerOutput
+from r1deploy.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from r1deploy.models.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class KVPoolSize:
+    num_blocks: int
+    bytes_per_block: int
+    budget_bytes: int  # what the pool was allowed to take
+
+    def capacity_tokens(self, block_size: int) -> int:
+        return self.num_blocks * block_size
+
+
+def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype) -> int:
+    c = loaded.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sampler = Sampler()
+        self.pool = self._size_pool()
+        c = loaded.config
+        shape = (2, self.pool.num_blocks, config.block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(c.num_hidden_layers)]
+
+    def _size_pool(self) -> KVPoolSize:
+        per_block = self.config.block_size * kv_bytes_per_token(self.loaded, self.dtype)
+        if self.config.num_gpu_blocks_override is not None:
+            n = self.config.num_gpu_blocks_override
+            return KVPoolSize(n, per_block, n * per_block)
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = self.config.cpu_kv_cache_bytes
+        n = budget // per_block
+        if n < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB): "
+                               "lower the model size or raise --gpu-memory-utilization")
+        return KVPoolSize(int(n), per_block, int(budget))
+
+    def _cuda_kv_budget(self) -> int:
+        """vLLM's recipe: run the largest step once to find peak activation memory, then give the KV
+        pool what is left of gpu_memory_utilization x total, after weights, peak and non-torch memory."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free_before, total = torch.cuda.mem_get_info(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        non_torch = max(0, (total - free_after) - torch.cuda.memory_reserved(self.device))
+        torch.cuda.empty_cache()
+        return int(total * self.config.gpu_memory_utilization - peak - non_torch)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        num_tokens = self.config.max_num_batched_tokens
+        c = self.loaded.config
+        blocks = -(-num_tokens // self.config.block_size)
+        scratch = [torch.zeros((2, blocks, self.config.block_size, c.num_key_value_heads, c.head_dim),
+                               dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
+                                   self.config.block_size, self.device)
+        hidden = self.model(batch, scratch)
+        self.model.compute_logits(hidden[batch.logits_indices])
+        del scratch
+
+    @torch.inference_mode()
+    def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
+        """Run one step; sample a token for each chunk that reaches its request's newest token."""
+        chunks = step.chunks
+        batch = ForwardBatch.build(
+            [c.request.all_token_ids[c.num_cached_before:c.num_cached_before + c.num_new_tokens]
+             for c in chunks],
+            [c.num_cached_before for c in chunks],
+            [c.request.block_table for c in chunks],
+            self.config.block_size,
+            self.device,
+        )
+        hidden = self.model(batch, self.kv_caches)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        if not rows:
+            return None
+        logits = self.model.compute_logits(hidden[batch.logits_indices[rows]])
+        sampled = [chunks[i].request for i in rows]
+        sampling = SamplingBatch.build(
+            [r.params for r in sampled],
+            [r.prompt_token_ids for r in sampled],
+            [r.output_token_ids for r in sampled],
+            [r.generator for r in sampled],
+            vocab_size,
+            self.device,
+            self.loaded.eos_token_ids,
+        )
+        return self.sampler(logits, sampling)

@@ -1,0 +1,135 @@
+"""Scheduler: decides which requests run in the next step and how many tokens each computes.
+
+There are no prefill and decode phases: under one token budget per step, each running request's
+computed tokens catch up with its tokens (a decode is a catch-up of 1, a long prompt is cut into
+chunks). Running requests go first, in arrival order, then waiting ones in FIFO order. When the KV
+pool is full the most recently arrived running request is preempted: its blocks are freed and it
+is recomputed later from its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from r1deploy.engine.block_manager import BlockManager
+from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int
+    num_cached_before: int  # request.num_computed_tokens when scheduled
+    samples: bool  # the chunk reaches the request's newest token, so its logits give the next token
+
+    @staticmethod
+    def of(request: Request, num_new_tokens: int) -> ScheduledChunk:
+        done = request.num_computed_tokens
+        return ScheduledChunk(request, num_new_tokens, done, done + num_new_tokens == request.num_tokens)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Request, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            self.block_manager.allocate(request, num_new)
+            chunks.append(ScheduledChunk.of(request, num_new))
+            budget -= num_new
+
+        if not preempted and not self._hold_for_batching(now):
+            budget = self._admit_waiting(chunks, budget)
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if not request.block_table:
+                self.block_manager.match_prefix(request)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
+                self.block_manager.free(request)  # give back prefix hits; retry when blocks free up
+                request.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(request, num_new)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(ScheduledChunk.of(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _hold_for_batching(self, now: float | None) -> bool:
+        """The seed guide's optional wait: with nothing running, hold a prefill until the batch is full
+        or the oldest waiting request has waited batch_wait_timeout_s."""
+        wait = self.config.batch_wait_timeout_s
+        if wait <= 0 or self.running or not self.waiting or len(self.waiting) >= self.config.max_num_seqs:
+            return False
+        now = time.monotonic() if now is None else now
+        return now - self.waiting[0].arrival_time < wait
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """Advance computed-token counters and publish newly filled blocks to the prefix cache.
+        Sampled tokens are appended by the engine before it calls finish() on ended requests."""
+        for chunk in output.chunks:
+            chunk.request.num_computed_tokens += chunk.num_new_tokens
+            self.block_manager.register_full_blocks(chunk.request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request at any point (stop, length or abort) and free its blocks at once."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.block_manager.free(request)
+        request.status = status
+        request.finish_time = time.monotonic()
