@@ -18,6 +18,7 @@ from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler
+from r1deploy.layers.sampler import request_generator
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 
@@ -117,8 +118,7 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already running")
         request = Request(request_id, token_ids, params, max_tokens, prompt=text,
                           arrival_time=time.monotonic() if arrival_time is None else arrival_time)
-        if params.seed is not None:
-            request.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        request.generator = request_generator(params.seed, self.runner.device)
         return request
 
     def enqueue(self, request: Request) -> None:
