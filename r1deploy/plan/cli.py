@@ -1,0 +1,101 @@
+"""`r1deploy plan`: argparse wiring only; the work happens in planner.py, matrix.py and report.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from r1deploy.errors import UsageError
+from r1deploy.plan.precision import KV_DTYPES, WEIGHT_FORMATS
+
+_PLAN_OPTIONS = ("num_gpus", "tp", "pp", "ep", "weights", "group_size", "kv_cache_dtype", "concurrency",
+                 "request_rate", "input_len", "output_len", "max_model_len", "gpu_memory_utilization",
+                 "slo_ttft_ms", "slo_tpot_ms", "gpus_per_node", "price_file", "gpu_file", "calibration")
+# Options that describe one deployment and make no sense for the fixed-band matrix.
+_NOT_WITH_MATRIX = ("num_gpus", "tp", "pp", "ep", "dp_attention", "gpu", "model", "model_pos", "explain")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="size GPUs, memory, speed and cost for a DeepSeek-R1-family model",
+                       description="Plan a deployment: weights, KV cache, parallelism, roofline speed, cost, host.")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="preset name, config.json or model directory")
+    p.add_argument("--model", help="same as MODEL (default deepseek-r1)")
+    p.add_argument("--gpu", help="GPU name from the catalog, or 'auto' to search it (default h200; auto with SLOs)")
+    p.add_argument("--num-gpus", type=int)
+    p.add_argument("--tp", type=int, help="tensor-parallel size (must divide the attention heads)")
+    p.add_argument("--pp", type=int, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, help="expert-parallel size (MoE; divides --tp)")
+    p.add_argument("--dp-attention", action="store_true", default=None, help="data-parallel attention (MLA)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, help="default: the checkpoint's own (fp8 for R1/V3)")
+    p.add_argument("--group-size", type=int, help="AWQ/GPTQ group size (default 128)")
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
+    p.add_argument("--concurrency", type=int, help="requests in flight (default 64)")
+    p.add_argument("--request-rate", type=float, help="requests per second (instead of --concurrency)")
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, help="longest sequence to hold (default input + output)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--slo-ttft-ms", type=float, help="p99 time to first token")
+    p.add_argument("--slo-tpot-ms", type=float, help="time per output token")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--price-file", help="JSON {gpu: usd_per_gpu_hour}")
+    p.add_argument("--gpu-file", help="JSON {gpu: {spec}} adding or overriding catalog GPUs")
+    p.add_argument("--calibration", help="JSON of efficiency factors overriding the defaults")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--explain", action="store_true", help="show every formula with its numbers")
+    p.add_argument("--matrix", action="store_true", help="hardware selection matrix for the size bands")
+    p.set_defaults(func=run)
+
+
+def _model(args: argparse.Namespace) -> str:
+    if args.model_pos and args.model and args.model_pos != args.model:
+        raise UsageError(f"two models given: {args.model_pos!r} and --model {args.model!r}")
+    return args.model_pos or args.model or "deepseek-r1"
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN/Infinity (invalid JSON): non-finite numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from r1deploy.plan import report
+
+    options = {k: getattr(args, k) for k in _PLAN_OPTIONS if getattr(args, k) is not None}
+    console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix else 120))
+    if args.matrix:
+        given = [k for k in _NOT_WITH_MATRIX if getattr(args, k) not in (None, False)]
+        if given:
+            flags = ", ".join("MODEL" if k == "model_pos" else "--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"--matrix covers fixed model bands and picks the GPUs itself; drop {flags}")
+        from r1deploy.plan.matrix import build_matrix, row_dict
+
+        rows = build_matrix(**options)
+        if args.json:
+            print(json.dumps(_clean({"matrix": [row_dict(r) for r in rows]}), indent=2))
+        else:
+            report.render_matrix(rows, console)
+        return 0
+    if args.json and args.explain:
+        raise UsageError("--json and --explain are separate outputs; pick one")
+    from r1deploy.plan.planner import make_plan
+
+    plan = make_plan(_model(args), args.gpu, dp_attention=args.dp_attention, **options)
+    if args.json:
+        sys.stdout.write(json.dumps(_clean(plan.to_dict()), indent=2) + "\n")
+    elif args.explain:
+        report.render_explain(plan, console)
+    else:
+        report.render_plan(plan, console)
+    return 0

@@ -1,0 +1,212 @@
+"""Roofline step times: one pipeline stage, one forward (a prefill of S tokens or a decode step of B).
+
+time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead.
+The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them
+(a later issue fits them from measured runs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from r1deploy.errors import UsageError
+from r1deploy.plan.catalog import GpuSpec
+from r1deploy.plan.memory import heaviest_stage, kv_bytes_per_token_per_gpu, weights_bytes_per_gpu
+from r1deploy.plan.model_spec import ModelSpec
+from r1deploy.plan.parallel import Layout
+from r1deploy.plan.precision import Precision
+
+ACT_BYTES = 2  # bf16 activations on the wire (TP all-reduce, EP dispatch/combine, PP send)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of datasheet peak that serving engines reach, and fixed latencies."""
+
+    # Prefill GEMM MFU: llm-analysis fits 0.7 on FasterTransformer; vLLM/SGLang prefill measures 40-60%.
+    prefill_flops: float = 0.55
+    # Decode is small-M GEMMs and attention kernels: lower MFU when compute-bound.
+    decode_flops: float = 0.45
+    # HBM bandwidth actually streamed: AIConfigurator uses 0.8; llm-analysis suggests <= 0.9.
+    memory_bandwidth: float = 0.8
+    # NCCL bus bandwidth vs link peak: ~0.7 on NVLink (nccl-tests), ~0.8 on InfiniBand.
+    intranode_link: float = 0.7
+    internode_link: float = 0.8
+    # Fixed cost per collective: NCCL small-message latency, ~10 us in a node, ~25 us over IB.
+    intranode_latency_s: float = 10e-6
+    internode_latency_s: float = 25e-6
+    # Scheduler, input preparation and sampling per decode step with CUDA graphs (1-3 ms in vLLM).
+    step_overhead_s: float = 0.002
+
+
+def load_calibration(path: str | Path | None) -> Efficiency:
+    if not path:
+        return Efficiency()
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--calibration {path}: {exc}") from None
+    valid = {f.name for f in fields(Efficiency)}
+    if not isinstance(data, dict) or set(data) - valid:
+        bad = sorted(set(data) - valid) if isinstance(data, dict) else data
+        raise UsageError(f"--calibration {path}: unknown keys {bad}; valid: {', '.join(sorted(valid))}")
+    for key, value in data.items():
+        if not isinstance(value, (int, float)) or value <= 0 or (value > 1 and not key.endswith("_s")):
+            raise UsageError(f"--calibration {path}: {key} must be a number in (0, 1] (seconds for *_s)")
+    return replace(Efficiency(), **{k: float(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    flops: float  # per GPU
+    bytes: float  # HBM bytes per GPU
+    comm_bytes: float  # bytes one GPU sends
+    internode_comm_bytes: float  # of which cross a node boundary
+
+    @property
+    def total_s(self) -> float:
+        # No compute/communication overlap assumed: the conservative side of what engines achieve.
+        return max(self.compute_s, self.memory_s) + self.comm_s
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """What one GPU of the heaviest pipeline stage holds and computes, computed once per layout."""
+
+    model: ModelSpec
+    layout: Layout
+    gpu: GpuSpec
+    eff: Efficiency
+    dense_layers: int
+    moe_layers: int
+    nonexpert_bytes: float
+    expert_bytes: float
+    kv_bytes_per_token: float  # per GPU
+    attn_params: float  # attention matmul params on the stage (all GPUs)
+    other_params: float  # active non-attention matmul params on the stage (top-k experts), incl. lm_head
+    linear_tflops: float
+
+    @property
+    def layers(self) -> int:
+        return self.dense_layers + self.moe_layers
+
+
+def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuSpec, eff: Efficiency) -> StageCost:
+    dense, moe = heaviest_stage(model, layout.pp)
+    counts = {"layer": dense + moe, "dense": dense, "moe": moe}
+    attn = other = 0.0
+    for t in model.tensors:
+        if t.kind not in ("linear", "router") or t.scope not in counts:
+            continue
+        n = t.numel * t.copies * counts[t.scope]
+        if t.part == "routed_experts":
+            n *= model.num_experts_per_tok / model.n_routed_experts
+        if t.part == "attention":
+            attn += n
+        else:
+            other += n
+    other += model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
+    all_parts = ("attention", "dense_mlp", "shared_experts", "router", "norm", "embedding", "lm_head")
+    fp8 = precision.weights == "fp8" and gpu.fp8_compute
+    return StageCost(
+        model, layout, gpu, eff, dense, moe,
+        nonexpert_bytes=weights_bytes_per_gpu(model, precision, layout, parts=all_parts),
+        expert_bytes=weights_bytes_per_gpu(model, precision, layout, parts=("routed_experts",)),
+        kv_bytes_per_token=kv_bytes_per_token_per_gpu(model, precision, layout),
+        attn_params=attn, other_params=other,
+        linear_tflops=(gpu.fp8_tflops if fp8 else gpu.bf16_tflops) or gpu.bf16_tflops,
+    )
+
+
+def experts_touched(model: ModelSpec, tokens: float) -> float:
+    """Expected fraction of routed experts that `tokens` tokens hit, each picking k of E uniformly
+    (real routing is skewed, so this is an upper bound on bytes read)."""
+    if not model.moe:
+        return 1.0
+    return 1 - (1 - model.num_experts_per_tok / model.n_routed_experts) ** max(tokens, 0.0)
+
+
+def _link(cost: StageCost, crosses_nodes: bool) -> tuple[float, float]:
+    g, e = cost.gpu, cost.eff
+    if crosses_nodes:
+        return g.internode_bytes_s * e.internode_link, e.internode_latency_s
+    return g.intranode_bytes_s * e.intranode_link, e.intranode_latency_s
+
+
+def collectives(cost: StageCost, tokens: float) -> tuple[float, float, float]:
+    """(seconds, bytes sent per GPU, of which cross nodes) for one forward of `tokens` tokens on the
+    stage: per layer one all-reduce after attention (unless DP-attention) and one after the MLP, or an
+    EP dispatch + combine all-to-all for MoE layers under DP-attention."""
+    lay, d, n = cost.layout, cost.model.hidden_size, cost.layout.tp
+    if n == 1:
+        return 0.0, 0.0, 0.0
+    bw, lat = _link(cost, lay.tp_crosses_nodes)
+    msg = tokens * d * ACT_BYTES
+    ring = 2 * (n - 1) / n * msg  # ring all-reduce: reduce-scatter + all-gather
+    allreduce = ring / bw + lat
+    a2a_bytes = 2 * (tokens / n) * cost.model.num_experts_per_tok * d * ACT_BYTES * (n - 1) / n
+    alltoall = a2a_bytes / bw + 2 * lat
+    seconds = sent = 0.0
+    for layers, moe in ((cost.dense_layers, False), (cost.moe_layers, True)):
+        if not lay.dp_attention:
+            seconds, sent = seconds + layers * allreduce, sent + layers * ring
+        if moe and lay.dp_attention:
+            seconds, sent = seconds + layers * alltoall, sent + layers * a2a_bytes
+        else:
+            seconds, sent = seconds + layers * allreduce, sent + layers * ring
+    return seconds, sent, sent if lay.tp_crosses_nodes else 0.0
+
+
+def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flops_eff: float,
+          attention_ways: int) -> StepTime:
+    lay, gpu, eff = cost.layout, cost.gpu, cost.eff
+    linear = 2 * tokens * (cost.attn_params / attention_ways + cost.other_params / lay.tp)
+    compute = linear / (cost.linear_tflops * 1e12 * flops_eff) + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff)
+    hbm = cost.nonexpert_bytes + cost.expert_bytes * experts_touched(cost.model, tokens) + kv_read
+    comm_s, sent, inter = collectives(cost, tokens)
+    return StepTime(compute, hbm / (gpu.bandwidth_bytes_s * eff.memory_bandwidth), comm_s,
+                    linear + attn_flops, hbm, sent, inter)
+
+
+def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
+    """One prompt alone on the stage. Causal attention: GQA 2*L*H*d*S^2; MLA runs the MHA form in
+    prefill, L*H*(d_qk + d_v)*S^2 (planning.md section 3). Under DP-attention one GPU does it all."""
+    m, s = cost.model, prompt_tokens
+    if m.mla:
+        attn = cost.layers * m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * s * s
+    else:
+        attn = 2 * cost.layers * m.num_heads * m.head_dim * s * s
+    ways = cost.layout.attention_tp
+    return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways)
+
+
+def decode_stage(cost: StageCost, batch: float, context: float) -> StepTime:
+    """One decode step of `batch` sequences at average `context` tokens. Attention per token: GQA
+    4*L*H*d*ctx; absorbed MLA 2*L*H*(2*kv_lora + rope)*ctx. KV read: every attention rank reads the
+    cache of the sequences it serves (MLA latents are not TP-split, so each TP rank reads all)."""
+    m, lay = cost.model, cost.layout
+    if m.mla:
+        per_token = 2 * cost.layers * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * context
+    else:
+        per_token = 4 * cost.layers * m.num_heads * m.head_dim * context
+    attn = per_token * batch / lay.tp
+    kv_read = batch / lay.attention_dp * context * cost.kv_bytes_per_token
+    return _step(cost, batch, attn, kv_read, cost.eff.decode_flops, lay.tp)
+
+
+def pipeline_send_s(cost: StageCost, tokens: float) -> float:
+    """Activations handed between consecutive stages, (pp - 1) hops per forward."""
+    lay = cost.layout
+    if lay.pp == 1:
+        return 0.0
+    bw, lat = _link(cost, lay.pp_crosses_nodes)
+    return (lay.pp - 1) * (tokens * cost.model.hidden_size * ACT_BYTES / bw + lat)
