@@ -1,0 +1,162 @@
+"""DeepSeek-V3 / R1 and DeepSeek-V2 / V2-Lite: MLA attention + DeepSeekMoE, one code path.
+
+The differences live in DeepseekConfig (router scoring and top-k method, q_lora, rope layout flag).
+Parameter names follow transformers, except that dense/shared gate_proj + up_proj are one
+`gate_up_proj` and routed experts are stacked (`experts.gate_up_proj` [E, 2I, H],
+`experts.down_proj` [E, H, I], transformers 5's layout); `load_weights` maps checkpoint names,
+dequantises FP8 weights and skips the MTP layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from r1deploy.layers.embedding import Embedding
+from r1deploy.layers.linear import Linear, default_weight_loader
+from r1deploy.layers.mla import MLAPlan, MLAttention
+from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
+from r1deploy.layers.norm import RMSNorm
+from r1deploy.layers.yarn import DeepseekRotary
+from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.quant.fp8_checkpoint import dequantized_weights
+from r1deploy.weights import WeightLoadError
+
+if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.engine.batch import ForwardBatch
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_MERGED = re.compile(r"\.(gate|up)_proj\.")  # dense and shared MLPs
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = (DeepseekMoE(config) if config.is_moe_layer(layer_idx)
+                               else DeepseekMLP(config.hidden_size, config.intermediate_size))
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan
+    ) -> torch.Tensor:  # [T, hidden]
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, plan)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        h = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        cos, sin = self.rotary_emb(batch.positions)  # [T, dr/2] each, shared by all layers
+        plan = MLAPlan.build(batch)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, kv_cache, plan)
+        return self.norm(h)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
+
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def kv_cache_shape(config: DeepseekConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache: only the latent and the roped shared key per token (576 for R1)."""
+        return (num_blocks, block_size, config.kv_cache_dim)
+
+    @staticmethod
+    def kv_bytes_per_token(config: DeepseekConfig, dtype: torch.dtype) -> int:
+        return config.num_hidden_layers * config.kv_cache_dim * dtype.itemsize
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states [T, hidden] of this step's tokens; writes their latents into kv_caches."""
+        return self.model(batch, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] fp32
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from HF-named tensors; FP8 weights are dequantised to the model dtype.
+        Raises WeightLoadError on unknown tensors or unfilled parameters."""
+        params = dict(self.named_parameters())
+        filled = dict.fromkeys(params, 0)  # elements written, so merged/stacked params count every shard
+        block = self.config.fp8_block_size or (128, 128)
+        dtype = self.model.embed_tokens.weight.dtype
+        unexpected: list[str] = []
+        try:
+            for name, tensor in dequantized_weights(self._main_layers(weights), dtype, block):
+                target = self._load_one(params, name, tensor)
+                if target is None:
+                    unexpected.append(name)
+                else:
+                    filled[target] += tensor.numel()
+        except ValueError as e:
+            raise WeightLoadError(f"checkpoint: {e}") from None
+        if unexpected:
+            raise WeightLoadError(f"checkpoint has tensors the model does not use: {', '.join(sorted(unexpected))}")
+        missing = sorted(n for n, count in filled.items() if count < params[n].numel())
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise WeightLoadError(f"checkpoint is missing {len(missing)} parameters: {shown}")
+
+    def _main_layers(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """Drop the MTP layers (model.layers.{num_hidden_layers}...), kept in the checkpoint for
+        speculative decoding later, and derived tables the model recomputes."""
+        tied = self.config.tie_word_embeddings
+        for name, tensor in weights:
+            layer = _LAYER.match(name)
+            if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
+                continue
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            yield name, tensor
+
+    def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str | None:
+        """Copy one checkpoint tensor into place; returns the parameter it filled, None if unknown."""
+        try:
+            expert = _EXPERT.match(name)
+            if expert:
+                prefix, index, projection = expert.groups()
+                target = f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}"
+                if target not in params:
+                    return None
+                self.get_submodule(prefix).load_expert(int(index), projection, tensor)
+                return target
+            merged = _MERGED.search(name)
+            if merged:
+                target = name.replace(merged.group(0), ".gate_up_proj.")
+                if target not in params:
+                    return None
+                params[target].weight_loader(params[target], tensor, merged.group(1))
+                return target
+            if name not in params:
+                return None
+            default_weight_loader(params[name], tensor)
+            return name
+        except ValueError as e:
+            raise ValueError(f"tensor {name}: {e}") from None
+
+
+class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):
+    """Same network; DeepseekConfig carries V2's softmax router and optional q_lora."""

@@ -1,0 +1,1 @@
+"""Quantised checkpoint formats: DeepSeek's block-scaled FP8."""
