@@ -23,11 +23,6 @@ class KVPoolSize:
         return self.num_blocks * block_size
 
 
-def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype) -> int:
-    c = loaded.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
-
-
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded = loaded
@@ -37,13 +32,16 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.sampler = Sampler()
         self.pool = self._size_pool()
-        c = loaded.config
-        shape = (2, self.pool.num_blocks, config.block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(c.num_hidden_layers)]
+        self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
+        """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
+        shape = self.model.kv_cache_shape(self.loaded.config, num_blocks, self.config.block_size)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.loaded.config.num_hidden_layers)]
 
     def _size_pool(self) -> KVPoolSize:
-        per_block = self.config.block_size * kv_bytes_per_token(self.loaded, self.dtype)
+        per_block = self.config.block_size * self.model.kv_bytes_per_token(self.loaded.config, self.dtype)
         if self.config.num_gpu_blocks_override is not None:
             n = self.config.num_gpu_blocks_override
             return KVPoolSize(n, per_block, n * per_block)
@@ -74,10 +72,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_run(self) -> None:
         num_tokens = self.config.max_num_batched_tokens
-        c = self.loaded.config
         blocks = -(-num_tokens // self.config.block_size)
-        scratch = [torch.zeros((2, blocks, self.config.block_size, c.num_key_value_heads, c.head_dim),
-                               dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        scratch = self._allocate_kv_caches(blocks)
         batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
                                    self.config.block_size, self.device)
         hidden = self.model(batch, scratch)

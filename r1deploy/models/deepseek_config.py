@@ -9,7 +9,6 @@ transformers 5.x saves `rope_parameters` (rope_theta inside); stock checkpoints 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from r1deploy.config import read_hf_config
 from r1deploy.errors import UsageError
 
 _ARCH_BY_MODEL_TYPE = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -97,7 +97,7 @@ class DeepseekConfig:
     @staticmethod
     def from_hf(source: dict[str, Any] | str | Path) -> DeepseekConfig:
         """Build from an HF config dict, a config.json path, or a directory holding one."""
-        raw = _read_json(source) if isinstance(source, (str, Path)) else source
+        raw = read_hf_config(source) if isinstance(source, (str, Path)) else source
         architecture = _architecture(raw)
         is_v3 = architecture == "DeepseekV3ForCausalLM"
         if raw.get("hidden_act", "silu") != "silu":
@@ -159,16 +159,6 @@ class DeepseekConfig:
 
 def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _read_json(source: str | Path) -> dict[str, Any]:
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read model config {path}: {e}") from None
 
 
 def _architecture(raw: dict[str, Any]) -> str:

@@ -1,0 +1,114 @@
+"""What is measured: an HTTP server (--url) or the in-process engine (a preset, alias or path).
+
+Before loading anything in-process, check the model can run here: the engine's architectures, the
+weights against this machine's GPU or host memory, the context against the model's. When it
+cannot, raise one UsageError that says why and what would work (from the planner), e.g.
+"deepseek-r1 ... needs 8x H200 (TP8, FP8)", instead of failing deep inside a loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from r1deploy.bench import planlink
+from r1deploy.errors import UsageError
+
+GiB = 1 << 30
+# Weights may use this share of the memory that is free: the KV cache and activations need the rest.
+_WEIGHTS_SHARE = 0.9
+_ENGINE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str  # what the user typed, or the preset's canonical name
+    config: dict[str, Any]
+    plan: dict[str, Any] | None
+    preset: bool  # a preset ships a config.json and no weights
+
+
+def engine_architectures() -> tuple[str, ...]:
+    try:
+        from r1deploy.models.registry import MODEL_CLASSES
+    except ImportError:
+        return _ENGINE_ARCHITECTURES
+    return tuple(MODEL_CLASSES)
+
+
+def model_facts(model: str, **workload: Any) -> ModelFacts | None:
+    """Config and plan (at the run's workload) of a preset, alias, config.json or model directory;
+    None for other files (GGUF: the loader reads its own metadata)."""
+    from r1deploy.presets import canonical_name, resolve_config_path
+
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix != ".json":
+        return None
+    config_path = resolve_config_path(model)
+    name = model if path.exists() else canonical_name(model)
+    return ModelFacts(name, planlink.read_config(config_path), planlink.plan(model, **workload), not path.exists())
+
+
+def available_memory(device: str | None) -> tuple[int, str]:
+    """Bytes the engine could use, and where: one GPU's total memory, or the host's available RAM."""
+    import psutil
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        _, total = torch.cuda.mem_get_info()
+        return int(total), f"GPU 0 ({torch.cuda.get_device_name(0)}, {total / GiB:.0f} GiB)"
+    return int(psutil.virtual_memory().available), "this machine (no GPU; host RAM available)"
+
+
+def check_runs_here(facts: ModelFacts, device: str | None, context_len: int) -> None:
+    config, name = facts.config, facts.name
+    hint = planlink.deployment_hint(facts.plan)
+    where_it_runs = (f"it needs {hint} (from `r1deploy plan`)" if hint
+                     else f"see `r1deploy plan --model {name}` for the hardware it needs")
+    advice = (f"{where_it_runs}; serve it there (r1deploy serve, vLLM or SGLang) and benchmark it with "
+              "--url http://HOST:PORT, or benchmark a distilled model here, e.g. "
+              "--model r1-distill-qwen-1.5b --load-format dummy")
+    architecture = (config.get("architectures") or ["?"])[0]
+    total = planlink.get(facts.plan, "model.total_params")
+    size = f", {total / 1e9:.0f}B parameters" if isinstance(total, (int, float)) else ""
+    supported = engine_architectures()
+    if architecture not in supported:
+        raise UsageError(f"{name} ({architecture}{size}) cannot run in-process here: the in-process engine "
+                         f"runs {' and '.join(a.removesuffix('ForCausalLM') for a in supported)} models only; "
+                         f"{advice}")
+    weights = planlink.get(facts.plan, "memory.weights_bytes") or planlink.dense_weights_bytes(config)
+    memory, where = available_memory(device)
+    if weights and weights > _WEIGHTS_SHARE * memory:
+        raise UsageError(f"{name} needs {weights / GiB:.1f} GiB for its weights, more than {where} can hold "
+                         f"({memory / GiB:.1f} GiB); {advice}")
+    max_len = config.get("max_position_embeddings")
+    if isinstance(max_len, int) and context_len > max_len:
+        raise UsageError(f"prompt + output = {context_len} tokens, beyond {name}'s context of {max_len}: "
+                         "lower --seq/--input-len or --output-len")
+
+
+def load_engine(model: str | None, device: str | None, dtype: str | None, load_format: str,
+                max_num_seqs: int, context_len: int, workload: dict[str, Any]) -> Any:
+    """An LLMEngine sized for the run; loader failures become one clear line."""
+    try:
+        from r1deploy.engine.config import EngineConfig
+        from r1deploy.engine.engine import LLMEngine
+    except ImportError as exc:
+        raise UsageError(f"the in-process engine is not available in this install ({exc}); "
+                         "benchmark a server with --url instead") from None
+    if model is not None:
+        facts = model_facts(model, **workload)
+        if facts is not None:
+            check_runs_here(facts, device, context_len)
+            if facts.preset and load_format != "dummy":
+                raise UsageError(f"{facts.name} is a preset: it ships a config.json but no weights; pass "
+                                 "--load-format dummy for random weights at its real shape, or a model directory")
+    config = EngineConfig(max_num_seqs=max(max_num_seqs, 1))
+    try:
+        return LLMEngine(model, config=config, device=device, dtype=dtype, load_format=load_format)
+    except UsageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot load {model or 'the embedded model'}: {exc}"
+                         + ("" if load_format == "dummy" else " (random weights: --load-format dummy)")) from None

@@ -1,0 +1,1 @@
+"""Model building blocks: pure tensor math, batch metadata passed in explicitly."""

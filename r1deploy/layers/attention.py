@@ -1,0 +1,100 @@
+"""Paged GQA attention in plain PyTorch: one path for CPU and CUDA (Triton kernels come later).
+
+Each layer's KV cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 = K, 1 = V). A step first writes its new K/V at `batch.slot_mapping`, then every query
+token attends over its sequence's cached tokens, gathered through the block table. The new tokens
+of a sequence are its last `query_len` cached tokens, so chunked prefill, prefix reuse and decode
+are all the same computation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from r1deploy.config import ModelConfig
+
+if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.engine.batch import ForwardBatch
+
+
+def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    return (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token costs across all layers (K and V)."""
+    return 2 * config.num_hidden_layers * config.kv_size * dtype.itemsize
+
+
+def allocate_kv_caches(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+) -> list[torch.Tensor]:
+    shape = kv_cache_shape(config, num_blocks, block_size)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, KV, D] go to flat slots (block_id * block_size + offset)."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    slots[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    slots[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KV, D] for this step's tokens -> attention output [T, H, D]."""
+    write_kv(kv_cache, k, v, batch.slot_mapping)
+    if all(n == 1 for n in batch.query_lens_cpu):
+        return _decode_attention(q, kv_cache, batch, scale)
+    return _prefill_attention(q, kv_cache, batch, scale)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    # One query per sequence: gather every sequence's blocks at once and mask past seq_len.
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    max_blocks = math.ceil(max(batch.seq_lens_cpu) / batch.block_size)
+    tables = batch.block_tables[:, :max_blocks].long()  # [B, MB]
+    keys = kv_cache[0][tables].flatten(1, 2).float()  # [B, S, KV, D]
+    values = kv_cache[1][tables].flatten(1, 2).float()
+    queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float()  # [B, KV, G, D]
+    scores = torch.einsum("bkgd,bskd->bkgs", queries, keys) * scale  # [B, KV, G, S]
+    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < batch.seq_lens[:, None]  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(dim=-1), values)  # [B, KV, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    start = 0
+    for i, (query_len, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu, strict=True)):
+        table = batch.block_tables[i, : math.ceil(seq_len / batch.block_size)].long()
+        keys = kv_cache[0][table].flatten(0, 1)[:seq_len].to(q.dtype)  # [S, KV, D]
+        values = kv_cache[1][table].flatten(0, 1)[:seq_len].to(q.dtype)
+        queries = q[start : start + query_len]  # [L, H, D]
+        # Queries sit at the last query_len positions: query j sees keys up to seq_len - query_len + j.
+        # SDPA's is_causal aligns top-left, which is only right when nothing was cached.
+        mask = None
+        if query_len != seq_len:
+            key_pos = torch.arange(seq_len, device=q.device)
+            query_pos = torch.arange(query_len, device=q.device) + (seq_len - query_len)
+            mask = key_pos[None, :] <= query_pos[:, None]  # [L, S]
+        attn = F.scaled_dot_product_attention(
+            queries.transpose(0, 1),  # [H, L, D]
+            keys.transpose(0, 1),  # [KV, S, D]
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[start : start + query_len] = attn.transpose(0, 1)
+        start += query_len
+    return out

@@ -1,0 +1,58 @@
+"""Linear layers whose parameters know how to load their HF-named checkpoint tensors.
+
+Parameters are allocated uninitialised (the checkpoint or the dummy initialiser fills them),
+so building a 7B model costs no random-init time. Each parameter carries a `weight_loader`;
+a merged layer's loader takes the shard id of the HF projection it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not merged, got shard {shard_id!r}")
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def empty_parameter(*shape: int) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+    return param
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = empty_parameter(out_features, in_features)
+        self.bias = empty_parameter(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of one input as one matmul, e.g. q/k/v or gate/up.
+
+    `shards` maps each HF projection's shard id to its output rows, in output order."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shards.values()), bias)
+        self.shard_ranges: dict[str, tuple[int, int]] = {}
+        start = 0
+        for shard_id, size in shards.items():
+            self.shard_ranges[shard_id] = (start, size)
+            start += size
+        for param in self.parameters():
+            param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id not in self.shard_ranges:
+            raise ValueError(f"merged parameter expects a shard in {list(self.shard_ranges)}, got {shard_id!r}")
+        start, size = self.shard_ranges[shard_id]
+        default_weight_loader(param.data.narrow(0, start, size), loaded)  # type: ignore[arg-type]

