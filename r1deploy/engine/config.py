@@ -18,6 +18,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of the GPU the engine may use (weights + KV + activations)
     cpu_kv_cache_bytes: int = 1 << 30  # KV pool budget on the CPU
     num_gpu_blocks_override: int | None = None  # force the pool size (tests use it to force preemption)
+    enforce_eager: bool = False  # CUDA: skip decode CUDA graphs (slower; for debugging)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

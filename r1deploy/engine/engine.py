@@ -40,7 +40,7 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(self.loaded, self.config)
+        self.runner = ModelRunner(self.loaded, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.pool.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)

@@ -8,6 +8,7 @@ import torch
 
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.cuda_graphs import DecodeGraphRunner
 from r1deploy.engine.scheduler import SchedulerOutput
 from r1deploy.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from r1deploy.models.loader import LoadedModel
@@ -24,7 +25,7 @@ class KVPoolSize:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.config = config
@@ -33,6 +34,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.pool = self._size_pool()
         self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
+        self.graphs: DecodeGraphRunner | None = None
+        # Only models whose forward has no host-side, data-dependent shapes can be captured.
+        if self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False):
+            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
+                                            config.block_size, self.device)
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
@@ -84,19 +90,23 @@ class ModelRunner:
     def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
         """Run one step; sample a token for each chunk that reaches its request's newest token."""
         chunks = step.chunks
+        decode = all(c.num_new_tokens == 1 for c in chunks)
+        use_graph = self.graphs is not None and decode and len(chunks) <= self.graphs.max_batch
         batch = ForwardBatch.build(
-            [c.request.all_token_ids[c.num_cached_before:c.num_cached_before + c.num_new_tokens]
-             for c in chunks],
+            [c.request.token_slice(c.num_cached_before, c.num_cached_before + c.num_new_tokens) for c in chunks],
             [c.num_cached_before for c in chunks],
             [c.request.block_table for c in chunks],
             self.config.block_size,
-            self.device,
+            "cpu" if use_graph else self.device,  # graph inputs are copied into static device buffers
         )
-        hidden = self.model(batch, self.kv_caches)
         rows = [i for i, c in enumerate(chunks) if c.samples]
-        if not rows:
+        if use_graph:
+            logits = self.graphs.run(batch)[rows] if rows else None
+        else:
+            hidden = self.model(batch, self.kv_caches)
+            logits = self.model.compute_logits(hidden[batch.logits_indices[rows]]) if rows else None
+        if logits is None:
             return None
-        logits = self.model.compute_logits(hidden[batch.logits_indices[rows]])
         sampled = [chunks[i].request for i in rows]
         sampling = SamplingBatch.build(
             [r.params for r in sampled],

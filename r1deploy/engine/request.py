@@ -64,6 +64,13 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without copying the whole sequence (a decode step needs one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - num_prompt)]
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)

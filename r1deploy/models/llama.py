@@ -107,6 +107,7 @@ class LlamaForCausalLM(nn.Module):
     }
 
     config_class = ModelConfig
+    cuda_graphs = True  # on CUDA every op takes its lengths from device tensors (r1deploy.kernels)
     kv_cache_shape = staticmethod(attention.kv_cache_shape)
     kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
 

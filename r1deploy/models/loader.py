@@ -65,7 +65,7 @@ def load_model(
     if load_format != "dummy":
         raise UsageError(f"{model!r} names a config only (presets ship no weights): pass load_format='dummy' "
                          "for random weights, or a local model directory or .gguf file")
-    built, config = _build(read_hf_config(config_path), dtype, device)
+    built, config = build_model(read_hf_config(config_path), dtype, device)
     init_dummy_weights(built)
     return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
 
@@ -101,7 +101,7 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat
 ) -> LoadedModel:
-    built, config = _build(read_hf_config(path), dtype, device)
+    built, config = build_model(read_hf_config(path), dtype, device)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -115,7 +115,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
 
     reader = open_gguf(path)
     hf_config = gguf_hf_config(reader)
-    built, config = _build(hf_config, dtype, device)
+    built, config = build_model(hf_config, dtype, device)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -124,7 +124,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
 
 
-def _build(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, ModelConfig]:
     """Pick the model class for the config, parse the config with that class's config type, build."""
     cls = model_class_for_config(raw)
     config = cls.config_class.from_hf(raw)
