@@ -1,4 +1,4 @@
-"""Paged GQA attention in plain PyTorch: one path for CPU and CUDA (Triton kernels come later).
+"""Paged GQA attention: plain PyTorch on the CPU, the Triton kernels of r1deploy.kernels on CUDA.
 
 Each layer's KV cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
 (index 0 = K, 1 = V). A step first writes its new K/V at `batch.slot_mapping`, then every query
@@ -38,7 +38,12 @@ def allocate_kv_caches(
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v [T, KV, D] go to flat slots (block_id * block_size + offset)."""
+    """k, v [T, KV, D] go to flat slots (block_id * block_size + offset); on CUDA a slot of -1 is skipped."""
+    if kv_cache.is_cuda:
+        from r1deploy.kernels.kv_cache import write_kv_cache  # triton only where there is a GPU
+
+        write_kv_cache(kv_cache, k, v, slot_mapping)
+        return
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
     slots[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
@@ -50,9 +55,26 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D] for this step's tokens -> attention output [T, H, D]."""
     write_kv(kv_cache, k, v, batch.slot_mapping)
-    if all(n == 1 for n in batch.query_lens_cpu):
+    decode = all(n == 1 for n in batch.query_lens_cpu)
+    if q.is_cuda:
+        return _triton_attention(q, kv_cache, batch, scale, decode)
+    if decode:
         return _decode_attention(q, kv_cache, batch, scale)
     return _prefill_attention(q, kv_cache, batch, scale)
+
+
+def _triton_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode: bool
+) -> torch.Tensor:
+    from r1deploy.kernels.decode_attention import decode_attention
+    from r1deploy.kernels.prefill_attention import prefill_attention
+
+    if decode:
+        # Graph-capturable: the grid comes from block_tables' (static) width, lengths stay on the device.
+        return decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
+    return prefill_attention(
+        q, kv_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens, max(batch.query_lens_cpu), scale
+    )
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:

@@ -46,6 +46,10 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D]; cos/sin [T, D]."""
+    if x.is_cuda and cos.dtype == x.dtype and x.stride(-1) == 1:
+        from r1deploy.kernels.rotary import rotary_embedding  # triton only where there is a GPU
+
+        return rotary_embedding(x, cos.contiguous(), sin.contiguous())
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

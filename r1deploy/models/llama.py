@@ -74,10 +74,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        kv_cache: torch.Tensor, batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output, residual stream before it) [T, hidden] each. The residual add is fused into the
+        next norm (one kernel on CUDA); the sum is the same `h = h + f(h)` of the reference."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, batch)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -91,9 +99,10 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         h = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(batch.positions, h.dtype)  # [T, D] each, shared by all layers
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv_cache, batch)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, batch)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

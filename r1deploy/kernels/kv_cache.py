@@ -1,0 +1,60 @@
+"""Scatter this step's K/V into the paged cache at flat slots (block_id * block_size + offset).
+
+A negative slot is skipped: CUDA-graph batches pad their unused rows with slot -1, and the
+grid is the (static) token count, so the kernel is capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from r1deploy.kernels._common import pow2
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr,  # [T, KV, D] each, head_dim contiguous
+    cache_ptr,  # [2, NB, BS, KV, D]
+    slots_ptr,  # [T] int64
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ckv, stride_cblk, stride_coff, stride_chead,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
+    dst = dst + h[:, None] * stride_chead + d[None, :]  # [KV, D]
+    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache [2, NB, BS, KV, D] in place; k, v [T, KV, D] (strided views of qkv are fine); slot_mapping [T]."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2], NUM_KV_HEADS=num_kv_heads,
+        BLOCK_H=pow2(num_kv_heads), BLOCK_D=pow2(head_dim), num_warps=4,
+    )
+
+
+def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Plain PyTorch: index_copy_ into the flattened slots, negative slots dropped."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    keep = slot_mapping >= 0
+    slots[0].index_copy_(0, slot_mapping[keep], k[keep].to(kv_cache.dtype))
+    slots[1].index_copy_(0, slot_mapping[keep], v[keep].to(kv_cache.dtype))
