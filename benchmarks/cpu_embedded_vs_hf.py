@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from r1deploy import LLM, SamplingParams
+from r1deploy.models.loader import embedded_model_dir
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in one paragraph.",
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(None, device="cpu", dtype="float32")
-    model_dir = llm.engine.loaded.source_dir
+    model_dir = embedded_model_dir()
     tokenizer = llm.tokenizer
     prompts = [llm.engine.chat_prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -102,7 +102,8 @@ class AsyncLLMEngine:
             while self._drain_inbox(block=not self.engine.has_unfinished_requests()):
                 outputs = self.engine.step()
                 for output in outputs:
-                    self._publish(output.request_id, output)
+                    error = output.outputs[0].error
+                    self._publish(output.request_id, _Failed(RuntimeError(error)) if error else output)
                 if not outputs and not self.engine.scheduler.running:
                     time.sleep(0.001)  # the scheduler is holding arrivals to batch them: don't spin
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear of it

@@ -165,7 +165,10 @@ class LLMEngine:
                         continue
                     request = chunk.request
                     top_row = None if top is None else dict(zip(top[0][row], top[1][row], strict=True))
-                    self._append_token(request, token_ids[row], logprobs[row], top_row, now)
+                    try:
+                        self._append_token(request, token_ids[row], logprobs[row], top_row, now)
+                    except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+                        self._fail(request, exc)
                     row += 1
                     changed.append(request)
         outputs = [self._output(r) for r in changed]
@@ -188,6 +191,11 @@ class LLMEngine:
         status = self._stop_status(request, token)
         if status is not None:
             self.scheduler.finish(request, status)
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        request.error = f"{type(exc).__name__}: {exc}"
+        if not request.status.finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.params
@@ -221,6 +229,7 @@ class LLMEngine:
             token_ids=tuple(request.output_token_ids),
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            error=request.error,
             logprobs=tuple(request.logprobs) if want_logprobs else None,
             top_logprobs=tuple(request.top_logprobs) if want_logprobs and request.params.logprobs else None,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time, tuple(request.token_times),

@@ -26,6 +26,7 @@ class CompletionOutput:
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None  # the stop string or stop token id, None for EOS or length
+    error: str | None  # why the request failed (it then ends with finish_reason "abort"), else None
     logprobs: tuple[float, ...] | None  # sampled-token logprob per output token, if requested
     top_logprobs: tuple[dict[int, float], ...] | None
     metrics: RequestMetrics

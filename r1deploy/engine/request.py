@@ -51,6 +51,7 @@ class Request:
     # Detokenised output; `stop_reason` is the stop string or token id that ended it, if any
     output_text: str = ""
     stop_reason: str | int | None = None
+    error: str | None = None  # set when processing this request failed; it ends as aborted
 
     @property
     def num_prompt_tokens(self) -> int:

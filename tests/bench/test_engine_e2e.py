@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_bench
+from bench_harness import run_bench
 
 FAST = ["--no-progress", "--telemetry-interval", "0.05"]
 

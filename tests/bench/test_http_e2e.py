@@ -1,4 +1,4 @@
-"""End-to-end runs through the CLI against OpenAI-compatible servers: the fake one in conftest
+"""End-to-end runs through the CLI against OpenAI-compatible servers: the fake one in bench_harness
 (errors on demand) and, when it is importable, r1deploy's own server on a tiny model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import FakeServerOptions, free_port, run_bench
+from bench_harness import FakeServerOptions, free_port, run_bench
 
 FAST = ["--no-progress", "--warmup", "0", "--telemetry-interval", "0.05"]
 

@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from conftest import run_bench
+from bench_harness import run_bench
 
 
 def test_html_report_embeds_plots_and_csv_has_every_request(fake_server, tmp_path: Path) -> None:

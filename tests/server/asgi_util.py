@@ -1,21 +1,28 @@
-"""Call an ASGI app as a server would, with a client that disconnects on cue (httpx cannot)."""
+"""Call an ASGI app as a server would: see each chunk as it is sent (httpx's ASGI transport buffers
+the whole response) and disconnect on cue (httpx cannot)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 
-async def call_then_disconnect(app: Any, body: dict[str, Any], *, after_chunks: int | None = None,
-                               after_s: float | None = None, path: str = "/v1/completions") -> list[dict[str, Any]]:
-    """POST body, then disconnect after `after_chunks` non-empty response body chunks or `after_s`
-    seconds, whichever comes first; returns the ASGI messages the app sent."""
+class Answer(NamedTuple):
+    status: int | None  # None: no response started before the client left
+    text: str
+
+
+async def asgi_post(app: Any, body: dict[str, Any], *, path: str = "/v1/completions",
+                    after_chunks: int | None = None, after_s: float | None = None,
+                    started: asyncio.Event | None = None) -> Answer:
+    """POST body; set `started` at the first non-empty body chunk; disconnect after `after_chunks` such
+    chunks or `after_s` seconds, whichever comes first (neither: read to the end)."""
     raw = json.dumps(body).encode()
     gone = asyncio.Event()
-    sent: list[dict[str, Any]] = []
+    status: int | None = None
+    parts: list[bytes] = []
     delivered = False
-    chunks = 0
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
@@ -26,11 +33,16 @@ async def call_then_disconnect(app: Any, body: dict[str, Any], *, after_chunks: 
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        nonlocal chunks
-        sent.append(message)  # uvicorn too drops what is sent after a disconnect, without an error
-        if message["type"] == "http.response.body" and message.get("body"):
-            chunks += 1
-            if after_chunks is not None and chunks >= after_chunks:
+        nonlocal status
+        if gone.is_set():
+            return  # uvicorn too drops what is sent after a disconnect, without an error
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message.get("body"):
+            parts.append(message["body"])
+            if started is not None:
+                started.set()
+            if after_chunks is not None and len(parts) >= after_chunks:
                 gone.set()
 
     if after_s is not None:
@@ -39,5 +51,5 @@ async def call_then_disconnect(app: Any, body: dict[str, Any], *, after_chunks: 
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
              "client": ("127.0.0.1", 1), "server": ("test", 80)}
-    await asyncio.wait_for(app(scope, receive, send), 10)
-    return sent
+    await asyncio.wait_for(app(scope, receive, send), 20)
+    return Answer(status, b"".join(parts).decode())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
+from asgi_util import asgi_post
+from sse_util import events
 
 pytestmark = pytest.mark.anyio
 CHAT = [{"role": "user", "content": "hello"}]
@@ -52,6 +55,24 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("json response_format", "chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}},
      400, "response_format"),
     ("unknown model", "chat/completions", {"messages": CHAT, "model": "gpt-9"}, 404, "model"),
+    ("unknown model (completions)", "completions", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
+    ("temperature above 2", "completions", {"prompt": "a", "temperature": 2.5}, 400, "temperature"),
+    ("top_p above 1", "completions", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("top_p negative", "chat/completions", {"messages": CHAT, "top_p": -0.1}, 400, "top_p"),
+    ("stop string too long", "completions", {"prompt": "a", "stop": "x" * 257}, 400, "stop"),
+    ("stop list item too long", "completions", {"prompt": "a", "stop": ["x" * 257]}, 400, "stop"),
+    ("n over cap (chat)", "chat/completions", {"messages": CHAT, "n": 17}, 400, "n"),
+    ("missing messages", "chat/completions", {"model": None}, 400, "messages"),
+    ("messages not a list", "chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("content wrong type", "chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, None),
+    ("max_tokens as float", "completions", {"prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("prompt as number", "completions", {"prompt": 5}, 400, "prompt"),
+    ("prompt + max_completion_tokens too long", "chat/completions",
+     {"messages": CHAT, "max_completion_tokens": 125}, 400, "max_tokens"),
+    ("chat_template override", "chat/completions", {"messages": CHAT, "chat_template": "{{ 7 * 7 }}"},
+     400, "chat_template"),
+    ("chat_template_kwargs override", "chat/completions",
+     {"messages": CHAT, "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs"),
 ]
 
 
@@ -73,7 +94,12 @@ async def test_bad_input(client: httpx.AsyncClient, name: str, route: str, body:
     assert ok.status_code == 200  # still serving
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"a string"', b""])
+@pytest.mark.parametrize("raw", [
+    b"{not json", b"[1, 2]", b'"a string"', b"", b"null",
+    b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "temperature": Infinity}',
+    b'{"prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+    b'\xff\xfe{"prompt": "a"}',
+])
 async def test_malformed_body(client: httpx.AsyncClient, raw: bytes) -> None:
     r = await client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
     assert_openai_error(r, 400)
@@ -85,12 +111,12 @@ async def test_unknown_fields_ignored(client: httpx.AsyncClient) -> None:
 
 
 async def test_oversized_body_413(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/completions", content=b" " * (8 << 20 + 1), headers={"Content-Type": "application/json"})
-    assert_openai_error(r, 413)
+    r = await client.post("/v1/completions", content=b" " * ((1 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 413)  # the default cap is 1 MiB
 
     async def chunked() -> Any:  # no Content-Length: the cap counts streamed bytes
-        for _ in range(9):
-            yield b" " * (1 << 20)
+        for _ in range(2):
+            yield b" " * (1 << 19) + b" "
 
     r = await client.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
     assert_openai_error(r, 413)
@@ -107,3 +133,18 @@ async def test_bad_input_allocates_nothing(client: httpx.AsyncClient, state: Any
     await client.post("/v1/completions", json={"prompt": LONG})
     await client.post("/v1/completions", json={"prompt": [1, 7], "max_tokens": 127, "n": 4})
     assert engine.block_manager.num_used_blocks == used and not engine.requests
+
+
+async def test_bad_input_does_not_disturb_running_requests(server: Any) -> None:
+    """Every bad case fired while a long stream runs: the stream finishes intact."""
+    started = asyncio.Event()
+    body = {"prompt": [1, 7], "max_tokens": 40, "ignore_eos": True, "seed": 1, "stream": True}
+    running = asyncio.create_task(asgi_post(server.app, body, started=started))
+    await started.wait()
+    for _, route, bad, status, _ in CASES:
+        assert (await server.client.post(f"/v1/{route}", json=bad)).status_code == status
+    answer = await running
+    chunks = events(answer.text)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    reference = await server.client.post("/v1/completions", json={**body, "stream": False})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference.json()["choices"][0]["text"]

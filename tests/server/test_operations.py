@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_util import call_then_disconnect
-from conftest import Running, running_app, tiny_engine, wait_for_phase
+from asgi_util import asgi_post
+from server_harness import Running, running_app, tiny_engine, wait_for_phase
 from prometheus_client.parser import text_string_to_metric_families
 from test_errors import assert_openai_error
 
@@ -46,7 +46,7 @@ async def test_disconnect_aborts_and_frees_blocks(server: Running, stream: bool)
     assert engine is not None
     aborted, used = engine.num_aborted, engine.block_manager.num_used_blocks
     body = {"prompt": [1, 7], "max_tokens": 120, "ignore_eos": True, "stream": stream}
-    await call_then_disconnect(server.app, body, **({"after_chunks": 1} if stream else {"after_s": 0.05}))
+    await asgi_post(server.app, body, **({"after_chunks": 1} if stream else {"after_s": 0.05}))
     for _ in range(200):  # the abort crosses to the engine thread
         if engine.num_aborted > aborted and engine.block_manager.num_used_blocks == used:
             break
