@@ -56,9 +56,7 @@ class ForwardBatch:
             query_lens.append(len(chunk))
             seq_lens.append(cached + len(chunk))
         width = max(1, max(len(t) for t in block_tables))
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)

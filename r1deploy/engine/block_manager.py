@@ -77,6 +77,7 @@ class BlockManager:
             request.block_table.append(block_id)
         hits = len(request.block_table)
         self.num_prefix_hits += hits
+        request.num_hashed_blocks = hits
         request.num_computed_tokens = request.num_cached_tokens = hits * self.block_size
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
@@ -90,19 +91,25 @@ class BlockManager:
             request.block_table.append(block_id)
 
     def register_full_blocks(self, request: Request) -> None:
-        """After a step: make the request's newly filled blocks findable by later requests."""
+        """After a step: make the request's newly filled blocks findable by later requests. Only blocks
+        filled since the last call are hashed, so a step costs O(new blocks), not O(sequence)."""
         if not self.enable_prefix_caching:
             return
-        tokens = request.all_token_ids
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
-        parent: int | None = None
-        for i in range(num_full):
+        if num_full <= request.num_hashed_blocks:
+            return
+        tokens = request.token_slice(request.num_hashed_blocks * self.block_size, num_full * self.block_size)
+        parent = self.blocks[request.block_table[request.num_hashed_blocks - 1]].hash \
+            if request.num_hashed_blocks else None
+        for i in range(request.num_hashed_blocks, num_full):
             block = self.blocks[request.block_table[i]]
             if block.hash is None:
-                block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+                offset = (i - request.num_hashed_blocks) * self.block_size
+                block.token_ids = tuple(tokens[offset:offset + self.block_size])
                 block.hash = chain_hash(parent, block.token_ids)
                 self.hash_to_block.setdefault(block.hash, block.block_id)
             parent = block.hash
+        request.num_hashed_blocks = num_full
 
     def free(self, request: Request) -> None:
         """Release the request's blocks. Its last blocks are freed first so they are evicted first,
@@ -118,7 +125,7 @@ class BlockManager:
                 else:
                     self.free_block_ids[block_id] = None
         request.block_table = []
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_hashed_blocks = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -145,7 +145,10 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one step. Returns an output for every request that changed (cumulative text and tokens),
+        or with final_only only for those that finished: offline callers skip building per-token
+        outputs they would discard, which costs O(sequence) per request per step."""
         changed: list[Request] = self._finished_outside_step
         self._finished_outside_step = []
         step = self.scheduler.schedule()
@@ -171,7 +174,7 @@ class LLMEngine:
                         self._fail(request, exc)
                     row += 1
                     changed.append(request)
-        outputs = [self._output(r) for r in changed]
+        outputs = [self._output(r) for r in changed if r.status.finished or not final_only]
         for request in changed:
             if request.status.finished:
                 self.requests.pop(request.request_id, None)

@@ -58,7 +58,7 @@ class LLM:
         queued = [(index, request.request_id) for index, request in staged]
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(queued):
-            for output in engine.step():
+            for output in engine.step(final_only=True):
                 if output.finished:
                     finished[output.request_id] = output
         results: list[RequestOutput] = []

@@ -38,6 +38,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks of block_table already registered for prefix reuse
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     generator: torch.Generator | None = None
