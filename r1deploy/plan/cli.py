@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", action="store_true", help="show every formula with its numbers")
     p.add_argument("--matrix", action="store_true", help="hardware selection matrix for the size bands")
+    p.add_argument("--calibrate", nargs="+", metavar="RUN.json",
+                   help="fit the efficiency factors to measured runs (bench reports or engine benchmark files)")
+    p.add_argument("--calibration-out", metavar="FILE.json",
+                   help="with --calibrate: write the fitted factors here (default: print them)")
     p.set_defaults(func=run)
 
 
@@ -73,7 +77,15 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.plan import report
 
     options = {k: getattr(args, k) for k in _PLAN_OPTIONS if getattr(args, k) is not None}
-    console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix else 120))
+    console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix or args.calibrate else 120))
+    if args.calibration_out and not args.calibrate:
+        raise UsageError("--calibration-out needs --calibrate RUN.json")
+    if args.calibrate:
+        if args.matrix or args.explain:
+            raise UsageError("--calibrate is its own output; drop --matrix/--explain")
+        from r1deploy.plan.calibrate import run_calibrate
+
+        return run_calibrate(args.calibrate, args.calibration_out, args.json, console, args.gpu, **options)
     if args.matrix:
         given = [k for k in _NOT_WITH_MATRIX if getattr(args, k) not in (None, False)]
         if given:

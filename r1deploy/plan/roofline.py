@@ -1,8 +1,8 @@
 """Roofline step times: one pipeline stage, one forward (a prefill of S tokens or a decode step of B).
 
 time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead.
-The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them
-(a later issue fits them from measured runs).
+The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them, and
+`--calibrate RUN.json` (calibrate.py) fits them to measured runs.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ def load_calibration(path: str | Path | None) -> Efficiency:
         bad = sorted(set(data) - valid) if isinstance(data, dict) else data
         raise UsageError(f"--calibration {path}: unknown keys {bad}; valid: {', '.join(sorted(valid))}")
     for key, value in data.items():
-        if not isinstance(value, (int, float)) or value <= 0 or (value > 1 and not key.endswith("_s")):
-            raise UsageError(f"--calibration {path}: {key} must be a number in (0, 1] (seconds for *_s)")
+        seconds = key.endswith("_s")
+        if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not seconds) or (
+                value > 1 and not seconds):
+            raise UsageError(f"--calibration {path}: {key} must be a number in (0, 1] (seconds >= 0 for *_s)")
     return replace(Efficiency(), **{k: float(v) for k, v in data.items()})
 
 
