@@ -181,9 +181,15 @@ class MLAttention(nn.Module):
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if plan.decode_tokens is not None:
             tokens = plan.decode_tokens
-            out[tokens] = absorbed_decode(
-                q_nope[tokens], q_pe[tokens], kv_cache, plan.decode_block_tables, plan.decode_seq_lens,
-                plan.decode_max_len, self.kv_b_proj.weight, self.scale)
+            if kv_cache.is_cuda:  # triton only where there is a GPU
+                from r1deploy.kernels.mla_decode import mla_absorbed_decode
+                out[tokens] = mla_absorbed_decode(
+                    q_nope[tokens], q_pe[tokens], kv_cache, plan.decode_block_tables, plan.decode_seq_lens,
+                    self.kv_b_proj.weight, self.scale)
+            else:
+                out[tokens] = absorbed_decode(
+                    q_nope[tokens], q_pe[tokens], kv_cache, plan.decode_block_tables, plan.decode_seq_lens,
+                    plan.decode_max_len, self.kv_b_proj.weight, self.scale)
         block_size = kv_cache.shape[1]
         for seq, start, query_len, seq_len in plan.prefills:
             table = plan.block_tables[seq, : math.ceil(seq_len / block_size)].long()

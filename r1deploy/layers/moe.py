@@ -120,6 +120,9 @@ class DeepseekExperts(nn.Module):
         weights: torch.Tensor,  # [T, k] fp32
         ids: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:  # [T, H]
+        if x.is_cuda:
+            from r1deploy.kernels.fused_moe import fused_moe  # triton only where there is a GPU
+            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()  # [T*k]
         order = flat_ids.argsort(stable=True)  # token-expert pairs grouped by expert

@@ -1,0 +1,143 @@
+"""AWQ INT4 (AutoAWQ GEMM format) matmuls: y = x @ W, W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n].
+
+`awq_gemm` dequantises in registers and multiplies (decode: the weights, a quarter of fp16's bytes,
+are read once per 16-token tile); `awq_dequantize` writes W in the activation dtype for a cuBLAS GEMM
+(prefill, where the matmul is compute-bound). Packing: int32 column c of qweight / qzeros holds
+logical columns 8c .. 8c + 7; column 8c + j sits in nibble (j // 2) + 4 * (j % 2) (AutoAWQ's
+[0, 2, 4, 6, 1, 3, 5, 7] order). The torch references are r1deploy.quant.awq.dequantize_awq and
+`awq_gemm_ref` here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from r1deploy.kernels._common import dot_precision
+
+
+@triton.jit
+def _awq_shifts(n):
+    """Bit offset of logical column n inside its packed int32 (AutoAWQ's order)."""
+    j = n % 8
+    return ((j // 2) + (j % 2) * 4) * 4
+
+
+@triton.jit
+def _awq_gemm_kernel(
+    x_ptr,  # [M, K]
+    qweight_ptr,  # [K, N / 8] int32
+    qzeros_ptr,  # [K / G, N / 8] int32
+    scales_ptr,  # [K / G, N] fp16
+    out_ptr,  # [M, N]
+    M, N, K,
+    stride_xm, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < N
+    packed_cols = cols // 8
+    shifts = _awq_shifts(cols)  # [N]
+    n_packed = N // 8
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
+        kk = k0 + ks
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                    mask=rmask[:, None] & (kk < K)[None, :], other=0.0)  # [M, K]
+        wmask = (kk < K)[:, None] & cmask[None, :]
+        packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
+                         mask=wmask, other=0)  # [K, N]
+        g = k0 // GROUP
+        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=cmask, other=0)  # [N]
+        scales = tl.load(scales_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)  # [N]
+        q = (packed >> shifts[None, :]) & 0xF
+        z = (zeros >> shifts) & 0xF
+        w = ((q - z[None, :]).to(tl.float32) * scales[None, :]).to(x.dtype)  # [K, N], exact then one rounding
+        acc += tl.dot(x, w, input_precision=PRECISION)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _awq_dequant_kernel(
+    qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,  # out [K, N]
+    N, K,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (kk < K)[:, None] & (cols < N)[None, :]
+    n_packed = N // 8
+    shifts = _awq_shifts(cols)
+    packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + (cols // 8)[None, :], mask=mask, other=0)
+    g = kk // GROUP
+    zeros = tl.load(qzeros_ptr + g[:, None] * n_packed + (cols // 8)[None, :], mask=mask, other=0)
+    scales = tl.load(scales_ptr + g[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q = (packed >> shifts[None, :]) & 0xF
+    z = (zeros >> shifts[None, :]) & 0xF
+    w = (q - z).to(tl.float32) * scales
+    tl.store(out_ptr + kk[:, None].to(tl.int64) * N + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int]:
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    assert qweight.dtype == torch.int32 and qzeros.dtype == torch.int32
+    assert qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()
+    assert k % group_size == 0 and tuple(qzeros.shape) == (k // group_size, n // 8)
+    assert tuple(scales.shape) == (k // group_size, n)
+    return k, n
+
+
+def awq_gemm(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:  # [M, N] in x's dtype
+    """Fused dequantise-and-multiply, for small M (decode)."""
+    k, n = _check(qweight, qzeros, scales, group_size)
+    assert x.shape[-1] == k and x.stride(-1) == 1
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_k = min(64, group_size)  # group sizes are multiples of 16; 64 and 128 take 64-deep tiles
+    while group_size % block_k:
+        block_k //= 2
+    block_m = 16
+    block_n = 64 if x.is_cuda else 32
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _awq_gemm_kernel[grid](
+        x, qweight, qzeros, scales, out, m, n, k, x.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=3 if x.is_cuda else 1,
+    )
+    return out
+
+
+def awq_dequantize(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:  # [K, N] in dtype
+    """W for a dense GEMM (prefill)."""
+    k, n = _check(qweight, qzeros, scales, group_size)
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    block_k, block_n = 32, 64
+    _awq_dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        qweight, qzeros, scales, out, n, k, GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
+def awq_gemm_ref(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Plain PyTorch: dequantise (exact, then x's dtype) and matmul."""
+    from r1deploy.quant.awq import dequantize_awq
+
+    return x @ dequantize_awq(qweight, qzeros, scales, group_size, x.dtype)

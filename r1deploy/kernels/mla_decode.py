@@ -1,0 +1,201 @@
+"""Absorbed MLA decode over the paged latent cache, split along the context (flash-decoding).
+
+The cache holds one 576-wide row per token (R1): [c_kv (dc = kv_lora_rank) ; k_pe (dr)], shared by
+every head, so decode is MQA with key [c_kv ; k_pe] and value c_kv. W_UK is folded into the query
+(q_lat = W_UK^T q_nope) and W_UV applied to the attended latent, both as torch bmm's around the kernel.
+Program (b, head group, partition) attends BLOCK_H heads of sequence b over one context partition,
+reading each cached row once for all of them (the latent tile is both key and value), and writes an
+fp32 partial with its log-sum-exp; a second kernel merges the partitions. The grid depends only on
+the block table's width (static under CUDA graphs): lengths stay on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from r1deploy.kernels._common import dot_precision, pow2
+
+_LOG2E = 1.4426950408889634
+MERGE_BLOCK_P = 32  # partitions per step of the merge loop
+
+
+@triton.jit
+def _mla_partition_kernel(
+    q_ptr,  # [B, H, DC + DR]: [q_lat ; q_pe], in the cache dtype
+    cache_ptr,  # [NB, BS, DC + DR]
+    tables_ptr,  # [B, MB]
+    seq_lens_ptr,  # [B]
+    part_out_ptr,  # [B, H, P, DC] fp32, already divided by the partition's softmax sum
+    part_lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of the partition's scaled scores
+    qk_scale,  # softmax scale (mscale^2 included) * log2(e)
+    stride_qb, stride_qh, stride_cblk, stride_coff, stride_tb,
+    NUM_HEADS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hg = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = part * PARTITION
+    end = tl.minimum(start + PARTITION, seq_len)
+
+    heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < NUM_HEADS
+    c = tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    cmask = c < DC
+    rmask = r < DR
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q_lat = tl.load(q_rows + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)  # [H, C]
+    q_pe = tl.load(q_rows + DC + r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)  # [H, R]
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        tmask = toks < end
+        phys = tl.load(tables_ptr + b * stride_tb + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        rows = cache_ptr + phys * stride_cblk + (toks % BLOCK_SIZE) * stride_coff  # [N]
+        lat = tl.load(rows[:, None] + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)  # [N, C]
+        pe = tl.load(rows[:, None] + DC + r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)  # [N, R]
+        s = tl.dot(q_lat, tl.trans(lat), input_precision=PRECISION)
+        s = tl.dot(q_pe, tl.trans(pe), s, input_precision=PRECISION) * qk_scale  # [H, N]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    live = start < seq_len  # partitions past the end store nothing; the merge never reads them
+    row = (b * NUM_HEADS + heads) * NUM_PARTS + part  # [H]
+    tl.store(part_out_ptr + row[:, None].to(tl.int64) * DC + c[None, :], out,
+             mask=hmask[:, None] & cmask[None, :] & live)
+    tl.store(part_lse_ptr + row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=hmask & live)
+
+
+@triton.jit
+def _mla_merge_kernel(
+    part_out_ptr,  # [B, H, P, DC] fp32
+    part_lse_ptr,  # [B, H, P] fp32
+    seq_lens_ptr,  # [B]
+    out_ptr,  # [B, H, DC] fp32
+    NUM_HEADS: tl.constexpr, DC: tl.constexpr, NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (b, h, channel chunk); partitions in chunks of BLOCK_P, so a 160k context (640
+    # partitions) never makes one [P, DC] tile.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < DC
+    used = tl.cdiv(tl.load(seq_lens_ptr + b), PARTITION)
+    base = (b * NUM_HEADS + h) * NUM_PARTS
+    top_vec = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        top_vec = tl.maximum(top_vec, tl.load(part_lse_ptr + base + p, mask=p < used, other=float("-inf")))
+    top = tl.where(used > 0, tl.max(top_vec, 0), 0.0)
+    total_vec = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < used
+        lse = tl.load(part_lse_ptr + base + p, mask=pmask, other=float("-inf"))
+        w = tl.where(pmask, tl.exp2(lse - top), 0.0)
+        parts = tl.load(part_out_ptr + (base + p).to(tl.int64)[:, None] * DC + c[None, :],
+                        mask=pmask[:, None] & cmask[None, :], other=0.0)  # [P, C]
+        acc += tl.sum(parts * w[:, None], 0)
+        total_vec += w
+    total = tl.sum(total_vec, 0)
+    out = acc / tl.where(total > 0, total, 1.0)  # an empty row stays 0
+    tl.store(out_ptr + (b * NUM_HEADS + h) * DC + c, out, mask=cmask)
+
+
+def mla_decode_attention(
+    q: torch.Tensor,  # [B, H, DC + DR]: [q_lat ; q_pe]
+    kv_cache: torch.Tensor,  # [NB, BS, DC + DR]
+    block_tables: torch.Tensor,  # [B, MB]; MB (static) bounds every sequence's length
+    seq_lens: torch.Tensor,  # [B] on the device, this step's token included
+    latent_dim: int,
+    scale: float,
+    partition_size: int = 256,
+    block_h: int = 16,
+) -> torch.Tensor:  # [B, H, DC] fp32: softmax(scale * q . k) @ c_kv per head
+    """Graph-capturable: shapes and grid from tensor shapes only, no host reads of seq_lens."""
+    num_seqs, num_heads, width = q.shape
+    _, block_size, cache_width = kv_cache.shape
+    assert width == cache_width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
+    q = q.to(kv_cache.dtype)
+    partition_size = math.ceil(partition_size / block_size) * block_size
+    rope_dim = width - latent_dim
+    num_parts = math.ceil(block_tables.shape[1] * block_size / partition_size)
+    part_out = torch.empty(num_seqs, num_heads, num_parts, latent_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_parts, dtype=torch.float32, device=q.device)
+    out = torch.empty(num_seqs, num_heads, latent_dim, dtype=torch.float32, device=q.device)
+    block_h = max(16, min(block_h, pow2(num_heads)))  # tl.dot needs 16 rows
+    block_c = pow2(latent_dim)
+    _mla_partition_kernel[(num_seqs, triton.cdiv(num_heads, block_h), num_parts)](
+        q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        NUM_HEADS=num_heads, DC=latent_dim, DR=rope_dim, BLOCK_SIZE=block_size,
+        NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=min(32 if block_c >= 256 else 64, partition_size),
+        BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype),
+        num_warps=4 if block_c <= 256 else 8, num_stages=2,
+    )
+    merge_c = min(block_c, 128)
+    _mla_merge_kernel[(num_seqs, num_heads, triton.cdiv(latent_dim, merge_c))](
+        part_out, part_lse, seq_lens, out,
+        NUM_HEADS=num_heads, DC=latent_dim, NUM_PARTS=num_parts, PARTITION=partition_size,
+        BLOCK_P=min(pow2(num_parts), MERGE_BLOCK_P), BLOCK_C=merge_c, num_warps=4,
+    )
+    return out
+
+
+def mla_absorbed_decode(
+    q_nope: torch.Tensor,  # [B, H, dn]
+    q_pe: torch.Tensor,  # [B, H, dr], roped
+    kv_cache: torch.Tensor,  # [NB, BS, dc + dr]
+    block_tables: torch.Tensor,  # [B, MB]
+    seq_lens: torch.Tensor,  # [B]
+    kv_b_weight: torch.Tensor,  # [H * (dn + dv), dc]
+    scale: float,
+    partition_size: int = 256,
+) -> torch.Tensor:  # [B, H, dv] in q_nope's dtype
+    """The absorbed decode of layers/mla.absorbed_decode, with the attention in Triton. The two
+    absorptions run as batched GEMMs in the model dtype (fp32 accumulate), no weight copies."""
+    _, num_heads, nope_dim = q_nope.shape
+    latent_dim = kv_b_weight.shape[1]
+    w_kv_b = kv_b_weight.view(num_heads, -1, latent_dim)  # [H, dn + dv, dc]
+    w_uk, w_uv = w_kv_b[:, :nope_dim], w_kv_b[:, nope_dim:]  # [H, dn, dc], [H, dv, dc]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, dc]
+    query = torch.cat((q_lat.to(kv_cache.dtype), q_pe.to(kv_cache.dtype)), dim=-1)  # [B, H, dc + dr]
+    out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, partition_size)
+    out = torch.bmm(out_lat.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
+    return out.transpose(0, 1).to(q_nope.dtype)
+
+
+def mla_decode_attention_ref(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    latent_dim: int, scale: float,
+) -> torch.Tensor:
+    """Plain PyTorch, in q's dtype: MQA of all heads over each sequence's cached rows, value = c_kv."""
+    num_seqs, num_heads, _ = q.shape
+    block_size = kv_cache.shape[1]
+    out = torch.zeros(num_seqs, num_heads, latent_dim, dtype=q.dtype, device=q.device)
+    for i in range(num_seqs):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        rows = kv_cache[block_tables[i, : math.ceil(n / block_size)].long()].flatten(0, 1)[:n].to(q.dtype)
+        probs = (torch.einsum("hc,sc->hs", q[i], rows) * scale).softmax(-1)
+        out[i] = probs @ rows[:, :latent_dim]
+    return out

@@ -1,0 +1,114 @@
+"""Absorbed MLA decode (Triton, split-K + LSE merge) against the torch absorbed decode of layers/mla.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_inputs import DEVICE, rel_err
+
+from r1deploy.kernels import mla_decode
+from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention, mla_decode_attention_ref
+from r1deploy.layers.mla import absorbed_decode
+from r1deploy.models.deepseek_config import yarn_get_mscale
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# R1: 128 heads, kv_lora_rank 512, rope 64, nope 128, v 128, YaRN factor 40 with mscale_all_dim 1.0.
+REAL = {"heads": 128, "dc": 512, "dr": 64, "dn": 128, "dv": 128, "block_size": 64}
+# 20 heads: two head groups of 16, the second partly masked; dr 8 pads to a 16-wide tile.
+SMALL = {"heads": 20, "dc": 32, "dr": 8, "dn": 16, "dv": 12, "block_size": 4}
+
+
+def _scale(shape: dict) -> float:
+    return (shape["dn"] + shape["dr"]) ** -0.5 * yarn_get_mscale(40.0, 1.0) ** 2
+
+
+def _latent_cache(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_width: int | None = None,
+                  spare_blocks: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """[NB, BS, dc + dr] random cache, tables [B, MB] int32 of shuffled distinct blocks, 0-padded."""
+    block_size = shape["block_size"]
+    needed = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(needed) + spare_blocks
+    cache = torch.randn(num_blocks, block_size, shape["dc"] + shape["dr"], device=DEVICE).to(dtype)
+    order = torch.randperm(num_blocks)
+    tables = torch.zeros(len(seq_lens), table_width or max(1, max(needed)), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = order[used : used + n].int()
+        used += n
+    return cache, tables.to(DEVICE)
+
+
+def _inputs(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_width: int | None = None):
+    cache, tables = _latent_cache(seq_lens, shape, dtype, table_width)
+    b, h = len(seq_lens), shape["heads"]
+    q_nope = torch.randn(b, h, shape["dn"], device=DEVICE).to(dtype)
+    q_pe = torch.randn(b, h, shape["dr"], device=DEVICE).to(dtype)
+    kv_b = (torch.randn(h * (shape["dn"] + shape["dv"]), shape["dc"], device=DEVICE) * shape["dc"] ** -0.5).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q_nope, q_pe, cache, tables, lens, kv_b
+
+
+def _compare_live(out: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor) -> None:
+    """The torch reference gives NaN for an empty (graph-padding) row; the kernel gives zeros."""
+    live = lens > 0
+    assert rel_err(out[live], ref[live]) < 1e-2
+    assert bool((out[~live] == 0).all())
+
+
+@pytest.mark.parametrize("merge_block_p", [32, 2])  # 2: the merge loops over partition chunks
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_mla_decode_attention_small(dtype: torch.dtype, tol: float, merge_block_p: int,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mla_decode, "MERGE_BLOCK_P", merge_block_p)
+    seq_lens = [37, 1, 0, 8]  # spans 5 partitions / fits one / an empty graph-padding row / exactly one
+    cache, tables = _latent_cache(seq_lens, SMALL, dtype, table_width=12)
+    q = torch.randn(len(seq_lens), SMALL["heads"], SMALL["dc"] + SMALL["dr"], device=DEVICE).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), partition_size=8)
+    ref = mla_decode_attention_ref(q.double(), cache.double(), tables, lens, SMALL["dc"], _scale(SMALL))
+    assert rel_err(out, ref) < tol
+    assert bool((out[lens == 0] == 0).all())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_mla_absorbed_decode_matches_layer(dtype: torch.dtype, tol: float) -> None:
+    seq_lens = [37, 1, 13]
+    q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, SMALL, dtype, table_width=12)
+    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(SMALL), partition_size=8)
+    ref = absorbed_decode(q_nope.cpu().double(), q_pe.cpu().double(), cache.cpu().double(), tables.cpu(),
+                          lens.cpu(), max(seq_lens), kv_b.cpu().double(), _scale(SMALL))
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out.cpu(), ref) < tol
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("seq_lens", [[4096], [1, 17, 300, 2048, 4095, 513, 0, 64]])
+def test_mla_decode_r1_shape(seq_lens: list[int]) -> None:
+    q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, REAL, torch.bfloat16, table_width=4096 // 64)
+    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(REAL))
+    ref = absorbed_decode(q_nope, q_pe, cache, tables, lens, max(seq_lens), kv_b, _scale(REAL))
+    _compare_live(out, ref, lens)
+
+
+@pytest.mark.gpu
+@cuda
+def test_mla_decode_cuda_graph_replay() -> None:
+    """Captured once, replayed after lengths, queries and tables change in place."""
+    q_nope, q_pe, cache, tables, lens, kv_b = _inputs([2048] * 4, REAL, torch.bfloat16)
+    lens.copy_(torch.tensor([5, 2048, 700, 1], dtype=torch.int32))
+    mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(REAL))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(REAL))
+    lens.copy_(torch.tensor([1999, 3, 0, 1024], dtype=torch.int32))
+    q_nope.copy_(torch.randn_like(q_nope))
+    q_pe.copy_(torch.randn_like(q_pe))
+    tables.copy_(tables.flip(0))
+    graph.replay()
+    ref = absorbed_decode(q_nope, q_pe, cache, tables, lens, 2048, kv_b, _scale(REAL))
+    _compare_live(out, ref, lens)
