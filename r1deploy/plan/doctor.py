@@ -12,15 +12,21 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r1deploy.errors import UsageError
 from r1deploy.plan.gpu_probe import NVLINK, GpuInfo
 from r1deploy.plan.host import HostReport, collect_host
 
+if TYPE_CHECKING:  # collectives imports torch; doctor loads it only for --allreduce
+    from r1deploy.plan.collectives import AllReduceResult
+
 PASS, WARN, FAIL = "pass", "warn", "fail"
+# A measured all-reduce this far below the planner's assumption is worth a warning.
+ALLREDUCE_TOLERANCE = 0.8
 _GIB = 1 << 30
 DEFAULT_CACHE_DIR = Path("~/.cache/r1deploy")
 # FP8 tensor cores arrived with Ada (8.9) and Hopper (9.0).
@@ -124,6 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"model/cache directory whose disk is checked (default {DEFAULT_CACHE_DIR} if it exists, "
         "else the current directory)",
     )
+    p.add_argument(
+        "--allreduce",
+        action="store_true",
+        help="measure NCCL all-reduce bus bandwidth between this host's GPUs (about 10 s) and compare it "
+        "with the link bandwidth the plan assumes",
+    )
     p.set_defaults(func=run)
 
 
@@ -134,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     requirements = _requirements(args)
     host = collect_host(disk_path, args.read_test_mib)
     checks = run_checks(host, requirements)
+    if args.allreduce:
+        checks.append(check_allreduce(host, requirements))
     if args.json:
         print(json.dumps(report_dict(host, requirements, checks), indent=2))
     else:
@@ -222,6 +236,38 @@ def _plan_checks(host: HostReport, req: Requirements) -> list[Check]:
         check_disk_read(host, req),
         check_cpu_cores(host, req),
     ]
+
+
+def check_allreduce(
+    host: HostReport, req: Requirements | None, measure: Callable[..., AllReduceResult] | None = None
+) -> Check:
+    """All-reduce bus bandwidth over the GPUs the plan uses on a node, against the planner's assumption:
+    one direction of the catalog GPU's NVLink (else PCIe) times its intra-node link efficiency."""
+    gpus = host.gpu.gpus
+    if len(gpus) < 2:
+        return Check(WARN, "all-reduce", f"{len(gpus)} GPU(s) visible: NCCL all-reduce not measured")
+    if measure is None:
+        from r1deploy.plan.collectives import measure_allreduce  # spawns processes: only when asked
+
+        measure = measure_allreduce
+    world = min(len(gpus), req.gpus_per_node) if req and req.gpus_per_node > 1 else len(gpus)
+    measured = measure(world, "nccl").bus_bytes_per_s
+    text = f"{measured / 1e9:,.0f} GB/s bus bandwidth over {world} GPUs"
+    if req is None:
+        return Check(PASS, "all-reduce", text)
+    from r1deploy.plan.catalog import Catalog
+    from r1deploy.plan.roofline import Efficiency
+
+    assumed = Catalog.load().get(req.gpu).intranode_bytes_s * Efficiency().intranode_link
+    if measured >= ALLREDUCE_TOLERANCE * assumed:
+        return Check(PASS, "all-reduce", f"{text}; the plan assumes {assumed / 1e9:,.0f} GB/s")
+    return Check(
+        WARN,
+        "all-reduce",
+        f"{text}, below the {assumed / 1e9:,.0f} GB/s the plan assumes: TP/EP steps will be slower",
+        "check `nvidia-smi topo -m` (NV# links between the GPUs), that NCCL_P2P_DISABLE is unset, and PCIe "
+        "ACS/IOMMU settings; then `r1deploy plan --calibration` with the measured link efficiency",
+    )
 
 
 def usable_cpus(host: HostReport) -> float:
