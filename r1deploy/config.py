@@ -4,7 +4,7 @@ engine need, read once from an HF config.json and never mutated."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: torch.dtype
+    # config.json's quantization_config (AWQ INT4 weights: r1deploy.quant.awq); None = unquantised.
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def q_size(self) -> int:
@@ -77,6 +79,12 @@ class ModelConfig:
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         heads = int(raw["num_attention_heads"])
         rope_theta, rope_scaling = _rope(raw)
+        quantization = raw.get("quantization_config") or None
+        if quantization is not None:  # validated here: an unsupported method is a UsageError at load
+            from r1deploy.quant.awq import quant_config_from_hf
+
+            quant_config_from_hf(quantization)
+            quantization = dict(quantization)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return ModelConfig(
@@ -98,6 +106,7 @@ class ModelConfig:
             bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
             eos_token_ids=eos_ids,
             torch_dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            quantization_config=quantization,
         )
 
 

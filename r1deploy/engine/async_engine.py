@@ -48,6 +48,7 @@ class AsyncLLMEngine:
             self._inbox.put(None)
             self._thread.join()
             self._thread = None
+        self.engine.shutdown()  # tensor-parallel workers, if any
 
     @property
     def is_running(self) -> bool:

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from r1deploy.layers.attention import KV_CACHE_DTYPES
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over processes (one node). tensor_parallel_size = 1 runs in-process."""
+
+    tensor_parallel_size: int = 1
+    # Rendezvous of the ranks: they bind here. The rank network is trusted: keep it private (loopback by default).
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port, chosen at start-up
+    timeout_s: float = 300.0  # a model collective that takes longer (a hung or dead rank) fails the engine
+    init_timeout_s: float = 300.0  # every rank must join the rendezvous within this
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be in [0, 65536), got {self.master_port}")
+        if self.timeout_s <= 0 or self.init_timeout_s <= 0:
+            raise ValueError(f"timeouts must be > 0, got {self.timeout_s}, {self.init_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -19,8 +41,12 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # KV pool budget on the CPU
     num_gpu_blocks_override: int | None = None  # force the pool size (tests use it to force preemption)
     enforce_eager: bool = False  # CUDA: skip decode CUDA graphs (slower; for debugging)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-layer scales)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

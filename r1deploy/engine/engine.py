@@ -36,11 +36,23 @@ class LLMEngine:
     ) -> None:
         self.config = config or EngineConfig()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tp_runtime = None  # tensor parallel: worker processes and rank 0's shard (r1deploy.distributed)
+        if self.config.parallel.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("loaded: a tensor-parallel engine loads its own shards; pass the model instead")
+            from r1deploy.distributed.worker import TPRuntime
+
+            self.tp_runtime = TPRuntime.start(model, self.config, dtype=dtype, device=device,
+                                              load_format=load_format)
+            loaded = self.tp_runtime.loaded
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format)
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(self.loaded, self.config, self.max_model_len)
+        if self.tp_runtime is not None:
+            self.runner = self.tp_runtime.runner
+        else:
+            self.runner = ModelRunner(self.loaded, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.pool.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
@@ -140,6 +152,11 @@ class LLMEngine:
         self._finished_outside_step.append(request)
         return True
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (in-process engines have nothing to stop)."""
+        if self.tp_runtime is not None:
+            self.tp_runtime.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_outside_step)
 
@@ -153,7 +170,8 @@ class LLMEngine:
         self._finished_outside_step = []
         step = self.scheduler.schedule()
         if step.chunks:
-            sampled = self.runner.run(step, self.model_config.vocab_size)
+            run = self.runner.run if self.tp_runtime is None else self.tp_runtime.run
+            sampled = run(step, self.model_config.vocab_size)
             self.scheduler.update_after_step(step)
             now = time.monotonic()
             if sampled is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.outputs import RequestOutput
 from r1deploy.sampling_params import SamplingParams
@@ -23,9 +23,15 @@ def fan_out(params: SamplingParams) -> list[SamplingParams]:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None, device: str | None = None,
-                 load_format: str = "auto", **engine_options: object) -> None:
+                 load_format: str = "auto", tensor_parallel_size: int = 1, **engine_options: object) -> None:
+        if tensor_parallel_size != 1:
+            engine_options.setdefault("parallel", ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         self.engine = LLMEngine(model, config=EngineConfig(**engine_options),  # type: ignore[arg-type]
                                 dtype=dtype, device=device, load_format=load_format)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op in one process)."""
+        self.engine.shutdown()
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer

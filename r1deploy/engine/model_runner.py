@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,8 +11,13 @@ from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import DecodeGraphRunner
 from r1deploy.engine.scheduler import SchedulerOutput
+from r1deploy.errors import UsageError
+from r1deploy.layers.attention import is_fp8, resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from r1deploy.models.loader import LoadedModel
+
+if TYPE_CHECKING:
+    from r1deploy.distributed.group import TPGroup
 
 
 @dataclass(frozen=True)
@@ -25,29 +31,42 @@ class KVPoolSize:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int,
+                 tp: TPGroup | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.config = config
+        self.tp = tp  # tensor parallel: every rank runs each step; rank 0 broadcasts it first
+        self.channel = None
+        if tp is not None:
+            from r1deploy.distributed.messages import StepChannel
+
+            self.channel = StepChannel(tp.control_group, send_timeout_s=config.parallel.timeout_s)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
+            raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
+                             f"{type(self.model).__name__} yet (only the GQA cache of Llama/Qwen2 models)")
         self.sampler = Sampler()
         self.pool = self._size_pool()
         self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
         self.graphs: DecodeGraphRunner | None = None
         # Only models whose forward has no host-side, data-dependent shapes can be captured.
-        if self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False):
+        # Not yet under tensor parallelism: every rank would have to capture and replay in lockstep.
+        if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
+                and tp is None):
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
                                             config.block_size, self.device)
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
         shape = self.model.kv_cache_shape(self.loaded.config, num_blocks, self.config.block_size)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                 for _ in range(self.loaded.config.num_hidden_layers)]
 
     def _size_pool(self) -> KVPoolSize:
-        per_block = self.config.block_size * self.model.kv_bytes_per_token(self.loaded.config, self.dtype)
+        per_block = self.config.block_size * self.model.kv_bytes_per_token(self.loaded.config, self.kv_dtype)
         if self.config.num_gpu_blocks_override is not None:
             n = self.config.num_gpu_blocks_override
             return KVPoolSize(n, per_block, n * per_block)
@@ -56,6 +75,8 @@ class ModelRunner:
         else:
             budget = self.config.cpu_kv_cache_bytes
         n = budget // per_block
+        if self.tp is not None:  # every rank's pool has the same block ids: the smallest budget wins
+            n = self.tp.min_int(int(n))
         if n < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB): "
                                "lower the model size or raise --gpu-memory-utilization")
@@ -97,14 +118,17 @@ class ModelRunner:
             [c.num_cached_before for c in chunks],
             [c.request.block_table for c in chunks],
             self.config.block_size,
-            "cpu" if use_graph else self.device,  # graph inputs are copied into static device buffers
+            # graph inputs are copied into static device buffers; TP steps are broadcast from the host
+            "cpu" if use_graph or self.channel is not None else self.device,
         )
         rows = [i for i, c in enumerate(chunks) if c.samples]
-        if use_graph:
-            logits = self.graphs.run(batch)[rows] if rows else None
-        else:
-            hidden = self.model(batch, self.kv_caches)
-            logits = self.model.compute_logits(hidden[batch.logits_indices[rows]]) if rows else None
+        if self.channel is not None:
+            from r1deploy.distributed.messages import StepMessage
+
+            message = StepMessage.of_batch(batch, rows)
+            self.channel.send(message)
+            batch = message.to_batch(self.device)  # the very tensors every worker runs
+        logits = self.execute(batch, rows, use_graph)
         if logits is None:
             return None
         sampled = [chunks[i].request for i in rows]
@@ -118,3 +142,11 @@ class ModelRunner:
             self.loaded.eos_token_ids,
         )
         return self.sampler(logits, sampling)
+
+    def execute(self, batch: ForwardBatch, rows: list[int], use_graph: bool = False) -> torch.Tensor | None:
+        """Logits [len(rows), vocab] fp32 of the sequences in `rows` (None when empty); writes the step's K/V.
+        Tensor-parallel workers call this for every step message, in lockstep with rank 0."""
+        if use_graph:
+            return self.graphs.run(batch)[rows] if rows else None
+        hidden = self.model(batch, self.kv_caches)
+        return self.model.compute_logits(hidden[batch.logits_indices[rows]]) if rows else None

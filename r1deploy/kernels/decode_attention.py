@@ -5,6 +5,9 @@ into one tile, so each K/V row is read once) over context partition p of sequenc
 an fp32 partial output with its log-sum-exp; a second kernel merges the partitions of each head.
 The grid depends only on the block table's width (static under CUDA graphs), never on seq_lens'
 values: partitions past a sequence's end run zero iterations and are masked out in the merge.
+
+FP8 (float8_e4m3fn) caches: K and V are widened to q's dtype (exact) as they are loaded; k_scale folds
+into the softmax scale and v_scale into the partition's output, so the inner loop does no extra math.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def _decode_partition_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    v_scale, FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -60,20 +64,22 @@ def _decode_partition_kernel(
         phys = tl.load(tables_ptr + b * stride_tb + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
         rows = phys * stride_cblk + (toks % BLOCK_SIZE) * stride_coff + kvh * stride_chead  # [N]
         kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        k = tl.load(cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(cache_ptr + stride_ckv + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        v = tl.load(cache_ptr + stride_ckv + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m = m_new
 
     # Partitions past seq_len store nothing (the merge never reads them): a static-width graph table
     # leaves most partitions of short sequences empty, and their writes would cost bandwidth.
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if FP8:
+        out = out * v_scale
     live = start < seq_len
     row = (b * NUM_HEADS + heads) * NUM_PARTS + part  # [G]
     tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
@@ -115,8 +121,11 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [B] int32 on the device, K/V of this step included
     scale: float,
     partition_size: int = 256,
+    k_scale: float = 1.0,  # FP8 caches: real K = stored * k_scale (ignored for other dtypes)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [B, H, D]
     """Graph-capturable: shapes and grid come from tensor shapes only, no host reads of seq_lens."""
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert kv_cache.stride(-1) == 1 and q.stride(-1) == 1 and partition_size % block_size == 0
@@ -127,14 +136,14 @@ def decode_attention(
     out = torch.empty_like(q)
     block_d = pow2(head_dim)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_parts)](
-        q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E * (k_scale if fp8 else 1.0),
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
         NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=min(64, partition_size),
         BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        v_scale=float(v_scale), FP8=fp8, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
@@ -145,9 +154,12 @@ def decode_attention(
 
 
 def decode_attention_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch, in q's dtype: gather each sequence's K/V through its table, softmax over seq_len keys."""
+    from r1deploy.layers.attention import dequantize_kv
+
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.zeros_like(q)
@@ -156,8 +168,8 @@ def decode_attention_ref(
         if n == 0:
             continue
         table = block_tables[i, : math.ceil(n / block_size)].long()
-        keys = kv_cache[0][table].flatten(0, 1)[:n].to(q.dtype)  # [S, KV, D]
-        values = kv_cache[1][table].flatten(0, 1)[:n].to(q.dtype)
+        keys = dequantize_kv(kv_cache[0][table].flatten(0, 1)[:n], k_scale, q.dtype)  # [S, KV, D]
+        values = dequantize_kv(kv_cache[1][table].flatten(0, 1)[:n], v_scale, q.dtype)
         queries = q[i].view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # [KV, G, D]
         scores = torch.einsum("kgd,skd->kgs", queries, keys) * scale
         out[i] = torch.einsum("kgs,skd->kgd", scores.softmax(-1), values).reshape(num_heads, head_dim)

@@ -2,6 +2,9 @@
 
 A negative slot is skipped: CUDA-graph batches pad their unused rows with slot -1, and the
 grid is the (static) token count, so the kernel is capturable.
+
+An FP8 (float8_e4m3fn) cache stores k / k_scale and v / v_scale, computed in fp32 and saturated to
++-448 before the (round-to-nearest-even) cast; the cache's dtype switches it on.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ def _write_kv_kernel(
     k_ptr, v_ptr,  # [T, KV, D] each, head_dim contiguous
     cache_ptr,  # [2, NB, BS, KV, D]
     slots_ptr,  # [T] int64
+    k_scale, v_scale,  # FP8 only: stored = value / scale
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ckv, stride_cblk, stride_coff, stride_chead,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -34,27 +38,42 @@ def _write_kv_kernel(
     dst = dst + h[:, None] * stride_chead + d[None, :]  # [KV, D]
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FP8:
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache [2, NB, BS, KV, D] in place; k, v [T, KV, D] (strided views of qkv are fine); slot_mapping [T]."""
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:
+    """kv_cache [2, NB, BS, KV, D] in place; k, v [T, KV, D] (strided views of qkv are fine); slot_mapping [T].
+    k_scale / v_scale are used only by an FP8 cache."""
     num_tokens, num_kv_heads, head_dim = k.shape
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping,
+        k, v, kv_cache, slot_mapping, float(k_scale), float(v_scale),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2], NUM_KV_HEADS=num_kv_heads,
-        BLOCK_H=pow2(num_kv_heads), BLOCK_D=pow2(head_dim), num_warps=4,
+        BLOCK_H=pow2(num_kv_heads), BLOCK_D=pow2(head_dim), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
 
 
-def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Plain PyTorch: index_copy_ into the flattened slots, negative slots dropped."""
+def write_kv_cache_ref(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:
+    """Plain PyTorch: index_copy_ into the flattened slots, negative slots dropped (FP8: scaled, saturated)."""
+    from r1deploy.layers.attention import quantize_kv
+
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
     keep = slot_mapping >= 0
-    slots[0].index_copy_(0, slot_mapping[keep], k[keep].to(kv_cache.dtype))
-    slots[1].index_copy_(0, slot_mapping[keep], v[keep].to(kv_cache.dtype))
+    k, v = quantize_kv(k[keep], k_scale, kv_cache.dtype), quantize_kv(v[keep], v_scale, kv_cache.dtype)
+    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
+        slots, k, v = slots.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    slots[0].index_copy_(0, slot_mapping[keep], k)
+    slots[1].index_copy_(0, slot_mapping[keep], v)

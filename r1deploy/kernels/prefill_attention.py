@@ -4,6 +4,9 @@ Sequence b's queries are rows query_start_loc[b] .. query_start_loc[b+1] of q; t
 written to the cache, so query j of b sits at position ctx + j, with ctx = seq_len - query_len (the
 cached prefix), and sees keys 0 .. ctx + j, read through the block table. Program (m, h, b) runs
 flash attention for one BLOCK_M tile of b's queries on query head h.
+
+FP8 (float8_e4m3fn) caches: K and V are widened to q's dtype (exact) as they are loaded; k_scale folds
+into the softmax scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ def _attend_tile(
     offs = phys * stride_cblk + (toks % BLOCK_SIZE) * stride_coff + kvh * stride_chead  # [N]
     d = tl.arange(0, BLOCK_D)
     kv_mask = tmask[:, None] & dmask[None, :]
-    k = tl.load(cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    k = tl.load(cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
     if MASKED:
         s = tl.where((toks[None, :] <= q_pos[:, None]) & tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
-    v = tl.load(cache_ptr + stride_ckv + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    v = tl.load(cache_ptr + stride_ckv + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
     return m_new, l * alpha + tl.sum(p, 1), acc
 
 
@@ -59,6 +62,7 @@ def _prefill_kernel(
     stride_tb,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    v_scale, FP8: tl.constexpr,
 ):
     # Reversed so the longest causal tiles (last queries) of each (head, sequence) start first.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -97,6 +101,8 @@ def _prefill_kernel(
 
     # Every row sees key 0 at least, so l > 0 on real rows; padded rows are masked at the store.
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if FP8:
+        out = out * v_scale
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -109,7 +115,10 @@ def prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32
     max_query_len: int,  # host-side bound on the grid (prefill runs eagerly)
     scale: float,
+    k_scale: float = 1.0,  # FP8 caches: real K = stored * k_scale (ignored for other dtypes)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [T, H, D]
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert kv_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -118,30 +127,32 @@ def prefill_attention(
     block_m, block_n, warps = (128, 64, 8) if q.is_cuda else (16, 16, 4)
     grid = (triton.cdiv(max_query_len, block_m), num_heads, block_tables.shape[0])
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+        q, kv_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E * (k_scale if fp8 else 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         HEAD_DIM=head_dim, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(head_dim), PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=3 if q.is_cuda else 1,
+        v_scale=float(v_scale), FP8=fp8, num_warps=warps, num_stages=3 if q.is_cuda else 1,
     )
     return out
 
 
 def prefill_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float,
+    seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch in q's dtype: per sequence, gather K/V through the table, bottom-right causal mask."""
+    from r1deploy.layers.attention import dequantize_kv
+
     num_heads = q.shape[1]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q)
     for i in range(block_tables.shape[0]):
         start, stop, n = int(query_start_loc[i]), int(query_start_loc[i + 1]), int(seq_lens[i])
         table = block_tables[i, : math.ceil(n / block_size)].long()
-        keys = kv_cache[0][table].flatten(0, 1)[:n].to(q.dtype)  # [S, KV, D]
-        values = kv_cache[1][table].flatten(0, 1)[:n].to(q.dtype)
+        keys = dequantize_kv(kv_cache[0][table].flatten(0, 1)[:n], k_scale, q.dtype)  # [S, KV, D]
+        values = dequantize_kv(kv_cache[1][table].flatten(0, 1)[:n], v_scale, q.dtype)
         group = num_heads // num_kv_heads
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [S, H, D]
         scores = torch.einsum("lhd,shd->hls", q[start:stop], keys) * scale  # [H, L, S]

@@ -7,6 +7,8 @@ a merged layer's loader takes the shard id of the HF projection it is given.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +29,20 @@ def empty_parameter(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant_method: Any = None) -> None:
+        """quant_method (e.g. r1deploy.quant.awq.AWQLinearMethod): registers the layer's quantised
+        parameters in place of `weight` and runs the matmul; None = a plain weight [out, in]."""
         super().__init__()
-        self.weight = empty_parameter(out_features, in_features)
+        self.quant_method = quant_method
+        if quant_method is None:
+            self.weight = empty_parameter(out_features, in_features)
+        else:
+            quant_method.create_weights(self, in_features, out_features)
         self.bias = empty_parameter(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -41,8 +51,8 @@ class MergedLinear(Linear):
 
     `shards` maps each HF projection's shard id to its output rows, in output order."""
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shards.values()), bias)
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool, quant_method: Any = None) -> None:
+        super().__init__(in_features, sum(shards.values()), bias, quant_method)
         self.shard_ranges: dict[str, tuple[int, int]] = {}
         start = 0
         for shard_id, size in shards.items():
@@ -55,4 +65,6 @@ class MergedLinear(Linear):
         if shard_id not in self.shard_ranges:
             raise ValueError(f"merged parameter expects a shard in {list(self.shard_ranges)}, got {shard_id!r}")
         start, size = self.shard_ranges[shard_id]
-        default_weight_loader(param.data.narrow(0, start, size), loaded)  # type: ignore[arg-type]
+        # Quantised parameters say which dim holds the outputs and how many share an element (packing).
+        dim, pack = getattr(param, "output_dim", 0), getattr(param, "pack_factor", 1)
+        default_weight_loader(param.data.narrow(dim, start // pack, size // pack), loaded)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ parameter and shard each HF tensor fills.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -18,15 +19,27 @@ from r1deploy.layers import attention
 from r1deploy.layers.attention import paged_attention
 from r1deploy.layers.embedding import Embedding
 from r1deploy.layers.linear import Linear, MergedLinear
+from r1deploy.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear, ShardSpec,
+                                      VocabParallelEmbedding)
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
+from r1deploy.quant.awq import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.distributed.group import TPGroup
     from r1deploy.engine.batch import ForwardBatch
 
 
+def local_config(config: ModelConfig, tp: TPGroup) -> ModelConfig:
+    """The config as one tensor-parallel rank sees it: its attention heads and KV heads."""
+    from r1deploy.distributed.group import kv_head_shard
+
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp.size,
+                               num_key_value_heads=kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[1])
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "self_attn", tp: TPGroup | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -34,8 +47,26 @@ class LlamaAttention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
         shards = {"q": config.q_size, "k": config.kv_size, "v": config.kv_size}
-        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias)
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias)
+        quant = quant_config_from_hf(config.quantization_config)
+        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias,
+                                     quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias,
+                             quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
+        if tp is not None:  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
+            from r1deploy.distributed.group import kv_head_shard
+
+            local = local_config(config, tp)
+            self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
+            self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
+            kv_start = kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[0] * config.head_dim
+            specs = {"q": ShardSpec(config.q_size, tp.rank * local.q_size, local.q_size),
+                     "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
+                     "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
+            self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias)
+            self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp)
+        # FP8 KV cache scales (real value = stored value * scale); 1.0 unless calibrated (set_kv_cache_scales).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -50,28 +81,36 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
         k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, KV, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, batch, self.scale)  # [T, H, D]
+        out = paged_attention(q, k, v, kv_cache, batch, self.scale, self.k_scale, self.v_scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "mlp", tp: TPGroup | None = None) -> None:
         super().__init__()
         shards = {"gate": config.intermediate_size, "up": config.intermediate_size}
-        self.gate_up_proj = MergedLinear(config.hidden_size, shards, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        quant = quant_config_from_hf(config.quantization_config)
+        self.gate_up_proj = MergedLinear(config.hidden_size, shards, bias=False,
+                                         quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False,
+                                quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
+        if tp is not None:  # this rank's gate/up columns; down_proj sums over ranks
+            width = config.intermediate_size // tp.size
+            spec = ShardSpec(config.intermediate_size, tp.rank * width, width)
+            self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": spec, "up": spec}, bias=False)
+            self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "model.layers.0", tp: TPGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, f"{prefix}.mlp", tp)
 
     def forward(
         self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -89,10 +128,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        if tp is None:
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, f"model.layers.{i}", tp)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -117,14 +160,27 @@ class LlamaForCausalLM(nn.Module):
 
     config_class = ModelConfig
     cuda_graphs = True  # on CUDA every op takes its lengths from device tensors (r1deploy.kernels)
+    fp8_kv_cache = True  # layers/attention.py quantises K/V on write and the kernels dequantise on read
     kv_cache_shape = staticmethod(attention.kv_cache_shape)
     kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tp is not None and config.quantization_config is not None:
+            from r1deploy.errors import UsageError
+
+            raise UsageError("tensor parallelism does not support quantised (AWQ) checkpoints yet")
+        self.model = LlamaModel(config, tp)
+        if tp is None:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+            # This rank's cache holds only its KV heads: size and shape it from the local view.
+            local = local_config(config, tp)
+            self.kv_cache_shape = lambda _config, num_blocks, block_size: attention.kv_cache_shape(
+                local, num_blocks, block_size)
+            self.kv_bytes_per_token = lambda _config, dtype: attention.kv_bytes_per_token(local, dtype)
         if config.tie_word_embeddings:
             # One tensor under two names; named_parameters() reports it once, as the embedding.
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from r1deploy.presets import canonical_name, resolve_config_path
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.safetensors_reader import iter_safetensors
+
+if TYPE_CHECKING:
+    from r1deploy.distributed.group import TPGroup
 
 LoadFormat = Literal["auto", "dummy"]
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -49,23 +52,25 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     load_format: LoadFormat = "auto",
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
+    """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows)."""
     if load_format not in ("auto", "dummy"):
         raise UsageError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
     device = torch.device(device)
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if model is None:
-        return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format)
+        return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format, tp)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, path.name, dtype, device, load_format)
+        return _load_hf_dir(path, path.name, dtype, device, load_format, tp)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device, load_format)
+        return _load_gguf(path, dtype, device, load_format, tp)
     config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
     if load_format != "dummy":
         raise UsageError(f"{model!r} names a config only (presets ship no weights): pass load_format='dummy' "
                          "for random weights, or a local model directory or .gguf file")
-    built, config = build_model(read_hf_config(config_path), dtype, device)
+    built, config = build_model(read_hf_config(config_path), dtype, device, tp)
     init_dummy_weights(built)
     return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
 
@@ -99,9 +104,10 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def _load_hf_dir(
-    path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat
+    path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
-    built, config = build_model(read_hf_config(path), dtype, device)
+    built, config = build_model(read_hf_config(path), dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -110,12 +116,13 @@ def _load_hf_dir(
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
+               tp: TPGroup | None = None) -> LoadedModel:
     from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
 
     reader = open_gguf(path)
     hf_config = gguf_hf_config(reader)
-    built, config = build_model(hf_config, dtype, device)
+    built, config = build_model(hf_config, dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -124,13 +131,18 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
 
 
-def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device,
+                tp: TPGroup | None = None) -> tuple[nn.Module, ModelConfig]:
     """Pick the model class for the config, parse the config with that class's config type, build."""
     cls = model_class_for_config(raw)
     config = cls.config_class.from_hf(raw)
+    if tp is not None:
+        from r1deploy.distributed.worker import check_model_supports_tp
+
+        check_model_supports_tp(cls, config, tp.size)
     # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
     with _default_dtype(dtype or default_dtype(config, device)), device:
-        return cls(config).eval(), config
+        return (cls(config) if tp is None else cls(config, tp=tp)).eval(), config
 
 
 def _load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -34,7 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights at the model's real shape, no checkpoint needed")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=None,
+                   help="fp8: float8_e4m3 KV cache (half the bytes of bf16; Llama/Qwen2 models)")
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel ranks on this node: one worker process per GPU (NCCL), or per CPU rank "
+                        "(gloo); the ranks talk over loopback, a network that must stay private")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a tensor-parallel collective may take before the engine fails (default 300)")
     p.add_argument("--max-queue", "--max-waiting", dest="max_queue", type=int, default=ServerSettings.max_queue,
                    help="requests admitted beyond the --max-num-seqs running ones; beyond both, new ones get "
                         "429 with Retry-After")
@@ -59,11 +66,18 @@ def run(args: argparse.Namespace) -> int:
 
     engine_options = {name: getattr(args, name) for name in
                       ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-                       "cpu_kv_cache_bytes")
+                       "cpu_kv_cache_bytes", "kv_cache_dtype")
                       if getattr(args, name) is not None}
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
-        config = EngineConfig(**engine_options)
+        from r1deploy.distributed.worker import precheck
+        from r1deploy.engine.config import ParallelConfig
+
+        precheck(args.model, args.tp)  # a --tp that cannot split the model fails here, in one line
+        parallel = {"tensor_parallel_size": args.tp}
+        if args.dist_timeout is not None:
+            parallel["timeout_s"] = args.dist_timeout
+        config = EngineConfig(**engine_options, parallel=ParallelConfig(**parallel))
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,

@@ -1,0 +1,117 @@
+"""The tensor-parallel group a model shard runs in: this rank's place, and the collectives the layers use.
+
+Two process groups: `device_group` carries the model's all-reduces and all-gathers (NCCL on CUDA, gloo on
+the CPU) under the configured timeout, so a hung or dead peer raises instead of blocking forever;
+`control_group` (always gloo, CPU tensors) carries step messages and start-up agreements, with a long
+timeout because workers wait on it while the server is idle.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1deploy.errors import UsageError
+
+# Workers block on the control group between steps, however long the server stays idle.
+CONTROL_TIMEOUT = timedelta(days=365)
+
+
+class TensorParallelError(RuntimeError):
+    """A rank died, hung past the timeout or could not join: the engine cannot run another step."""
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int
+    size: int
+    device: torch.device
+    device_group: Any = None  # torch.distributed ProcessGroup; None only in single-rank unit tests
+    control_group: Any = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks, in place."""
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's x along dim, in rank order."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.device_group)
+        return torch.cat(parts, dim=dim)
+
+    def min_int(self, value: int) -> int:
+        """The smallest value over ranks (KV pool sizing); also a barrier on the control group."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(t.item())
+
+
+def shard(total: int, rank: int, size: int) -> tuple[int, int]:
+    """(start, length) of rank's equal slice of `total` rows (total must divide)."""
+    per = total // size
+    return rank * per, per
+
+
+def kv_head_shard(num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """(first KV head, KV heads) this rank keeps: an equal split, or one replicated head when size > heads."""
+    if num_kv_heads >= size:
+        return shard(num_kv_heads, rank, size)
+    return rank // (size // num_kv_heads), 1
+
+
+def check_tensor_parallel(num_attention_heads: int, num_key_value_heads: int, intermediate_size: int,
+                          tp: int, arch: str = "this model") -> None:
+    """Raise UsageError (one line) when tp cannot split the model's heads and MLP evenly."""
+    if tp < 1:
+        raise UsageError(f"--tp must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    if num_attention_heads % tp:
+        raise UsageError(f"--tp {tp} does not divide {arch}'s {num_attention_heads} attention heads")
+    if num_key_value_heads % tp and tp % num_key_value_heads:
+        raise UsageError(f"--tp {tp} and {arch}'s {num_key_value_heads} KV heads: one must divide the other")
+    if intermediate_size % tp:
+        raise UsageError(f"--tp {tp} does not divide {arch}'s MLP width {intermediate_size}")
+
+
+def free_port(host: str) -> int:
+    """A port free on `host` now (the rendezvous binds it a moment later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, device_type: str,
+               init_timeout_s: float = 300.0) -> TPGroup:
+    """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups."""
+    if dist.is_initialized():
+        raise TensorParallelError("a torch.distributed group already exists in this process: "
+                                  "run one tensor-parallel engine per process")
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    host = f"[{addr}]" if ":" in addr else addr
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size,
+                                timeout=timedelta(seconds=init_timeout_s))
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        collectives = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as exc:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise TensorParallelError(f"the tensor-parallel group ({size} ranks at {host}:{port}) did not form "
+                                  f"within {init_timeout_s:g}s: {exc}") from exc
+    return TPGroup(rank, size, device, collectives, control)

@@ -1,0 +1,235 @@
+"""Tensor-parallel worker processes on one node: rank 0 (the engine's process) schedules and samples;
+ranks 1..N-1 run a loop that receives each step's tensors and runs their model shard in lockstep.
+
+Start-up: rank 0 checks the model splits over N ranks and that N devices exist, spawns the workers,
+and every rank joins the rendezvous at tcp://master_addr:port, loads the full checkpoint keeping
+its shard, and agrees on the KV pool size (the minimum over ranks). Faults: a worker that exits is
+noticed before each step; one that dies or hangs inside a step breaks or times out the step's
+collectives; either way the engine raises TensorParallelError naming the rank, and every later
+step raises it again (the server's watchdog then turns health to 503).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import multiprocessing
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1deploy.config import read_hf_config
+from r1deploy.distributed.group import (
+    TensorParallelError,
+    TPGroup,
+    check_tensor_parallel,
+    free_port,
+    init_group,
+)
+from r1deploy.distributed.messages import Op, StepMessage
+from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine.scheduler import SchedulerOutput
+from r1deploy.errors import UsageError
+from r1deploy.layers.sampler import SamplerOutput
+from r1deploy.models.loader import LoadedModel, load_model
+from r1deploy.models.registry import model_class_for_config
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rank needs to build its shard: plain local values from the operator, never client data."""
+
+    model: str | None
+    dtype: Any  # torch.dtype, a dtype name or None
+    device_type: str  # "cpu" or "cuda"
+    load_format: str
+    engine_config: EngineConfig
+    world_size: int
+    master_addr: str
+    master_port: int
+    timeout_s: float
+    init_timeout_s: float
+
+
+def check_model_supports_tp(model_class: type, config: Any, tp: int) -> None:
+    """UsageError unless `model_class` has a tensor-parallel build and tp splits its heads and MLP."""
+    if tp == 1:
+        return
+    if "tp" not in inspect.signature(model_class.__init__).parameters:
+        raise UsageError(f"tensor parallelism supports the Llama / Qwen2 (R1-Distill) models so far, "
+                         f"not {model_class.__name__}")
+    check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
+                          model_class.__name__)
+
+
+def precheck(model: str | None, tp: int) -> None:
+    """Validate tp against the model's config before any process starts (HF directories and presets;
+    GGUF files are checked when each rank builds its shard)."""
+    from r1deploy.presets import resolve_config_path
+
+    if tp < 1:
+        raise UsageError(f"--tp must be >= 1, got {tp}")
+    if model is None or tp == 1:
+        return
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    raw = read_hf_config(path if path.is_dir() else resolve_config_path(model))
+    cls = model_class_for_config(raw)
+    check_model_supports_tp(cls, cls.config_class.from_hf(raw), tp)
+
+
+def build_runner(spec: WorkerSpec, tp: TPGroup) -> ModelRunner:
+    """Load this rank's shard and size its KV pool (collectives: every rank calls this together)."""
+    loaded: LoadedModel = load_model(spec.model, dtype=spec.dtype, device=tp.device, load_format=spec.load_format,
+                                     tp=tp)
+    tp.min_int(0)  # barrier on the long-timeout group: loading 70B can outlast the collective timeout
+    max_model_len = spec.engine_config.max_model_len or loaded.config.max_position_embeddings
+    return ModelRunner(loaded, spec.engine_config, max_model_len, tp=tp)
+
+
+def worker_main(rank: int, spec: WorkerSpec) -> None:
+    """Entry point of ranks 1..N-1 (spawned)."""
+    # A Ctrl-C or SIGTERM to the process group is rank 0's to handle (it drains, then stops us); a worker
+    # also exits when rank 0's connection closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
+                        spec.init_timeout_s)
+        runner = build_runner(spec, tp)
+        channel = runner.channel
+        assert channel is not None
+        with torch.inference_mode():
+            while True:
+                message = channel.recv()
+                if message.op is Op.SHUTDOWN:
+                    break
+                runner.execute(message.to_batch(runner.device), message.sample_rows.tolist())
+    except BaseException as exc:  # noqa: BLE001 - report on stderr, exit non-zero; rank 0 names this rank
+        print(f"r1deploy tensor-parallel worker {rank}: error: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TPRuntime:
+    """Rank 0's side: the worker processes, its own runner, and the fault translation around each step."""
+
+    def __init__(self, processes: list[multiprocessing.process.BaseProcess], runner: ModelRunner,
+                 timeout_s: float) -> None:
+        self.processes = processes
+        self.runner = runner
+        self.timeout_s = timeout_s
+        self.error: str | None = None
+        self.closed = False
+        atexit.register(self.shutdown)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.runner.loaded
+
+    @staticmethod
+    def start(model: str | None, config: EngineConfig, *, dtype: Any = None, device: str | None = None,
+              load_format: str = "auto") -> TPRuntime:
+        parallel = config.parallel
+        size = parallel.tensor_parallel_size
+        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        if device_type == "cuda":
+            found = torch.cuda.device_count()
+            if found < size:
+                raise UsageError(f"--tp {size} needs {size} GPUs on this node, found {found}")
+        elif device_type != "cpu":
+            raise UsageError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not {device_type}")
+        precheck(model, size)
+        if model is None:  # convert the embedded GGUF once, here, not in every rank at the same time
+            from r1deploy.models.loader import embedded_model_dir
+
+            model = str(embedded_model_dir())
+        port = parallel.master_port or free_port(parallel.master_addr)
+        spec = WorkerSpec(model, dtype, device_type, load_format, config, size, parallel.master_addr, port,
+                          parallel.timeout_s, parallel.init_timeout_s)
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=worker_main, args=(rank, spec), name=f"r1deploy-tp{rank}", daemon=True)
+                     for rank in range(1, size)]
+        for process in processes:
+            process.start()
+        try:
+            tp = init_group(0, size, parallel.master_addr, port, parallel.timeout_s, device_type,
+                            parallel.init_timeout_s)
+            runner = build_runner(spec, tp)
+        except BaseException as exc:
+            dead = _dead(processes, wait_s=1.0)
+            _stop(processes)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if dead and not isinstance(exc, UsageError):
+                raise TensorParallelError(f"tensor-parallel start-up failed: {dead} (its error is printed above)") \
+                    from exc
+            raise
+        return TPRuntime(processes, runner, parallel.timeout_s)
+
+    def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
+        if self.error is not None:
+            raise TensorParallelError(self.error)
+        dead = _dead(self.processes)
+        if dead:
+            self._fail(f"{dead}; the engine cannot run")
+        try:
+            return self.runner.run(step, vocab_size)
+        except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors come as several types
+            dead = _dead(self.processes, wait_s=2.0)
+            cause = dead or f"a collective failed or timed out after {self.timeout_s:g}s ({type(exc).__name__}: {exc})"
+            self._fail(f"tensor-parallel step failed: {cause}", exc)
+
+    def _fail(self, message: str, cause: BaseException | None = None) -> None:
+        self.error = message
+        raise TensorParallelError(message) from cause
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.shutdown)
+        if self.error is None and self.runner.channel is not None:
+            try:
+                self.runner.channel.send(StepMessage.shutdown())
+            except Exception as exc:  # noqa: BLE001 - a broken group: the processes are stopped below
+                print(f"r1deploy: tensor-parallel shutdown message not delivered: {exc}", file=sys.stderr)
+        _stop(self.processes, grace_s=10.0 if self.error is None else 0.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _dead(processes: list[multiprocessing.process.BaseProcess], wait_s: float = 0.0) -> str:
+    """'' while every worker runs, else which ranks exited and how."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(rank, p.exitcode) for rank, p in enumerate(processes, start=1) if not p.is_alive()]
+        if dead or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return "; ".join(f"tensor-parallel worker {rank} exited ({_how(code)})" for rank, code in dead)
+
+
+def _how(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess], grace_s: float = 0.0) -> None:
+    for process in processes:
+        process.join(timeout=grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5.0)

@@ -1,0 +1,149 @@
+"""AWQ INT4 weights in AutoAWQ's GEMM checkpoint format, for the dense Linear / MergedLinear layers.
+
+Format (per linear, `in` x `out` with group size g):
+  qweight int32 [in, out / 8]     eight 4-bit values per int32 along the output dim, in AutoAWQ's
+                                  nibble order: nibble i holds column 8c + AWQ_ORDER[i]
+  qzeros  int32 [in / g, out / 8] the zero points, packed the same way
+  scales  fp16  [in / g, out]
+  W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]   (W is [in, out]: y = x @ W + b)
+
+`AWQLinearMethod` is the QuantMethod a Linear is built with: create_weights registers these three
+parameters (with `output_dim` / `pack_factor` so a merged layer's loader narrows its shard along the
+packed output columns), apply runs the matmul. On the CPU: dequantise (exactly, in fp32) then matmul;
+on CUDA: the Triton dequantise-and-multiply kernel for small batches (decode) and a Triton
+dequantisation then a cuBLAS GEMM for larger ones (prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from r1deploy.errors import UsageError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds logical column AWQ_ORDER[i]
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits in nibble AWQ_REVERSE_ORDER[j]
+PACK_FACTOR = 8  # 4-bit values per int32
+# Up to this many tokens the fused kernel (weights read once, dequantised in registers) wins; past it
+# the matmul is compute-bound and dequantise-then-GEMM runs at cuBLAS speed.
+FUSED_MAX_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    group_size: int
+    bits: int = 4
+    zero_point: bool = True
+    version: str = "gemm"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_hf(raw: dict[str, Any]) -> AWQConfig:
+        """config.json's quantization_config (AutoAWQ also writes w_bit / q_group_size)."""
+        method = str(raw.get("quant_method", "")).lower()
+        if method != "awq":
+            raise UsageError(f"quantization method {method!r} is not supported (only 'awq')")
+        bits = int(raw.get("bits", raw.get("w_bit", 4)))
+        group_size = int(raw.get("group_size", raw.get("q_group_size", 128)))
+        zero_point = bool(raw.get("zero_point", True))
+        version = str(raw.get("version", "gemm")).lower()
+        if bits != 4:
+            raise UsageError(f"AWQ with {bits} bits is not supported (only 4)")
+        if not zero_point:
+            raise UsageError("AWQ without zero points is not supported")
+        if version != "gemm":
+            raise UsageError(f"AWQ version {version!r} is not supported (only 'gemm')")
+        if group_size <= 0 or group_size % 16:
+            raise UsageError(f"AWQ group_size must be a positive multiple of 16, got {group_size}")
+        skip = tuple(raw.get("modules_to_not_convert") or ())
+        return AWQConfig(group_size, bits, zero_point, version, skip)
+
+    def linear_method(self, prefix: str = "") -> AWQLinearMethod | None:
+        """The method for the linear named `prefix` (None: that layer stays unquantised)."""
+        if any(m and m in prefix for m in self.modules_to_not_convert):
+            return None
+        return AWQLinearMethod(self)
+
+
+def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | None:
+    return None if not raw else AWQConfig.from_hf(raw)
+
+
+def _int_parameter(*shape: int, dtype: torch.dtype, output_dim: int, pack_factor: int) -> nn.Parameter:
+    from r1deploy.layers.linear import default_weight_loader
+
+    param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    param.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+    param.output_dim = output_dim  # type: ignore[attr-defined]
+    param.pack_factor = pack_factor  # type: ignore[attr-defined]
+    return param
+
+
+class AWQLinearMethod:
+    """create_weights / apply for one Linear; the weights themselves are the module's parameters."""
+
+    def __init__(self, config: AWQConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        g = self.config.group_size
+        if in_features % g or out_features % PACK_FACTOR:
+            raise UsageError(f"AWQ layer {in_features} -> {out_features} needs in % {g} == 0 and out % 8 == 0")
+        layer.qweight = _int_parameter(in_features, out_features // PACK_FACTOR, dtype=torch.int32,
+                                       output_dim=1, pack_factor=PACK_FACTOR)
+        layer.qzeros = _int_parameter(in_features // g, out_features // PACK_FACTOR, dtype=torch.int32,
+                                      output_dim=1, pack_factor=PACK_FACTOR)
+        layer.scales = _int_parameter(in_features // g, out_features, dtype=torch.float16, output_dim=1,
+                                      pack_factor=1)
+        layer.weight = None  # what forward would use unquantised; tied-embedding code checks it
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        g = self.config.group_size
+        if x.is_cuda:
+            from r1deploy.kernels.awq_gemm import awq_dequantize, awq_gemm
+
+            if x2.shape[0] <= FUSED_MAX_TOKENS:
+                out = awq_gemm(x2, layer.qweight, layer.qzeros, layer.scales, g)
+            else:
+                out = x2 @ awq_dequantize(layer.qweight, layer.qzeros, layer.scales, g, x.dtype)
+        else:
+            out = x2 @ dequantize_awq(layer.qweight, layer.qzeros, layer.scales, g, x.dtype)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C / 8] in AutoAWQ's nibble order -> int32 [R, C] of values 0..15 in logical column order."""
+    shifts = 4 * torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32, device=packed.device)  # column j's nibble
+    return ((packed[:, :, None] >> shifts) & 0xF).flatten(1)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """int [R, C] of 0..15 -> int32 [R, C / 8] in AutoAWQ's order (the inverse of unpack_awq)."""
+    rows, cols = values.shape
+    grouped = values.to(torch.int64).view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_ORDER)]
+    packed = torch.zeros(rows, cols // PACK_FACTOR, dtype=torch.int64, device=values.device)
+    for i in range(PACK_FACTOR):
+        packed |= grouped[:, :, i] << (4 * i)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement: the top nibble sets the sign
+
+
+def dequantize_awq(
+    qweight: torch.Tensor,  # int32 [in, out / 8]
+    qzeros: torch.Tensor,  # int32 [in / g, out / 8]
+    scales: torch.Tensor,  # fp16 [in / g, out]
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [in, out]
+    """(q - z) * s computed exactly in fp32 (a 4-bit difference times an fp16 scale needs 15 bits), then one
+    rounding to dtype: bit for bit what fp16 arithmetic (AutoAWQ, vLLM) gives for fp16."""
+    q = unpack_awq(qweight)
+    z = unpack_awq(qzeros).repeat_interleave(group_size, dim=0)
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    return ((q - z).float() * s).to(dtype)
