@@ -24,6 +24,8 @@ from r1deploy.layers.attention import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's fp32 tl.dot runs in TF32 on a GPU (relative error near 3e-4); the interpreter computes true fp32.
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
 SMALL = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "block_size": 4}
 
 
@@ -149,7 +151,7 @@ def test_write_kernel_fp8_matches_reference(k_scale: float, v_scale: float) -> N
     assert bool(torch.isfinite(cache.float()).all())
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, FP32_TOL), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.05, 2.5)])
 def test_decode_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_scale: float) -> None:
     from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
@@ -166,7 +168,7 @@ def test_decode_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_sca
     assert bool((out[lens == 0] == 0).all())
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, FP32_TOL), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.05, 2.5)])
 def test_prefill_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_scale: float) -> None:
     from r1deploy.kernels.prefill_attention import prefill_attention, prefill_attention_ref
