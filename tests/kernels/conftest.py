@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-import triton  # noqa: E402  (a test dependency: its absence must fail, not skip)
+import triton  # noqa: F401  (a test dependency: a missing triton must fail the suite here, not skip it)
 
 
 def _patch_interpreter() -> None:
-    """Two Triton 3.6 interpreter bugs that the compiled kernels don't have (both seen here, numpy 2.4):
+    """Three Triton 3.6 interpreter bugs that the compiled kernels don't have (both seen here, numpy 2.4):
 
     1. A loaded scalar (a 1-element numpy array) used as a loop bound goes through int(array), which
        numpy >= 2.4 refuses for ndim > 0 ("only 0-dimensional arrays can be converted to Python
