@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from r1deploy.errors import UsageError
+from r1deploy.plan.launch import launch_commands
 from r1deploy.plan.catalog import Catalog, GpuSpec
 from r1deploy.plan.host_requirements import HostPlan, host_requirements
 from r1deploy.plan.memory import weights_bytes_total
@@ -47,7 +48,7 @@ class Plan:
         m, mem, perf, lay, gpu = s.model, c.memory, c.perf, c.layout, c.gpu
         assert perf is not None  # a chosen candidate always fits
         w = s.workload
-        return {
+        plan = {
             "model": {
                 "name": m.name, "model_type": m.model_type,
                 "attention": "MLA" if m.mla else ("MHA" if m.num_kv_heads == m.num_heads else "GQA"),
@@ -102,6 +103,8 @@ class Plan:
             "efficiency": asdict(s.eff),
             "notes": self.notes,
         }
+        plan["launch"] = launch_commands(plan)
+        return plan
 
 
 def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, group_size: int | None = None,

@@ -83,6 +83,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     ]))
     for note in d["notes"]:
         console.print(f"note: {note}")
+    for engine, command in d["launch"].items():
+        console.print(f"launch ({engine}): {command}", soft_wrap=True)
 
 
 def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
