@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from kernel_inputs import DEVICE, rel_err
@@ -12,32 +10,6 @@ from r1deploy.kernels.fp8_gemm import act_quant, fp8_gemm, fp8_gemm_ref, fp8_lin
 from r1deploy.quant import fp8_block
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_fp8_rounding():
-    """A fourth Triton 3.6 interpreter bug (next to the three in conftest.py): its fp32 -> fp8 cast
-    rounds by adding 1 to the truncated mantissa without carrying into the exponent, so 126.8 -> 64
-    and -31.2 -> -16. The GPU (cvt.rn.satfinite) and torch round to nearest even; use torch's."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_fp_to_fp
-
-    def fp_to_fp(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
-            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            return interpreter.TensorHandle(bits, tl.float8e4nv)
-        return original(self, src, dst_type, rounding_mode)
-
-    interpreter.InterpreterBuilder.create_fp_to_fp = fp_to_fp
-    yield
-    interpreter.InterpreterBuilder.create_fp_to_fp = original
 
 
 def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

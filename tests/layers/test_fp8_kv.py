@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -27,48 +26,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's fp32 tl.dot runs in TF32 on a GPU (relative error near 3e-4); the interpreter computes true fp32.
 FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
 SMALL = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "block_size": 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_fp8_cast():
-    """Triton 3.6's interpreter casts fp32 -> fp8e4nv with a broken rounding (a mantissa carry is lost:
-    127.98 becomes 64); the GPU rounds to nearest even (cvt.rn.satfinite). Cast through torch instead."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    _kernel_conftest_patches()
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_fp_to_fp
-
-    def fp_to_fp(self, src, dst_type, rounding_mode):
-        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar == tl.float32:
-            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            return interpreter.TensorHandle(bits, tl.float8e4nv)
-        return original(self, src, dst_type, rounding_mode)
-
-    interpreter.InterpreterBuilder.create_fp_to_fp = fp_to_fp
-    yield
-    interpreter.InterpreterBuilder.create_fp_to_fp = original
-
-
-def _kernel_conftest_patches() -> None:
-    """tests/kernels/conftest.py's interpreter fixes (scalar loop bounds, bf16 dot / cast), which pytest applies
-    only under tests/kernels; applying them twice is harmless."""
-    import importlib.util
-    from pathlib import Path
-
-    from triton.runtime import interpreter
-
-    if interpreter.InterpreterBuilder.create_dot.__name__ != "create_dot":
-        return  # already patched
-    path = Path(__file__).parents[1] / "kernels" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_kernels_conftest_for_fp8", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # patches on import when TRITON_INTERPRET=1
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
