@@ -63,8 +63,12 @@ def check_model_supports_tp(model_class: type, config: Any, tp: int) -> None:
     if tp == 1:
         return
     if "tp" not in inspect.signature(model_class.__init__).parameters:
-        raise UsageError(f"tensor parallelism supports the Llama / Qwen2 (R1-Distill) models so far, "
+        raise UsageError(f"tensor parallelism supports the Llama / Qwen2 (R1-Distill) and DeepSeek-V2/V3 models so far, "
                          f"not {model_class.__name__}")
+    custom = getattr(model_class, "check_tensor_parallel", None)
+    if custom is not None:  # DeepSeek: heads, dense / shared MLP widths and routed experts
+        custom(config, tp)
+        return
     check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
                           model_class.__name__)
 

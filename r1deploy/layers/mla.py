@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1deploy.layers.linear import Linear
+from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.yarn import apply_rope
 from r1deploy.models.deepseek_config import DeepseekConfig
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.distributed.group import TPGroup
     from r1deploy.engine.batch import ForwardBatch
 
 
@@ -130,9 +132,14 @@ class MLAPlan:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: DeepseekConfig) -> None:
+    """tp: this rank's heads. q_proj / q_b_proj and kv_b_proj are column-parallel by heads, o_proj
+    row-parallel (one all-reduce); q_a_proj, kv_a_proj_with_mqa and the norms are replicated, and so is
+    the latent cache: every rank writes the same latents and expands them for its own heads."""
+
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        size = 1 if tp is None else tp.size
+        self.num_heads = config.num_attention_heads // size
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.head_dim = config.qk_head_dim
@@ -141,17 +148,27 @@ class MLAttention(nn.Module):
         self.scale = config.softmax_scale
         self.rope_interleave = config.rope_interleave
         hidden, bias = config.hidden_size, config.attention_bias
+        heads = config.num_attention_heads
+
+        def column(in_features: int, out_features: int) -> Linear:
+            if tp is None:
+                return Linear(in_features, out_features, bias=False)
+            return ColumnParallelLinear(in_features, out_features, False, tp)
+
         self.has_q_lora = config.q_lora_rank is not None
         if not self.has_q_lora:
-            self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=False)
+            self.q_proj = column(hidden, heads * self.head_dim)
         else:
             self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+            self.q_b_proj = column(config.q_lora_rank, heads * self.head_dim)
         self.kv_a_proj_with_mqa = Linear(hidden, config.kv_cache_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = Linear(config.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = column(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        if tp is None:
+            self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias)
+        else:
+            self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, tp)
 
     def forward(
         self,

@@ -11,14 +11,23 @@ Triton kernel will consume the same sorted layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from r1deploy.layers.activation import silu_and_mul
-from r1deploy.layers.linear import Linear, MergedLinear, empty_parameter
+from r1deploy.layers.linear import Linear, MergedLinear, default_weight_loader, empty_parameter
+from r1deploy.layers.parallel import MergedColumnParallelLinear, RowParallelLinear, ShardSpec
 from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.weights.expert_cache import current_expert_store
+
+if TYPE_CHECKING:
+    from r1deploy.weights.tiered_store import TieredExpertStore
+
+if TYPE_CHECKING:
+    from r1deploy.distributed.group import TPGroup
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,23 @@ def select_experts(
 
 
 class DeepseekMLP(nn.Module):
-    """SwiGLU with gate/up as one matmul; checkpoint gate_proj/up_proj fill the `gate_up_proj` shards."""
+    """SwiGLU with gate/up as one matmul; checkpoint gate_proj/up_proj fill the `gate_up_proj` shards.
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    tp: gate/up column-parallel, down row-parallel; reduce=False leaves the all-reduce to the caller
+    (the MoE block folds the shared experts' partial sum into the routed experts' one)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup | None = None,
+                 reduce: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        if tp is None:
+            self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size},
+                                             bias=False)
+            self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        else:
+            width = intermediate_size // tp.size
+            spec = ShardSpec(intermediate_size, tp.rank * width, width)
+            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, {"gate": spec, "up": spec}, bias=False)
+            self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -94,20 +114,66 @@ class DeepseekGate(nn.Module):
 
 
 class DeepseekExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    """Expert parallel (tp): this rank holds experts [first, first + num_local) of num_experts and adds
+    only their contributions; the caller sums over ranks."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = empty_parameter(num_experts, 2 * intermediate_size, hidden_size)  # [E, 2I, H]
-        self.down_proj = empty_parameter(num_experts, hidden_size, intermediate_size)  # [E, H, I]
+        size, rank = (1, 0) if tp is None else (tp.size, tp.rank)
+        if num_experts % size:
+            raise ValueError(f"{num_experts} routed experts do not split over {size} ranks")
+        self.num_local = num_experts // size
+        self.first = rank * self.num_local
+        # --offload experts: built under tiered_store.building_with(store), the stacks are empty and
+        # every step asks the store for the experts it routes to (attach_store sets it).
+        self.store: TieredExpertStore | None = None
+        self.layer_idx = -1
+        rows = 0 if current_expert_store() is not None else self.num_local
+        self.gate_up_proj = empty_parameter(rows, 2 * intermediate_size, hidden_size)  # [E/N, 2I, H]
+        self.down_proj = empty_parameter(rows, hidden_size, intermediate_size)  # [E/N, H, I]
+        for param in (self.gate_up_proj, self.down_proj):
+            param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
+
+    def attach_store(self, store: TieredExpertStore, layer_idx: int) -> None:
+        if self.num_local != self.num_experts:
+            raise ValueError("expert offload does not combine with expert parallelism")
+        if self.gate_up_proj.shape[0]:  # built resident: drop the stacks, the store holds the experts now
+            self.gate_up_proj = empty_parameter(0, *self.gate_up_proj.shape[1:])
+            self.down_proj = empty_parameter(0, *self.down_proj.shape[1:])
+            for param in (self.gate_up_proj, self.down_proj):
+                param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
+        self.store, self.layer_idx = store, layer_idx
+
+    def owns(self, expert: int) -> bool:
+        return self.first <= expert < self.first + self.num_local
+
+    def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        """A fused checkpoint tensor [E, ...]: keep this rank's experts."""
+        if self.store is not None:
+            self.store.load_stacked(self.layer_idx, "down_proj" if param is self.down_proj else "gate_up_proj", loaded)
+            return
+        if loaded.dim() != param.dim() or loaded.shape[0] != self.num_experts or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shape mismatch: expected ({self.num_experts}, {', '.join(map(str, param.shape[1:]))}),"
+                             f" got {tuple(loaded.shape)}")
+        default_weight_loader(param, loaded[self.first : self.first + self.num_local], shard_id)
 
     def load_expert(self, expert: int, projection: str, loaded: torch.Tensor) -> None:
-        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` into the stacks."""
+        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` into the stacks (global index;
+        experts of other ranks must be skipped by the caller, see `owns`)."""
+        if self.store is not None:
+            self.store.load_expert(self.layer_idx, expert, projection, loaded)
+            return
         size = self.intermediate_size
+        local = expert - self.first
+        if not 0 <= local < self.num_local:
+            raise ValueError(f"expert {expert} is not held by this rank")
         target = {
-            "gate": self.gate_up_proj.data[expert, :size],
-            "up": self.gate_up_proj.data[expert, size:],
-            "down": self.down_proj.data[expert],
+            "gate": self.gate_up_proj.data[local, :size],
+            "up": self.gate_up_proj.data[local, size:],
+            "down": self.down_proj.data[local],
         }[projection]
         if target.shape != loaded.shape:
             raise ValueError(f"expert {expert} {projection}_proj: expected {tuple(target.shape)}, "
@@ -120,15 +186,27 @@ class DeepseekExperts(nn.Module):
         weights: torch.Tensor,  # [T, k] fp32
         ids: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:  # [T, H]
+        if self.store is not None:
+            return self._forward_offloaded(x, weights, ids)
+        sharded = self.num_local != self.num_experts
         if x.is_cuda:
             from r1deploy.kernels.fused_moe import fused_moe  # triton only where there is a GPU
+            if sharded:  # other ranks' pairs weigh 0 (computed on local expert 0, then dropped)
+                owned = (ids >= self.first) & (ids < self.first + self.num_local)
+                weights = weights.masked_fill(~owned, 0.0)
+                ids = torch.where(owned, ids - self.first, 0)
             return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()  # [T*k]
+        flat_weights = weights.flatten()
+        pair_token = torch.arange(flat_ids.numel(), device=x.device) // top_k
+        if sharded:  # keep only the pairs routed to this rank's experts
+            keep = (flat_ids >= self.first) & (flat_ids < self.first + self.num_local)
+            flat_ids, flat_weights, pair_token = flat_ids[keep] - self.first, flat_weights[keep], pair_token[keep]
         order = flat_ids.argsort(stable=True)  # token-expert pairs grouped by expert
-        token_of = order // top_k  # [T*k]
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
-        sorted_x = x[token_of]  # [T*k, H]
+        token_of = pair_token[order]  # [P]
+        counts = torch.bincount(flat_ids, minlength=self.num_local).tolist()  # one host sync per layer
+        sorted_x = x[token_of]  # [P, H]
         out = torch.empty(sorted_x.shape, dtype=torch.float32, device=x.device)
         start = 0
         for expert, count in enumerate(counts):
@@ -138,22 +216,74 @@ class DeepseekExperts(nn.Module):
             hidden = silu_and_mul(F.linear(sorted_x[rows], self.gate_up_proj[expert]))  # [n, I]
             out[rows] = F.linear(hidden, self.down_proj[expert])  # [n, H]
             start += count
-        out *= weights.flatten()[order, None]
+        out *= flat_weights[order, None]
         # Sum each token's k contributions in fp32, round once.
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+
+    def _forward_offloaded(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The CPU path's arithmetic with weights from the store's slots (bit-identical on CPU). Busy
+        experts that fit the slot pool are fetched at once and the next MoE layer's likely experts are
+        prefetched; more than fit run in rounds of num_gpu_slots. Misses may run on the host copy."""
+        store = self.store
+        assert store is not None
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        busy = [e for e, c in enumerate(counts) if c]
+        starts, start = {}, 0
+        for e in busy:
+            starts[e], start = start, start + counts[e]
+        on_host = [e for e in busy if store.compute_on_host_choice(self.layer_idx, e, counts[e])]
+        on_device = [e for e in busy if e not in set(on_host)]
+        slots = store.num_gpu_slots
+        if x.is_cuda and not on_host and 0 < len(on_device) <= slots:
+            from r1deploy.kernels.fused_moe import fused_moe
+
+            resident = store.get(self.layer_idx, on_device)
+            store.prefetch_next(self.layer_idx, x)
+            slot_of = torch.zeros(self.num_experts, dtype=ids.dtype)
+            slot_of[on_device] = torch.tensor(resident.slots, dtype=ids.dtype)
+            return fused_moe(x, resident.gate_up, resident.down, weights, slot_of.to(ids.device)[ids])
+        sorted_x = x[token_of]
+        out = torch.empty(sorted_x.shape, dtype=torch.float32, device=x.device)
+        rounds = [on_device[i : i + slots] for i in range(0, len(on_device), slots)]
+        for n, chunk in enumerate(rounds):
+            resident = store.get(self.layer_idx, chunk)
+            if n == len(rounds) - 1:  # the last round's slots stay in use; prefetch around them
+                store.prefetch_next(self.layer_idx, x)
+            for expert, slot in zip(chunk, resident.slots, strict=True):
+                rows = slice(starts[expert], starts[expert] + counts[expert])
+                hidden = silu_and_mul(F.linear(sorted_x[rows], resident.gate_up[slot]))  # [n, I]
+                out[rows] = F.linear(hidden, resident.down[slot])  # [n, H]
+        if not rounds:
+            store.prefetch_next(self.layer_idx, x)
+        for expert in on_host:
+            rows = slice(starts[expert], starts[expert] + counts[expert])
+            out[rows] = store.compute_on_host(self.layer_idx, expert, sorted_x[rows])
+        out *= weights.flatten()[order, None]
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)
 
 
 class DeepseekMoE(nn.Module):
-    def __init__(self, config: DeepseekConfig) -> None:
+    """tp: the router runs replicated, each rank adds its own experts' contributions for every token
+    plus its slice of the shared experts, and one all-reduce sums the ranks (the all-gather /
+    reduce-scatter-free scheme for small batches: every rank already holds every token)."""
+
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.gate = DeepseekGate(config)
-        self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp)
         self.shared_experts = (
-            DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, tp, reduce=False)
             if config.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
         # The shared experts sit outside the weighted sum (unscaled by routed_scaling_factor).
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out if self.tp is None else self.tp.all_reduce(out)

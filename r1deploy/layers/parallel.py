@@ -48,14 +48,37 @@ class MergedColumnParallelLinear(MergedLinear):
         super().weight_loader(param, loaded, shard_id)
 
 
-class RowParallelLinear(Linear):
-    """y = all_reduce(x_shard @ W_shard^T) + b: x arrives split along its features, y is whole."""
+class ColumnParallelLinear(Linear):
+    """y_shard = x @ W_shard^T: this rank's equal slice of the output rows (e.g. whole heads)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
+        if out_features % tp.size:
+            raise ValueError(f"{out_features} output features do not split over {tp.size} ranks")
+        super().__init__(in_features, out_features // tp.size, bias)
+        self.tp = tp
+        self.out_full = out_features
+        for param in self.parameters():
+            param.weight_loader = self._load  # type: ignore[attr-defined]
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        start, size = shard(self.out_full, self.tp.rank, self.tp.size)
+        default_weight_loader(param, _narrow(loaded, 0, self.out_full, start, size), shard_id)
+
+
+class RowParallelLinear(Linear):
+    """y = all_reduce(x_shard @ W_shard^T) + b: x arrives split along its features, y is whole.
+
+    reduce=False returns this rank's partial sum (no bias allowed), for a caller that folds several
+    partial sums into one all-reduce (DeepSeek's shared experts + routed experts)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, reduce: bool = True) -> None:
         if in_features % tp.size:
             raise ValueError(f"{in_features} input features do not split over {tp.size} ranks")
+        if bias and not reduce:
+            raise ValueError("a partial-sum row-parallel linear cannot add its bias")
         super().__init__(in_features // tp.size, out_features, bias)
         self.tp = tp
+        self.reduce = reduce
         self.in_full = in_features
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
 
@@ -64,7 +87,10 @@ class RowParallelLinear(Linear):
         default_weight_loader(param, _narrow(loaded, 1, self.in_full, start, size), shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if not self.reduce:
+            return y
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias  # the bias once, after the sum
 
 

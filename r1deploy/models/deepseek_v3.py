@@ -17,32 +17,38 @@ import torch
 from torch import nn
 
 from r1deploy.layers.embedding import Embedding
+from r1deploy.errors import UsageError
 from r1deploy.layers.linear import Linear, default_weight_loader
 from r1deploy.layers.mla import MLAPlan, MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
+from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.quant.fp8_checkpoint import dequantized_weights
 from r1deploy.weights import WeightLoadError
+from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.distributed.group import TPGroup
     from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.weights.tiered_store import TieredExpertStore
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _MERGED = re.compile(r"\.(gate|up)_proj\.")  # dense and shared MLPs
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known tensor this rank skips
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config)
+        self.self_attn = MLAttention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (DeepseekMoE(config) if config.is_moe_layer(layer_idx)
-                               else DeepseekMLP(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (DeepseekMoE(config, tp) if config.is_moe_layer(layer_idx)
+                               else DeepseekMLP(config.hidden_size, config.intermediate_size, tp))
 
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan
@@ -52,10 +58,13 @@ class DeepseekDecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, config: DeepseekConfig) -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        if tp is None:
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
@@ -71,13 +80,52 @@ class DeepseekModel(nn.Module):
 class DeepseekV3ForCausalLM(nn.Module):
     config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
 
-    def __init__(self, config: DeepseekConfig) -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
+        """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
+        (rank r holds experts [r*E/N, (r+1)*E/N)), vocabulary split; the latent cache is replicated."""
         super().__init__()
         self.config = config
-        self.model = DeepseekModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tp is not None and tp.size > 1:
+            self.check_tensor_parallel(config, tp.size)
+        self.model = DeepseekModel(config, tp)
+        if tp is None:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.expert_store: TieredExpertStore | None = None
+        store = current_expert_store()  # --offload experts: built under expert_cache.building_with(store)
+        if store is not None:
+            self.attach_expert_store(store)
+
+    def attach_expert_store(self, store: TieredExpertStore) -> None:
+        """Serve the routed experts from a tiered store: load_weights routes expert tensors into it and
+        each MoE layer asks it for the experts it uses (and prefetches the next layer's)."""
+        self.expert_store = store
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, DeepseekMoE):
+                layer.mlp.experts.attach_store(store, i)
+                store.register_gate(i, layer.mlp.gate)
+
+    @staticmethod
+    def check_tensor_parallel(config: DeepseekConfig, tp: int) -> None:
+        """UsageError (one line) unless tp splits the heads, the dense and shared MLPs and the experts."""
+        if tp < 1:
+            raise UsageError(f"--tp must be >= 1, got {tp}")
+        if tp == 1:
+            return
+        arch = config.architecture
+        if config.num_attention_heads % tp:
+            raise UsageError(f"--tp {tp} does not divide {arch}'s {config.num_attention_heads} attention heads")
+        if config.n_routed_experts % tp:
+            raise UsageError(f"--tp {tp} does not divide {arch}'s {config.n_routed_experts} routed experts "
+                             "(expert parallelism gives every rank the same number)")
+        if config.first_k_dense_replace and config.intermediate_size % tp:
+            raise UsageError(f"--tp {tp} does not divide {arch}'s dense MLP width {config.intermediate_size}")
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        if shared % tp:
+            raise UsageError(f"--tp {tp} does not divide {arch}'s shared-expert width {shared}")
 
     @staticmethod
     def kv_cache_shape(config: DeepseekConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -109,7 +157,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 target = self._load_one(params, name, tensor)
                 if target is None:
                     unexpected.append(name)
-                else:
+                elif target is not _OTHER_RANK:
                     filled[target] += tensor.numel()
         except ValueError as e:
             raise WeightLoadError(f"checkpoint: {e}") from None
@@ -119,6 +167,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise WeightLoadError(f"checkpoint is missing {len(missing)} parameters: {shown}")
+        if self.expert_store is not None:  # every routed expert in the host tier or on disk
+            config = self.config
+            self.expert_store.finish_loading(
+                (i, e) for i in range(config.num_hidden_layers) if config.is_moe_layer(i)
+                for e in range(config.n_routed_experts))
 
     def _main_layers(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         """Drop the MTP layers (model.layers.{num_hidden_layers}...), kept in the checkpoint for
@@ -141,7 +194,10 @@ class DeepseekV3ForCausalLM(nn.Module):
                 target = f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}"
                 if target not in params:
                     return None
-                self.get_submodule(prefix).load_expert(int(index), projection, tensor)
+                experts = self.get_submodule(prefix)
+                if not experts.owns(int(index)):
+                    return _OTHER_RANK if int(index) < experts.num_experts else None
+                experts.load_expert(int(index), projection, tensor)
                 return target
             merged = _MERGED.search(name)
             if merged:
@@ -152,7 +208,8 @@ class DeepseekV3ForCausalLM(nn.Module):
                 return target
             if name not in params:
                 return None
-            default_weight_loader(params[name], tensor)
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             return name
         except ValueError as e:
             raise ValueError(f"tensor {name}: {e}") from None

@@ -1,0 +1,565 @@
+"""Tiered GPU / host / disk store for routed MoE experts (`--offload experts`).
+
+Three tiers, one expert (gate_up [2I, H] + down [H, I]) per slot:
+
+* device: a fixed pool of `num_gpu_slots` slots shared by every MoE layer, LRU or frequency-aware
+  ("lfu": fewest uses first, ties by age) eviction. `get(layer, ids)` returns the pool and the slot
+  of each requested expert, copying misses in. On CUDA the copies run on a side stream and the
+  compute stream waits on their events; on CPU the pool is just a bounded tensor in host memory,
+  so the whole logic runs in CI.
+* host: a second slot pool (pinned when the device is CUDA) of `host_budget_bytes`; experts with a
+  disk source are evicted from it LRU, experts without one (no checkpoint dir) stay pinned in it.
+* disk: the rest, read on demand through safetensors' memory map (`safe_open`, never torch.load);
+  FP8 block-scaled experts are dequantised on read.
+
+`prefetch(layer, ids)` starts copies ahead of use (the MoE layer predicts the next layer's experts
+by running that layer's router on its own input) and never evicts what the current layer uses.
+A missed expert can instead be computed where its host copy lives (`cpu_compute`: "never",
+"always", or "auto" with a cost model: bytes / PCIe bandwidth against max(FLOPs / CPU rate,
+bytes / host memory bandwidth)). `stats()` returns a frozen snapshot of the counters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from r1deploy.weights import WeightLoadError
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_STACKED = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj)$")
+_SCALE_SUFFIX = "_scale_inv"
+PROJECTIONS = ("gate", "up", "down")
+CPU_COMPUTE_MODES = ("never", "always", "auto")
+POLICIES = ("lru", "lfu")
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """A snapshot; counters since construction (or `reset_stats`)."""
+
+    hits: int = 0  # get() requests served by a resident device slot (prefetched ones included)
+    misses: int = 0  # get() requests that had to copy (or compute on the host)
+    host_hits: int = 0  # misses served from the host tier
+    disk_reads: int = 0  # experts read from the safetensors memory map
+    bytes_to_device: int = 0  # bytes copied into device slots (get misses and prefetches)
+    bytes_from_disk: int = 0
+    evictions: int = 0  # device slots overwritten
+    host_evictions: int = 0
+    prefetches: int = 0  # copies started by prefetch()
+    prefetch_hits: int = 0  # get() hits on a slot that prefetch filled and nobody used yet
+    prefetch_dropped: int = 0  # prefetch requests with no evictable slot
+    cpu_computes: int = 0  # missed experts computed on the host instead of copied
+    stall_s: float = 0.0  # host wall time get() spent fetching misses / waiting on copies
+    gpu_slots: int = 0
+    host_slots: int = 0
+    host_bytes: int = 0  # bytes allocated for the host tier now (0 after close())
+    pinned_bytes: int = 0  # of which page-locked
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rates for choosing copy-then-compute vs compute-on-host for a missed expert."""
+
+    pcie_bytes_per_s: float = 25e9
+    cpu_flops_per_s: float = 1e12
+    host_bytes_per_s: float = 100e9
+
+    def copy_s(self, nbytes: int) -> float:
+        return nbytes / self.pcie_bytes_per_s
+
+    def cpu_s(self, nbytes: int, flops: float) -> float:
+        return max(flops / self.cpu_flops_per_s, nbytes / self.host_bytes_per_s)
+
+    @staticmethod
+    def measure(device: torch.device, nbytes: int = 64 << 20, dim: int = 1024) -> CostModel:
+        """Time one host->device copy of nbytes (pinned where CUDA), a host GEMM and a host copy."""
+        device = torch.device(device)
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        host_dst = torch.empty_like(src)
+        for _ in range(2):  # first round warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            pcie = nbytes / max(time.perf_counter() - t0, 1e-9)
+            t0 = time.perf_counter()
+            host_dst.copy_(src)
+            host = 2 * nbytes / max(time.perf_counter() - t0, 1e-9)
+            a = torch.randn(dim, dim)
+            t0 = time.perf_counter()
+            a @ a
+            flops = 2 * dim**3 / max(time.perf_counter() - t0, 1e-9)
+        return CostModel(pcie, flops, host)
+
+
+@dataclass(frozen=True)
+class Resident:
+    """What get() returns: the device pool stacks and, per requested expert, its slot in them."""
+
+    slots: tuple[int, ...]
+    gate_up: torch.Tensor  # [S, 2I, H]
+    down: torch.Tensor  # [S, H, I]
+
+
+@dataclass(frozen=True)
+class _DiskSource:
+    path: Path
+    name: str
+    index: int | None  # row of a stacked [E, ...] tensor, or None for a per-expert tensor
+    rows: tuple[int, int] | None  # gate / up half of a stacked gate_up_proj
+    scale: str | None  # FP8 block scale sibling
+
+
+class _SlotPool:
+    """Fixed slots holding experts; key -> slot with LRU / LFU victim choice."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, policy: str) -> None:
+        self.gate_up, self.down = gate_up, down
+        self.policy = policy
+        self.slot_of: OrderedDict[Key, int] = OrderedDict()  # oldest use first
+        self.uses: dict[Key, int] = {}
+        self.free = list(range(gate_up.shape[0]))[::-1]
+
+    @property
+    def capacity(self) -> int:
+        return self.gate_up.shape[0]
+
+    def touch(self, key: Key) -> int:
+        self.slot_of.move_to_end(key)
+        self.uses[key] = self.uses.get(key, 0) + 1
+        return self.slot_of[key]
+
+    def victim(self, exclude: set[Key], evictable: Callable[[Key], bool] = lambda k: True) -> Key | None:
+        candidates = [k for k in self.slot_of if k not in exclude and evictable(k)]  # oldest first
+        if not candidates:
+            return None
+        if self.policy == "lfu":
+            return min(candidates, key=lambda k: self.uses.get(k, 0))  # min is stable: oldest wins ties
+        return candidates[0]
+
+    def claim(self, key: Key, exclude: set[Key], evictable: Callable[[Key], bool] = lambda k: True
+              ) -> tuple[int, Key | None] | None:
+        """A slot for key (not yet filled): a free one, else the victim's. None when nothing can go."""
+        evicted = None
+        if self.free:
+            slot = self.free.pop()
+        else:
+            evicted = self.victim(exclude, evictable)
+            if evicted is None:
+                return None
+            slot = self.slot_of.pop(evicted)
+        self.slot_of[key] = slot
+        return slot, evicted
+
+
+class TieredExpertStore:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        num_gpu_slots: int | None = None,
+        gpu_budget_bytes: int | None = None,
+        host_budget_bytes: int | None = None,  # None: every expert fits in the host tier
+        checkpoint_dir: Path | str | None = None,  # disk tier source
+        policy: str = "lru",
+        prefetch: bool = True,
+        cpu_compute: str = "never",
+        cost_model: CostModel | None = None,
+        pin_memory: bool | None = None,  # default: when the device is CUDA
+        fp8_block: tuple[int, int] = (128, 128),
+        total_experts: int | None = None,  # caps the host pool (layers x experts)
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if cpu_compute not in CPU_COMPUTE_MODES:
+            raise ValueError(f"cpu_compute must be one of {CPU_COMPUTE_MODES}, got {cpu_compute!r}")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.expert_bytes = 3 * hidden_size * intermediate_size * dtype.itemsize
+        if num_gpu_slots is None:
+            if gpu_budget_bytes is None:
+                raise ValueError("give num_gpu_slots or gpu_budget_bytes")
+            num_gpu_slots = gpu_budget_bytes // self.expert_bytes
+        if num_gpu_slots < 1:
+            raise ValueError(f"the GPU weight budget holds no expert ({self.expert_bytes} bytes each)")
+        self.policy, self.prefetch_enabled, self.cpu_compute = policy, prefetch, cpu_compute
+        self.cost_model = cost_model or CostModel()
+        self.fp8_block = fp8_block
+        self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        i, h = intermediate_size, hidden_size
+        self.gpu = _SlotPool(torch.empty(num_gpu_slots, 2 * i, h, dtype=dtype, device=self.device),
+                             torch.empty(num_gpu_slots, h, i, dtype=dtype, device=self.device), policy)
+        host_slots = (host_budget_bytes // self.expert_bytes if host_budget_bytes is not None
+                      else (total_experts if total_experts is not None else 0))
+        if total_experts is not None:
+            host_slots = min(host_slots, total_experts)
+        self._host_pinned = False
+        self.host = _SlotPool(self._host_alloc(host_slots, 2 * i, h), self._host_alloc(host_slots, h, i), "lru")
+        self._grow_host = host_budget_bytes is None and total_experts is None  # unbounded: grow as loaded
+        self._filled: dict[Key, set[str]] = {}  # projections written into the host slot during loading
+        self.disk: dict[Key, dict[str, _DiskSource]] = {}
+        self._handles: dict[Path, object] = {}
+        if checkpoint_dir is not None:
+            self._index_checkpoint(Path(checkpoint_dir))
+        self._gates: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._in_use: set[Key] = set()  # keys the latest get() returned: prefetch must not evict them
+        self._prefetched: set[Key] = set()
+        self._events: dict[int, torch.cuda.Event] = {}  # device slot -> copy done
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._counts: dict[str, float] = dict.fromkeys(
+            ("hits", "misses", "host_hits", "disk_reads", "bytes_to_device", "bytes_from_disk", "evictions",
+             "host_evictions", "prefetches", "prefetch_hits", "prefetch_dropped", "cpu_computes"), 0)
+        self._counts["stall_s"] = 0.0
+        self.closed = False
+
+    # ---- construction / loading -------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, config, dtype: torch.dtype, device: torch.device | str, **kwargs) -> TieredExpertStore:
+        """Sizes from a DeepseekConfig; kwargs as __init__ (budgets, checkpoint_dir, policy...)."""
+        moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        kwargs.setdefault("total_experts", moe_layers * config.n_routed_experts)
+        if config.fp8_block_size:
+            kwargs.setdefault("fp8_block", tuple(config.fp8_block_size))
+        return cls(hidden_size=config.hidden_size, intermediate_size=config.moe_intermediate_size,
+                   dtype=dtype, device=device, **kwargs)
+
+    def _host_alloc(self, n: int, *shape: int) -> torch.Tensor:
+        if self.pin and n:
+            try:
+                t = torch.empty(n, *shape, dtype=self.dtype, pin_memory=True)
+                self._host_pinned = True
+                return t
+            except RuntimeError:  # no CUDA driver: page-locking unavailable, keep pageable memory
+                pass
+        return torch.empty(n, *shape, dtype=self.dtype)
+
+    def _index_checkpoint(self, model_dir: Path) -> None:
+        """Expert tensor locations from the safetensors headers (nothing is read but the header)."""
+        from r1deploy.weights.safetensors_reader import safetensors_files
+
+        for path in safetensors_files(model_dir):
+            with safe_open(path, framework="pt") as f:
+                names = set(f.keys())
+            for name in names:
+                scale = name + _SCALE_SUFFIX if name + _SCALE_SUFFIX in names else None
+                m = _EXPERT.match(name)
+                if m:
+                    key = (int(m.group(1)), int(m.group(2)))
+                    self.disk.setdefault(key, {})[m.group(3)] = _DiskSource(path, name, None, None, scale)
+                    continue
+                m = _STACKED.match(name)
+                if m:
+                    with safe_open(path, framework="pt") as f:
+                        num_experts = f.get_slice(name).get_shape()[0]
+                    layer, i = int(m.group(1)), self.intermediate_size
+                    for e in range(num_experts):
+                        sources = self.disk.setdefault((layer, e), {})
+                        if m.group(2) == "down_proj":
+                            sources["down"] = _DiskSource(path, name, e, None, None)
+                        else:
+                            sources["gate"] = _DiskSource(path, name, e, (0, i), None)
+                            sources["up"] = _DiskSource(path, name, e, (i, 2 * i), None)
+
+    def _host_targets(self, slot: int) -> dict[str, torch.Tensor]:
+        i = self.intermediate_size
+        return {"gate": self.host.gate_up[slot, :i], "up": self.host.gate_up[slot, i:], "down": self.host.down[slot]}
+
+    def load_expert(self, layer: int, expert: int, projection: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor during load_weights: into the host tier while it has room; otherwise
+        dropped if the disk tier can serve it, else an error (the host budget is too small)."""
+        key = (layer, expert)
+        slot = self.host.slot_of.get(key)
+        if slot is None:
+            if not self.host.free and self._grow_host:
+                self._grow_host_pool()
+            if not self.host.free:
+                if projection in self.disk.get(key, {}):
+                    return
+                raise WeightLoadError(
+                    f"expert {expert} of layer {layer} fits neither the host weight budget nor a disk source "
+                    "(offloading to disk needs a safetensors checkpoint directory)")
+            slot = self.host.claim(key, set())[0]  # type: ignore[index]
+        target = self._host_targets(slot)[projection]
+        if target.shape != tensor.shape:
+            raise ValueError(f"expert {expert} {projection}_proj: expected {tuple(target.shape)}, "
+                             f"got {tuple(tensor.shape)}")
+        target.copy_(tensor)
+        self._filled.setdefault(key, set()).add(projection)
+
+    def load_stacked(self, layer: int, which: str, tensor: torch.Tensor) -> None:
+        """A stacked `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I] checkpoint tensor."""
+        i = self.intermediate_size
+        for e in range(tensor.shape[0]):
+            if which == "down_proj":
+                self.load_expert(layer, e, "down", tensor[e])
+            else:
+                self.load_expert(layer, e, "gate", tensor[e, :i])
+                self.load_expert(layer, e, "up", tensor[e, i:])
+
+    def _grow_host_pool(self) -> None:
+        n = max(1, self.host.capacity)
+        i, h = self.intermediate_size, self.hidden_size
+        gate_up = torch.cat([self.host.gate_up, self._host_alloc(n, 2 * i, h)])
+        down = torch.cat([self.host.down, self._host_alloc(n, h, i)])
+        if self.pin and self._host_pinned:
+            gate_up, down = gate_up.pin_memory(), down.pin_memory()
+        self.host.free = list(range(self.host.capacity, self.host.capacity + n))[::-1] + self.host.free
+        self.host.gate_up, self.host.down = gate_up, down
+
+    def finish_loading(self, expected: Iterable[Key] = ()) -> None:
+        """Check every expected expert is complete in the host tier or on disk."""
+        missing = []
+        for key in expected:
+            have = self._filled.get(key, set()) | set(self.disk.get(key, {}))
+            if not set(PROJECTIONS) <= have:
+                missing.append(key)
+        partial = [k for k, p in self._filled.items() if p != set(PROJECTIONS) and
+                   not set(PROJECTIONS) <= p | set(self.disk.get(k, {}))]
+        if missing or partial:
+            raise WeightLoadError(f"experts incomplete after loading (layer, expert): {sorted(missing + partial)[:20]}")
+        # A host copy missing some projection that disk has: complete it from disk now.
+        for key, projections in self._filled.items():
+            for p in set(PROJECTIONS) - projections:
+                self._host_targets(self.host.slot_of[key])[p].copy_(self._read_disk(self.disk[key][p]))
+
+    def register_gate(self, layer: int, gate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The router of a MoE layer, so the layer before it can prefetch its likely experts."""
+        self._gates[layer] = gate
+
+    # ---- tiers ------------------------------------------------------------------------------
+
+    def _read_disk(self, src: _DiskSource) -> torch.Tensor:
+        handle = self._handles.get(src.path)
+        if handle is None:
+            handle = self._handles[src.path] = safe_open(src.path, framework="pt")  # mmap, kept open
+        if src.index is None:
+            t = handle.get_tensor(src.name)
+        else:
+            t = handle.get_slice(src.name)[src.index]
+            if src.rows is not None:
+                t = t[src.rows[0]:src.rows[1]]
+        if src.scale is not None:
+            from r1deploy.quant.fp8_block import dequantize_fp8_block
+
+            return dequantize_fp8_block(t, handle.get_tensor(src.scale), self.dtype, self.fp8_block)
+        return t.to(self.dtype)
+
+    def _host_slot(self, key: Key) -> int:
+        """The key's host slot, reading it from disk (and evicting a disk-backed host entry) if needed."""
+        slot = self.host.slot_of.get(key)
+        if slot is not None:
+            self._counts["host_hits"] += 1
+            return self.host.touch(key)
+        sources = self.disk.get(key)
+        if sources is None or set(sources) != set(PROJECTIONS):
+            raise KeyError(f"expert {key[1]} of layer {key[0]} was never loaded")
+        claimed = self.host.claim(key, set(), lambda k: k in self.disk) if self.host.capacity else None
+        tensors = {p: self._read_disk(s) for p, s in sources.items()}
+        self._counts["disk_reads"] += 1
+        self._counts["bytes_from_disk"] += sum(t.numel() * t.element_size() for t in tensors.values())
+        if claimed is None:  # no room in the host tier: a one-off staging buffer
+            self._staging = torch.cat([tensors["gate"], tensors["up"]]), tensors["down"]
+            return -1
+        slot, evicted = claimed
+        if evicted is not None:
+            self._counts["host_evictions"] += 1
+            if self._stream is not None:  # an in-flight copy may still read the evicted host slot
+                self._stream.synchronize()
+        for p, t in tensors.items():
+            self._host_targets(slot)[p].copy_(t)
+        self.host.touch(key)
+        return slot
+
+    def _host_tensors(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self._host_slot(key)
+        if slot < 0:
+            return self._staging
+        return self.host.gate_up[slot], self.host.down[slot]
+
+    def _copy_in(self, key: Key, exclude: set[Key]) -> int | None:
+        """Claim a device slot for key and start the copy; None when every slot is excluded."""
+        claimed = self.gpu.claim(key, exclude)
+        if claimed is None:
+            return None
+        slot, evicted = claimed
+        if evicted is not None:
+            self._counts["evictions"] += 1
+            self._prefetched.discard(evicted)
+        gate_up, down = self._host_tensors(key)
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # slot's last readers are done
+            with torch.cuda.stream(self._stream):
+                self.gpu.gate_up[slot].copy_(gate_up, non_blocking=True)
+                self.gpu.down[slot].copy_(down, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._events[slot] = event
+        else:
+            self.gpu.gate_up[slot].copy_(gate_up)
+            self.gpu.down[slot].copy_(down)
+        self._counts["bytes_to_device"] += self.expert_bytes
+        return slot
+
+    # ---- the API the MoE layer uses ---------------------------------------------------------
+
+    @property
+    def num_gpu_slots(self) -> int:
+        return self.gpu.capacity
+
+    def resident_keys(self) -> list[Key]:
+        """Device-resident (layer, expert) keys, least recently used first."""
+        return list(self.gpu.slot_of)
+
+    def get(self, layer: int, expert_ids: Sequence[int]) -> Resident:
+        """Every requested expert resident at once (at most num_gpu_slots of them); misses copied in."""
+        self._check_open()
+        ids = [int(e) for e in expert_ids]
+        if len(set(ids)) > self.gpu.capacity:
+            raise ValueError(f"{len(set(ids))} experts requested at once, only {self.gpu.capacity} slots")
+        keys = [(layer, e) for e in ids]
+        wanted = set(keys)
+        slots = []
+        t0 = time.perf_counter()
+        stalled = False
+        for key in keys:
+            if key in self.gpu.slot_of:
+                if key in self._prefetched:
+                    self._counts["prefetch_hits"] += 1
+                    self._prefetched.discard(key)
+                self._counts["hits"] += 1
+                slot = self.gpu.touch(key)
+            else:
+                self._counts["misses"] += 1
+                stalled = True
+                slot = self._copy_in(key, wanted)
+                assert slot is not None  # len(wanted) <= capacity
+                self.gpu.touch(key)
+            event = self._events.pop(slot, None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+            slots.append(slot)
+        if stalled:
+            self._counts["stall_s"] += time.perf_counter() - t0
+        self._in_use = wanted
+        return Resident(tuple(slots), self.gpu.gate_up, self.gpu.down)
+
+    def prefetch(self, layer: int, expert_ids: Iterable[int]) -> int:
+        """Start copies of the non-resident experts, evicting nothing get() just returned; how many started."""
+        self._check_open()
+        started = 0
+        for e in dict.fromkeys(int(e) for e in expert_ids):
+            key = (layer, e)
+            if key in self.gpu.slot_of:
+                continue
+            if self._copy_in(key, self._in_use) is None:
+                self._counts["prefetch_dropped"] += 1
+                continue
+            self._prefetched.add(key)
+            self._counts["prefetches"] += 1
+            started += 1
+        return started
+
+    def prefetch_next(self, layer: int, x: torch.Tensor) -> int:
+        """Predict the next MoE layer's experts with its router on this layer's input and prefetch them."""
+        if not self.prefetch_enabled:
+            return 0
+        following = [n for n in self._gates if n > layer]
+        if not following:
+            return 0
+        nxt = min(following)
+        with torch.no_grad():
+            _, ids = self._gates[nxt](x)
+        return self.prefetch(nxt, ids.flatten().unique().tolist())
+
+    def compute_on_host_choice(self, layer: int, expert: int, num_tokens: int) -> bool:
+        """Whether a missed expert should run where its host copy is instead of being copied in."""
+        if self.cpu_compute == "never" or (layer, expert) in self.gpu.slot_of:
+            return False
+        if self.cpu_compute == "always":
+            return True
+        flops = 2.0 * num_tokens * 3 * self.hidden_size * self.intermediate_size
+        cm = self.cost_model
+        return cm.cpu_s(self.expert_bytes, flops) < cm.copy_s(self.expert_bytes)
+
+    def compute_on_host(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of one expert on the host tier's copy; x [n, H] on any device -> [n, H] float32 there."""
+        self._check_open()
+        from r1deploy.layers.activation import silu_and_mul
+
+        self._counts["misses"] += 1
+        self._counts["cpu_computes"] += 1
+        t0 = time.perf_counter()
+        gate_up, down = self._host_tensors((layer, expert))
+        out = F.linear(silu_and_mul(F.linear(x.to(gate_up.device), gate_up)), down)
+        self._counts["stall_s"] += time.perf_counter() - t0
+        return out.to(device=x.device, dtype=torch.float32)
+
+    # ---- statistics / lifetime --------------------------------------------------------------
+
+    def stats(self) -> TierStats:
+        c = self._counts
+        host_bytes = 0 if self.closed else self.host.gate_up.nbytes + self.host.down.nbytes
+        return TierStats(**{k: int(v) for k, v in c.items() if k != "stall_s"}, stall_s=c["stall_s"],
+                         gpu_slots=0 if self.closed else self.gpu.capacity,
+                         host_slots=0 if self.closed else self.host.capacity,
+                         host_bytes=host_bytes, pinned_bytes=host_bytes if self._host_pinned else 0)
+
+    def reset_stats(self) -> None:
+        for k in self._counts:
+            self._counts[k] = 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the expert store is closed")
+
+    def close(self) -> None:
+        """Release the device pool, the (pinned) host pool and the memory maps. Idempotent."""
+        if self.closed:
+            return
+        if self._stream is not None:
+            self._stream.synchronize()
+        empty = torch.empty(0, dtype=self.dtype)
+        self.gpu = _SlotPool(empty.view(0, 0, 0), empty.view(0, 0, 0), self.policy)
+        self.host = _SlotPool(empty.view(0, 0, 0), empty.view(0, 0, 0), "lru")
+        self._host_pinned = False
+        self._events.clear()
+        self._handles.clear()
+        self._staging = None
+        self._gates.clear()
+        self.closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def budget_slots(budget_gb: float, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> int:
+    """How many experts a budget in GB holds (for the CLI flags)."""
+    return math.floor(budget_gb * 1e9) // (3 * hidden_size * intermediate_size * dtype.itemsize)
