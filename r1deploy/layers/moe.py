@@ -24,10 +24,8 @@ from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:
-    from r1deploy.weights.tiered_store import TieredExpertStore
-
-if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
+    from r1deploy.weights.tiered_store import TieredExpertStore
 
 
 @dataclass(frozen=True)
