@@ -8,6 +8,22 @@ from r1deploy.layers.attention import KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """MoE experts in a GPU / host / disk store (r1deploy.weights.tiered_store) instead of all on the GPU."""
+
+    gpu_weight_budget_gb: float  # GPU memory for expert slots
+    host_weight_budget_gb: float | None = None  # pinned host memory for experts; None: all of them
+    policy: str = "lru"  # GPU slot eviction: "lru" or "lfu"
+    cpu_compute: str = "never"  # compute a missed expert on the host: "never", "always" or "auto"
+
+    def __post_init__(self) -> None:
+        if self.gpu_weight_budget_gb <= 0:
+            raise ValueError(f"gpu_weight_budget_gb must be > 0, got {self.gpu_weight_budget_gb}")
+        if self.host_weight_budget_gb is not None and self.host_weight_budget_gb < 0:
+            raise ValueError(f"host_weight_budget_gb must be >= 0, got {self.host_weight_budget_gb}")
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """How the model is split over processes (one node). tensor_parallel_size = 1 runs in-process."""
 
@@ -43,6 +59,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: skip decode CUDA graphs (slower; for debugging)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-layer scales)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    offload: OffloadConfig | None = None  # --offload experts
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -56,3 +73,5 @@ class EngineConfig:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be >= 1")
+        if self.offload is not None and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("offload: expert offload runs on one GPU; it does not combine with tensor parallelism")

@@ -45,7 +45,8 @@ class LLMEngine:
             self.tp_runtime = TPRuntime.start(model, self.config, dtype=dtype, device=device,
                                               load_format=load_format)
             loaded = self.tp_runtime.loaded
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format)
+        self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format,
+                                           offload=self.config.offload)
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
@@ -153,9 +154,12 @@ class LLMEngine:
         return True
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (in-process engines have nothing to stop)."""
+        """Stop the tensor-parallel workers and release the expert store's pinned memory, if any."""
         if self.tp_runtime is not None:
             self.tp_runtime.shutdown()
+        store = getattr(self.loaded.model, "expert_store", None)
+        if store is not None:
+            store.close()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_outside_step)

@@ -26,10 +26,13 @@ from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, resolve_config_path
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
+from r1deploy.weights.expert_cache import building_with
+from r1deploy.weights.tiered_store import TieredExpertStore
 from r1deploy.weights.safetensors_reader import iter_safetensors
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
+    from r1deploy.engine.config import OffloadConfig
 
 LoadFormat = Literal["auto", "dummy"]
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -53,8 +56,10 @@ def load_model(
     device: torch.device | str = "cpu",
     load_format: LoadFormat = "auto",
     tp: TPGroup | None = None,
+    offload: OffloadConfig | None = None,
 ) -> LoadedModel:
-    """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows)."""
+    """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows).
+    offload: keep a MoE model's experts in a GPU / host / disk store (a local checkpoint directory only)."""
     if load_format not in ("auto", "dummy"):
         raise UsageError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
     device = torch.device(device)
@@ -63,7 +68,9 @@ def load_model(
         return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format, tp)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, path.name, dtype, device, load_format, tp)
+        return _load_hf_dir(path, path.name, dtype, device, load_format, tp, offload)
+    if offload is not None:
+        raise UsageError("--offload experts needs a local checkpoint directory (its safetensors are the disk tier)")
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, device, load_format, tp)
     config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
@@ -105,15 +112,31 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
-    tp: TPGroup | None = None,
+    tp: TPGroup | None = None, offload: OffloadConfig | None = None,
 ) -> LoadedModel:
-    built, config = build_model(read_hf_config(path), dtype, device, tp)
+    raw = read_hf_config(path)
+    store = None if offload is None else _expert_store(raw, path, dtype, device, offload)
+    with building_with(store):  # experts built under a store get no resident copy
+        built, config = build_model(raw, dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
         _load_weights(built, iter_safetensors(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name)
+
+
+def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, device: torch.device,
+                  offload: OffloadConfig) -> TieredExpertStore:
+    config = model_class_for_config(raw).config_class.from_hf(raw)
+    if not getattr(config, "n_routed_experts", 0):
+        raise UsageError(f"--offload experts needs a MoE model; {path.name} has no routed experts")
+    host = offload.host_weight_budget_gb
+    return TieredExpertStore.for_model(
+        config, dtype or default_dtype(config, device), device,
+        gpu_budget_bytes=int(offload.gpu_weight_budget_gb * 1e9),
+        host_budget_bytes=None if host is None else int(host * 1e9),
+        checkpoint_dir=path, policy=offload.policy, cpu_compute=offload.cpu_compute)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dummy: random weights at the model's real shape, no checkpoint needed")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=None,
                    help="fp8: float8_e4m3 KV cache (half the bytes of bf16; Llama/Qwen2 models)")
+    p.add_argument("--offload", choices=("experts",), default=None,
+                   help="keep a MoE model's experts in GPU slots / pinned host memory / the checkpoint on disk")
+    p.add_argument("--gpu-weight-budget", type=float, default=None, metavar="GB",
+                   help="with --offload experts: GPU memory for expert slots")
+    p.add_argument("--host-weight-budget", type=float, default=None, metavar="GB",
+                   help="with --offload experts: pinned host memory for experts (default: all of them)")
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks on this node: one worker process per GPU (NCCL), or per CPU rank "
@@ -71,13 +77,18 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         from r1deploy.distributed.worker import precheck
-        from r1deploy.engine.config import ParallelConfig
+        from r1deploy.engine.config import OffloadConfig, ParallelConfig
 
         precheck(args.model, args.tp)  # a --tp that cannot split the model fails here, in one line
         parallel = {"tensor_parallel_size": args.tp}
         if args.dist_timeout is not None:
             parallel["timeout_s"] = args.dist_timeout
-        config = EngineConfig(**engine_options, parallel=ParallelConfig(**parallel))
+        if args.offload and args.gpu_weight_budget is None:
+            raise UsageError("--offload experts needs --gpu-weight-budget GB")
+        if (args.gpu_weight_budget is not None or args.host_weight_budget is not None) and not args.offload:
+            raise UsageError("--gpu-weight-budget and --host-weight-budget need --offload experts")
+        offload = OffloadConfig(args.gpu_weight_budget, args.host_weight_budget) if args.offload else None
+        config = EngineConfig(**engine_options, parallel=ParallelConfig(**parallel), offload=offload)
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,

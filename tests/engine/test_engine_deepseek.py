@@ -74,3 +74,17 @@ def test_deepseek_prefix_cache_hit(deepseek_dir: Path, reference: list[list[int]
     again = llm.generate([PROMPTS[2]], params)[0]
     assert list(first.token_ids) == list(again.token_ids) == reference[2]
     assert again.metrics.num_cached_tokens == 32  # 8 full blocks of the 33-token prompt
+
+
+def test_deepseek_with_experts_offloaded_equals_resident(deepseek_dir: Path, reference: list[list[int]]) -> None:
+    from r1deploy.engine.config import OffloadConfig
+
+    expert_bytes = 3 * TINY_V3["hidden_size"] * TINY_V3["moe_intermediate_size"] * 4  # gate, up, down in fp32
+    # Two GPU slots for 2 MoE layers x 8 experts, the rest read from the checkpoint on every miss.
+    offload = OffloadConfig(gpu_weight_budget_gb=2 * expert_bytes / 1e9, host_weight_budget_gb=0.0)
+    tokens, engine = run(deepseek_dir, PROMPTS, offload=offload)
+    assert tokens == reference
+    stats = engine.loaded.model.expert_store.stats()
+    assert stats.misses > 0 and stats.disk_reads > 0 and stats.evictions > 0
+    engine.shutdown()
+    assert engine.loaded.model.expert_store.stats().host_bytes == 0
