@@ -1,7 +1,8 @@
 """Prometheus metrics: one CollectorRegistry per app (so tests and embedded apps never collide).
 
 Request-level series are observed as requests finish; engine state (queue depths, KV blocks, prefix
-hits, preemptions, aborts, CUDA allocator) is read at scrape time, so it can never go stale.
+hits, preemptions, aborts, expert-store counters, CUDA allocator) is read at scrape time, so it can
+never go stale.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ class _EngineCollector(Collector):
                                   value=engine.scheduler.num_preemptions)
         yield CounterMetricFamily("r1deploy_aborted_requests", "Engine requests aborted (client gone)",
                                   value=engine.num_aborted)
+        store = getattr(engine.loaded.model, "expert_store", None)
+        if store is not None:  # --offload experts: the tiered expert store's counters
+            stats = store.stats()
+            yield GaugeMetricFamily("r1deploy_expert_cache_hit_rate", "Expert requests served by a GPU slot",
+                                    value=stats.hit_rate)
+            for name, text in (("hits", "Expert requests served by a GPU slot"),
+                               ("misses", "Expert requests that copied or computed on the host"),
+                               ("evictions", "GPU expert slots overwritten"),
+                               ("bytes_to_device", "Expert bytes copied to the GPU"),
+                               ("bytes_from_disk", "Expert bytes read from the checkpoint"),
+                               ("stall_s", "Seconds the step waited for expert copies")):
+                yield CounterMetricFamily(f"r1deploy_expert_cache_{name}", text, value=getattr(stats, name))
         device = engine.runner.device
         if device.type == "cuda":
             import torch
