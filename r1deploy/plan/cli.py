@@ -44,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-file", help="JSON {gpu: usd_per_gpu_hour}")
     p.add_argument("--gpu-file", help="JSON {gpu: {spec}} adding or overriding catalog GPUs")
     p.add_argument("--calibration", help="JSON of efficiency factors overriding the defaults")
+    p.add_argument("--offload", choices=("experts",),
+                   help="also plan one GPU + host memory: routed experts in pinned host RAM, a GPU cache of them")
+    p.add_argument("--gpu-weight-budget", type=float, metavar="GB", help="with --offload: GPU GB for expert slots")
+    p.add_argument("--host-bandwidth-gbs", type=float, help="with --offload: host memory bandwidth (default 200)")
+    p.add_argument("--pcie-gbs", type=float, help="with --offload: PCIe GB/s one direction (default: catalog / 2)")
+    p.add_argument("--host-tflops", type=float, help="with --offload: host matmul TFLOPS (default 2)")
+    p.add_argument("--prefetch-overlap", type=float,
+                   help="with --offload: fraction of miss time hidden behind GPU work, 0-1 (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", action="store_true", help="show every formula with its numbers")
     p.add_argument("--matrix", action="store_true", help="hardware selection matrix for the size bands")
@@ -52,6 +60,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-out", metavar="FILE.json",
                    help="with --calibrate: write the fitted factors here (default: print them)")
     p.set_defaults(func=run)
+
+
+_OFFLOAD_OPTIONS = ("gpu_weight_budget", "host_bandwidth_gbs", "pcie_gbs", "host_tflops", "prefetch_overlap")
+
+
+def _with_offload(plan: Any, args: argparse.Namespace) -> Any:
+    """The main plan plus `offload`: one GPU of the asked kind (the chosen kind under 'auto')."""
+    import dataclasses
+
+    from r1deploy.plan.catalog import Catalog
+    from r1deploy.plan.offload import plan_offload
+
+    auto = args.gpu is None and plan.searched_catalog or (args.gpu or "").lower() == "auto"
+    gpu = plan.chosen.gpu if auto else Catalog.load(args.gpu_file, args.price_file).get(args.gpu or "h200")
+    extra = {k: getattr(args, k) for k in _OFFLOAD_OPTIONS[1:] if getattr(args, k) is not None}
+    offload = plan_offload(plan.settings, gpu, args.gpu_weight_budget, mode=args.offload, **extra)
+    if not offload.feasible:
+        raise UsageError(f"no feasible expert-offload plan: {offload.problem}")
+    return dataclasses.replace(plan, offload=offload)
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -80,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix or args.calibrate else 120))
     if args.calibration_out and not args.calibrate:
         raise UsageError("--calibration-out needs --calibrate RUN.json")
+    offload_flags = [k for k in _OFFLOAD_OPTIONS if getattr(args, k) is not None]
+    if offload_flags and not args.offload:
+        raise UsageError(f"--{offload_flags[0].replace('_', '-')} needs --offload experts")
+    if args.offload and args.gpu_weight_budget is None:
+        raise UsageError("--offload experts needs --gpu-weight-budget GB")
+    if args.offload and (args.matrix or args.calibrate):
+        raise UsageError("--offload plans one deployment; drop --matrix/--calibrate")
     if args.calibrate:
         if args.matrix or args.explain:
             raise UsageError("--calibrate is its own output; drop --matrix/--explain")
@@ -104,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.plan.planner import make_plan
 
     plan = make_plan(_model(args), args.gpu, dp_attention=args.dp_attention, **options)
+    if args.offload:
+        plan = _with_offload(plan, args)
     if args.json:
         sys.stdout.write(json.dumps(_clean(plan.to_dict()), indent=2) + "\n")
     elif args.explain:

@@ -11,6 +11,7 @@ from r1deploy.plan.catalog import Catalog, GpuSpec
 from r1deploy.plan.host_requirements import HostPlan, host_requirements
 from r1deploy.plan.memory import weights_bytes_total
 from r1deploy.plan.model_spec import load_model
+from r1deploy.plan.offload import OffloadPlan
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout, check_layout
 from r1deploy.plan.precision import compute_note, make_precision
 from r1deploy.plan.roofline import load_calibration
@@ -28,6 +29,7 @@ class Plan:
     chosen: Candidate
     host: HostPlan
     searched_catalog: bool
+    offload: OffloadPlan | None = None  # `--offload experts`: one GPU + host memory, beside the main plan
 
     @property
     def notes(self) -> list[str]:
@@ -104,6 +106,8 @@ class Plan:
             "notes": self.notes,
         }
         plan["launch"] = launch_commands(plan)
+        if self.offload is not None:
+            plan["offload"] = self.offload.to_dict()
         return plan
 
 

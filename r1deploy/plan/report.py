@@ -81,10 +81,31 @@ def render_plan(plan: Plan, console: Console) -> None:
         ("inter-node network", f"{host['internode_bytes_per_s'] / 1e9:,.1f} GB/s needed"
                                if dep["nodes"] > 1 else "none (one node)"),
     ]))
+    if "offload" in d:
+        console.print(_offload_table(d["offload"]))
     for note in d["notes"]:
         console.print(f"note: {note}")
     for engine, command in d["launch"].items():
         console.print(f"launch ({engine}): {command}", soft_wrap=True)
+
+
+def _offload_table(o: dict) -> Table:
+    path = "copy over PCIe" if o["miss_path"] == "pcie_copy" else "compute on the host"
+    return _table(f"Expert offload (1x {o['gpu']} + host memory, {o['concurrency']} concurrent)", [
+        ("GPU", (f"non-expert weights {gb(o['nonexpert_bytes'])} + {o['expert_slots']:,} of {o['experts_total']:,} "
+                 f"expert slots ({gb(o['expert_slots'] * o['expert_bytes_each'])}) + KV {gb(o['kv_budget_bytes'])} "
+                 f"(needs {gb(o['kv_needed_bytes'])}, holds {o['max_concurrency']:,} requests)")),
+        ("hit rate", (f"{o['hit_rate']:.1%} (uniform routing), {o['touched_per_layer']:.0f} experts touched per "
+                      f"layer, {o['misses_per_step']:,.0f} misses per step")),
+        ("per miss", (f"copy {o['copy_s_per_expert'] * 1e3:.2f} ms, host {o['host_s_per_expert'] * 1e3:.2f} ms: "
+                      f"{path}")),
+        ("decode step", (f"{o['step_s'] * 1e3:,.1f} ms = GPU {o['gpu_step_s'] * 1e3:,.1f} ms + misses "
+                         f"{o['miss_s'] * 1e3:,.1f} ms (overlap {o['prefetch_overlap']:.0%}) + overhead")),
+        ("decode tokens/s", f"{o['decode_tokens_per_s']:,.1f} total, {o['tokens_per_s_per_user']:.2f} per user"),
+        ("PCIe per token", f"{o['pcie_bytes_per_token'] / 1e6:,.2f} MB"),
+        ("host RAM", (f"{o['host_ram_bytes'] / 2**30:,.0f} GiB (all experts pinned {gb(o['host_pinned_bytes'])}, "
+                      f"{gb(o['experts_on_host_only_bytes'])} not on the GPU)")),
+    ])
 
 
 def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
