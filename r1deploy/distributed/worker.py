@@ -116,7 +116,8 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
                 message = channel.recv()
                 if message.op is Op.SHUTDOWN:
                     break
-                runner.execute(message.to_batch(runner.device), message.sample_rows.tolist())
+                batch = message.to_batch(runner.device)
+                runner.execute(batch, message.sample_rows.tolist(), runner.graph_step(batch.query_lens_cpu))
     except BaseException as exc:  # noqa: BLE001 - report on stderr, exit non-zero; rank 0 names this rank
         print(f"r1deploy tensor-parallel worker {rank}: error: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)

@@ -52,10 +52,10 @@ class ModelRunner:
         self.pool = self._size_pool()
         self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
         self.graphs: DecodeGraphRunner | None = None
-        # Only models whose forward has no host-side, data-dependent shapes can be captured.
-        # Not yet under tensor parallelism: every rank would have to capture and replay in lockstep.
-        if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
-                and tp is None):
+        # Only models whose forward has no host-side, data-dependent shapes can be captured. Under tensor
+        # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
+        # too) and replays in lockstep: `graph_step` is a function of the step message alone.
+        if self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False):
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
                                             config.block_size, self.device)
 
@@ -111,8 +111,7 @@ class ModelRunner:
     def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
         """Run one step; sample a token for each chunk that reaches its request's newest token."""
         chunks = step.chunks
-        decode = all(c.num_new_tokens == 1 for c in chunks)
-        use_graph = self.graphs is not None and decode and len(chunks) <= self.graphs.max_batch
+        use_graph = self.graph_step([c.num_new_tokens for c in chunks])
         batch = ForwardBatch.build(
             [c.request.token_slice(c.num_cached_before, c.num_cached_before + c.num_new_tokens) for c in chunks],
             [c.num_cached_before for c in chunks],
@@ -142,6 +141,11 @@ class ModelRunner:
             self.loaded.eos_token_ids,
         )
         return self.sampler(logits, sampling)
+
+    def graph_step(self, query_lens: list[int] | tuple[int, ...]) -> bool:
+        """Whether a step with these per-sequence new-token counts replays a decode graph."""
+        return (self.graphs is not None and len(query_lens) <= self.graphs.max_batch
+                and all(n == 1 for n in query_lens))
 
     def execute(self, batch: ForwardBatch, rows: list[int], use_graph: bool = False) -> torch.Tensor | None:
         """Logits [len(rows), vocab] fp32 of the sequences in `rows` (None when empty); writes the step's K/V.

@@ -1,4 +1,5 @@
-"""Scatter this step's K/V into the paged cache at flat slots (block_id * block_size + offset).
+"""Scatter this step's K/V (GQA) or latents (MLA) into the paged cache at flat slots
+(block_id * block_size + offset).
 
 A negative slot is skipped: CUDA-graph batches pad their unused rows with slot -1, and the
 grid is the (static) token count, so the kernel is capturable.
@@ -77,3 +78,49 @@ def write_kv_cache_ref(
         slots, k, v = slots.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     slots[0].index_copy_(0, slot_mapping[keep], k)
     slots[1].index_copy_(0, slot_mapping[keep], v)
+
+
+@triton.jit
+def _write_latent_kernel(
+    latent_ptr,  # [T, DC]
+    k_pe_ptr,  # [T, DR]
+    cache_ptr,  # [NB, BS, DC + DR]
+    slots_ptr,  # [T] int64
+    stride_lt, stride_pt, stride_cblk, stride_coff,
+    DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
+    c = tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    latent = tl.load(latent_ptr + t * stride_lt + c, mask=c < DC)
+    k_pe = tl.load(k_pe_ptr + t * stride_pt + r, mask=r < DR)
+    tl.store(dst + c, latent.to(cache_ptr.dtype.element_ty), mask=c < DC)
+    tl.store(dst + DC + r, k_pe.to(cache_ptr.dtype.element_ty), mask=r < DR)
+
+
+def write_latent_cache(
+    kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    """kv_cache [NB, BS, DC + DR] in place; latent [T, DC] and k_pe [T, DR] (strided row views are fine);
+    slot_mapping [T], negative slots skipped. One row per token, no concatenated copy."""
+    num_tokens, latent_dim = latent.shape
+    rope_dim = k_pe.shape[1]
+    assert latent.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    _write_latent_kernel[(num_tokens,)](
+        latent, k_pe, kv_cache, slot_mapping, latent.stride(0), k_pe.stride(0), kv_cache.stride(0),
+        kv_cache.stride(1), DC=latent_dim, DR=rope_dim, BLOCK_SIZE=kv_cache.shape[1],
+        BLOCK_C=pow2(latent_dim), BLOCK_R=pow2(rope_dim), num_warps=4,
+    )
+
+
+def write_latent_cache_ref(
+    kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    """Plain PyTorch: index_copy_ of [latent ; k_pe] rows into the flattened slots, negative slots dropped."""
+    slots = kv_cache.view(-1, kv_cache.shape[-1])
+    keep = slot_mapping >= 0
+    slots.index_copy_(0, slot_mapping[keep], torch.cat((latent[keep], k_pe[keep]), dim=-1).to(kv_cache.dtype))

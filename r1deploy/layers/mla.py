@@ -36,8 +36,13 @@ def write_latent_cache(
     kv_cache: torch.Tensor,  # [num_blocks, block_size, dc + dr]
     latent: torch.Tensor,  # [T, dc]
     k_pe: torch.Tensor,  # [T, dr]
-    slot_mapping: torch.Tensor,  # [T]
+    slot_mapping: torch.Tensor,  # [T]; on CUDA a slot of -1 (a CUDA-graph padding row) is skipped
 ) -> None:
+    if kv_cache.is_cuda:
+        from r1deploy.kernels.kv_cache import write_latent_cache as write  # triton only where there is a GPU
+
+        write(kv_cache, latent, k_pe, slot_mapping)
+        return
     slots = kv_cache.view(-1, kv_cache.shape[-1])
     slots.index_copy_(0, slot_mapping, torch.cat((latent, k_pe), dim=-1).to(kv_cache.dtype))
 
@@ -102,7 +107,9 @@ class MLAPlan:
 
     slot_mapping: torch.Tensor  # [T]
     block_tables: torch.Tensor  # [B, max_blocks]
-    decode_tokens: torch.Tensor | None  # [D] rows of T that decode; None when nothing decodes
+    # Rows of T that decode: [D] indices, or slice(None) when every row does (a pure decode step builds
+    # no tensors, so it can be captured in a CUDA graph); None when nothing decodes.
+    decode_tokens: torch.Tensor | slice | None
     decode_block_tables: torch.Tensor | None  # [D, max_blocks]
     decode_seq_lens: torch.Tensor | None  # [D]
     decode_max_len: int
@@ -118,6 +125,9 @@ class MLAPlan:
         prefills = tuple((i, starts[i], q, s) for i, (q, s) in enumerate(lens) if q != 1)
         if not decode:
             return MLAPlan(batch.slot_mapping, batch.block_tables, None, None, None, 0, prefills)
+        if not prefills:
+            return MLAPlan(batch.slot_mapping, batch.block_tables, slice(None), batch.block_tables, batch.seq_lens,
+                           max(batch.seq_lens_cpu), prefills)
         device = batch.input_ids.device
         seqs = torch.tensor(decode, device=device)
         return MLAPlan(

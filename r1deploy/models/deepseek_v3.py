@@ -80,6 +80,12 @@ class DeepseekModel(nn.Module):
 class DeepseekV3ForCausalLM(nn.Module):
     config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Decode steps are capturable on CUDA (no host reads of lengths or routing: r1deploy.kernels),
+        except with offloaded experts, whose store decides copies on the host."""
+        return self.expert_store is None
+
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
         (rank r holds experts [r*E/N, (r+1)*E/N)), vocabulary split; the latent cache is replicated."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, REAL, SMALL
 
-from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
+from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref, write_latent_cache, write_latent_cache_ref
 
 
 def _check(num_tokens: int, shape: dict, dtype: torch.dtype) -> None:
@@ -34,3 +34,29 @@ def test_write_kv_small(dtype: torch.dtype) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_write_kv_real() -> None:
     _check(4096, REAL, torch.bfloat16)
+
+
+def _check_latent(num_tokens: int, latent_dim: int, rope_dim: int, dtype: torch.dtype) -> None:
+    block_size = 16
+    num_blocks = num_tokens // block_size + 4
+    cache = torch.randn(num_blocks, block_size, latent_dim + rope_dim, device=DEVICE).to(dtype)
+    expected = cache.clone()
+    # latent and k_pe as MLA has them: column slices of kv_a_proj's output rows.
+    projected = torch.randn(num_tokens, latent_dim + rope_dim + 8, device=DEVICE).to(dtype)
+    latent, k_pe = projected[:, :latent_dim], projected[:, latent_dim : latent_dim + rope_dim]
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[::4] = -1  # padded rows of a CUDA-graph batch write nothing
+    write_latent_cache(cache, latent, k_pe, slots)
+    write_latent_cache_ref(expected, latent, k_pe, slots)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_latent_small(dtype: torch.dtype) -> None:
+    _check_latent(19, 24, 8, dtype)  # widths that are not powers of two
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_write_latent_real() -> None:
+    _check_latent(4096, 512, 64, torch.bfloat16)  # R1: 576 values per token
