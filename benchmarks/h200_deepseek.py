@@ -72,6 +72,74 @@ def bench_fp8_gemm(m: int, n: int, k: int) -> dict:
             "weight_GB_s": (n * k) / ms / 1e6, "rel_err_vs_ref": err, "ok": err < 1e-2}
 
 
+def bench_scaled_mm(m: int, n: int, k: int) -> dict:
+    """cuBLAS's block-scaled FP8 GEMM through torch (F.scaled_mm, 1x128 activation and 128x128 weight
+    scales), where this torch build has it: a candidate backend for the same format, checked against ours."""
+    import torch.nn.functional as F
+
+    from r1deploy.kernels.fp8_gemm import act_quant, fp8_gemm
+    from r1deploy.quant.fp8_block import quantize_fp8_block
+
+    x = torch.randn(m, k, device="cuda", dtype=BF16)
+    w, w_scale = quantize_fp8_block(torch.randn(n, k, device="cuda") * 0.02)
+    a, a_scale = act_quant(x)
+    ours = fp8_gemm(a, a_scale, w, w_scale)
+    row: dict = {"kernel": "F.scaled_mm blockwise (cuBLAS)", "M": m, "N": n, "K": k}
+    layouts = {"a_scale col-major": (a_scale.t().contiguous().t(), w_scale),
+               "a_scale row-major": (a_scale, w_scale),
+               "both col-major": (a_scale.t().contiguous().t(), w_scale.t().contiguous().t())}
+    for name, (sa, sb) in layouts.items():
+        try:
+            def call(sa=sa, sb=sb):
+                return F.scaled_mm(a, w.t(), sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                                   output_dtype=BF16)
+            err = rel_err(call(), ours)
+            ms = median_ms(call)
+            row.update(layout=name, median_ms=ms, TFLOP_s=2 * m * n * k / ms / 1e9, rel_err_vs_ours=err,
+                       x_bf16_ceiling=2 * m * n * k / ms / 1e9 / MATMUL_TFLOPS, ok=err < 1e-2)
+            return row
+        except Exception as e:  # noqa: BLE001 - record why this torch/cuBLAS refuses the layout
+            row[f"error ({name})"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
+MLA_VARIANTS = [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+
+
+def sweep_mla_decode(batch: int, context: int) -> dict:
+    """The MLA split kernel's tile shapes at one size: the default and the fastest variant."""
+    from r1deploy.kernels.mla_decode import mla_decode_attention
+
+    heads, latent, rope, block = 128, 512, 64, 16
+    need = math.ceil(context / block)
+    cache = torch.randn(batch * need + 1, block, latent + rope, device="cuda", dtype=BF16)
+    tables = torch.randperm(batch * need + 1, device="cuda")[: batch * need].view(batch, need).int()
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, latent + rope, device="cuda", dtype=BF16)
+    read = batch * context * (latent + rope) * 2
+    times = {}
+    for variant in [{}] + MLA_VARIANTS:
+        for splits in (None, 2 * (mla_default_splits(batch) or 1)):
+            try:
+                ms = median_ms(lambda v=variant, s=splits: mla_decode_attention(q, cache, tables, seq_lens, latent,
+                                                                               0.1, num_splits=s, **v))
+            except Exception as e:  # noqa: BLE001 - a tile shape that does not compile (shared memory)
+                print(f"  variant {variant} splits {splits}: {type(e).__name__}", flush=True)
+                continue
+            times[json.dumps({**variant, "num_splits": splits})] = ms
+    best = min(times, key=times.get)
+    default = json.dumps({"num_splits": None})
+    return {"kernel": "mla_decode sweep", "batch": batch, "context": context,
+            "default_GB_s": read / times[default] / 1e6, "best": best, "best_GB_s": read / times[best] / 1e6,
+            "best_pct_copy_ceiling": 100 * read / times[best] / 1e6 / (COPY_TBPS * 1e3)}
+
+
+def mla_default_splits(batch: int) -> int:
+    from r1deploy.kernels.mla_decode import default_num_splits
+
+    return default_num_splits(batch, 128 // 16, torch.device("cuda"))
+
+
 def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 512, rope: int = 64) -> dict:
     from r1deploy.kernels.mla_decode import mla_decode_attention, mla_decode_attention_ref
 
@@ -94,7 +162,7 @@ def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 5
             "rel_err_vs_ref": err, "ok": err < 1e-2}
 
 
-def run_kernels(result: dict) -> None:
+def run_kernels(result: dict, sweep: bool) -> None:
     rows = []
     # R1 shapes: dense gate_up (7168 -> 2 x 18432), dense down (18432 -> 7168), q_b (1536 -> 24576), o (16384 -> 7168)
     for m in (16, 256, 4096, 8192):
@@ -103,12 +171,19 @@ def run_kernels(result: dict) -> None:
             print(f"fp8_gemm M={m} N={n} K={k}: {rows[-1]['TFLOP_s']:.0f} TFLOP/s "
                   f"(bf16 torch {rows[-1]['bf16_torch_TFLOP_s']:.0f}), err {rows[-1]['rel_err_vs_ref']:.1e}",
                   flush=True)
+    for m in (4096, 8192):
+        rows.append(bench_scaled_mm(m, 36864, 7168))
+        print(json.dumps(rows[-1]), flush=True)
     for batch, context in ((1, 4096), (32, 1024), (32, 4096), (128, 2048), (256, 1024)):
         rows.append(bench_mla_decode(batch, context))
         print(f"mla_decode B={batch} ctx={context}: {rows[-1]['GB_s']:.0f} GB/s "
               f"({rows[-1]['pct_copy_ceiling']:.0f}% of copy), err {rows[-1]['rel_err_vs_ref']:.1e}", flush=True)
+    if sweep:
+        for batch, context in ((1, 4096), (32, 4096), (128, 2048)):
+            rows.append(sweep_mla_decode(batch, context))
+            print(json.dumps(rows[-1]), flush=True)
     result["kernels"] = rows
-    large = [r for r in rows if r["kernel"].startswith("fp8") and r["M"] >= 4096]
+    large = [r for r in rows if "TFLOP_s" in r and r["M"] >= 4096]
     result["fp8_gemm_best_large_M_x_bf16_ceiling"] = max(r["x_bf16_ceiling"] for r in large)
     mla = [r for r in rows if r["kernel"] == "mla_decode" and r["batch"] >= 32]
     result["mla_decode_best_pct_copy_ceiling"] = max(r["pct_copy_ceiling"] for r in mla)
@@ -204,6 +279,7 @@ def main() -> None:
     parser.add_argument("--moe", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024, help="tokens per sequence at the timed decode step")
     parser.add_argument("--bf16", action="store_true", help="drop the config's FP8 quantization_config")
+    parser.add_argument("--sweep", action="store_true", help="also time the MLA kernel's tile-shape variants")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -211,7 +287,7 @@ def main() -> None:
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "ceilings": {"copy_TB_s": COPY_TBPS, "bf16_matmul_TFLOP_s": MATMUL_TFLOPS}}
     if not only or "kernels" in only:
-        run_kernels(result)
+        run_kernels(result, args.sweep)
     if not only or "layers" in only:
         run_layers(result, args.dense, args.moe, args.bf16, args.context)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -3,10 +3,14 @@
 The cache holds one 576-wide row per token (R1): [c_kv (dc = kv_lora_rank) ; k_pe (dr)], shared by
 every head, so decode is MQA with key [c_kv ; k_pe] and value c_kv. W_UK is folded into the query
 (q_lat = W_UK^T q_nope) and W_UV applied to the attended latent, both as torch bmm's around the kernel.
-Program (b, head group, partition) attends BLOCK_H heads of sequence b over one context partition,
-reading each cached row once for all of them (the latent tile is both key and value), and writes an
-fp32 partial with its log-sum-exp; a second kernel merges the partitions. The grid depends only on
-the block table's width (static under CUDA graphs): lengths stay on the device.
+Program (b, head group, split) attends BLOCK_H heads of sequence b over one of NUM_SPLITS equal
+slices of its context, reading each cached row once for all of them (the latent tile is both key and
+value), and writes an fp32 partial with its log-sum-exp; a second kernel merges the splits. Slices are
+cut from the sequence's length on the device (cdiv(seq_len, NUM_SPLITS) tokens each), so the grid
+depends only on the batch and head counts (static under CUDA graphs) while every program gets a share
+of the actual context, whatever the block table's width. NUM_SPLITS is chosen to fill the GPU about
+twice: splitting further only adds partial-result traffic (128 heads x 512 fp32 per split for R1,
+about the size of 256 cached tokens).
 """
 
 from __future__ import annotations
@@ -20,29 +24,31 @@ import triton.language as tl
 from r1deploy.kernels._common import dot_precision, pow2
 
 _LOG2E = 1.4426950408889634
-MERGE_BLOCK_P = 32  # partitions per step of the merge loop
+MERGE_BLOCK_P = 32  # splits per step of the merge loop
+MAX_SPLITS = 16
 
 
 @triton.jit
-def _mla_partition_kernel(
+def _mla_split_kernel(
     q_ptr,  # [B, H, DC + DR]: [q_lat ; q_pe], in the cache dtype
     cache_ptr,  # [NB, BS, DC + DR]
     tables_ptr,  # [B, MB]
     seq_lens_ptr,  # [B]
-    part_out_ptr,  # [B, H, P, DC] fp32, already divided by the partition's softmax sum
-    part_lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of the partition's scaled scores
+    part_out_ptr,  # [B, H, S, DC] fp32, already divided by the split's softmax sum
+    part_lse_ptr,  # [B, H, S] fp32, log2-sum-exp2 of the split's scaled scores
     qk_scale,  # softmax scale (mscale^2 included) * log2(e)
     stride_qb, stride_qh, stride_cblk, stride_coff, stride_tb,
     NUM_HEADS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     hg = tl.program_id(1)
-    part = tl.program_id(2)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = part * PARTITION
-    end = tl.minimum(start + PARTITION, seq_len)
+    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
 
     heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < NUM_HEADS
@@ -75,8 +81,8 @@ def _mla_partition_kernel(
         m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    live = start < seq_len  # partitions past the end store nothing; the merge never reads them
-    row = (b * NUM_HEADS + heads) * NUM_PARTS + part  # [H]
+    live = start < seq_len  # splits past the end store nothing; the merge never reads them
+    row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # [H]
     tl.store(part_out_ptr + row[:, None].to(tl.int64) * DC + c[None, :], out,
              mask=hmask[:, None] & cmask[None, :] & live)
     tl.store(part_lse_ptr + row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=hmask & live)
@@ -84,21 +90,21 @@ def _mla_partition_kernel(
 
 @triton.jit
 def _mla_merge_kernel(
-    part_out_ptr,  # [B, H, P, DC] fp32
-    part_lse_ptr,  # [B, H, P] fp32
+    part_out_ptr,  # [B, H, S, DC] fp32
+    part_lse_ptr,  # [B, H, S] fp32
     seq_lens_ptr,  # [B]
     out_ptr,  # [B, H, DC] fp32
-    NUM_HEADS: tl.constexpr, DC: tl.constexpr, NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr,
+    NUM_HEADS: tl.constexpr, DC: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Program (b, h, channel chunk); partitions in chunks of BLOCK_P, so a 160k context (640
-    # partitions) never makes one [P, DC] tile.
+    # Program (b, h, channel chunk); splits in chunks of BLOCK_P.
     b = tl.program_id(0)
     h = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < DC
-    used = tl.cdiv(tl.load(seq_lens_ptr + b), PARTITION)
-    base = (b * NUM_HEADS + h) * NUM_PARTS
+    seq_len = tl.load(seq_lens_ptr + b)
+    used = tl.cdiv(seq_len, tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), 1))  # live splits (0 for an empty row)
+    base = (b * NUM_HEADS + h) * NUM_SPLITS
     top_vec = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for p0 in range(0, used, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -120,42 +126,51 @@ def _mla_merge_kernel(
     tl.store(out_ptr + (b * NUM_HEADS + h) * DC + c, out, mask=cmask)
 
 
+def default_num_splits(num_seqs: int, head_groups: int, device: torch.device) -> int:
+    """About two programs per multiprocessor, at most MAX_SPLITS splits of a sequence."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, num_seqs * head_groups)))
+
+
 def mla_decode_attention(
     q: torch.Tensor,  # [B, H, DC + DR]: [q_lat ; q_pe]
     kv_cache: torch.Tensor,  # [NB, BS, DC + DR]
-    block_tables: torch.Tensor,  # [B, MB]; MB (static) bounds every sequence's length
+    block_tables: torch.Tensor,  # [B, MB]
     seq_lens: torch.Tensor,  # [B] on the device, this step's token included
     latent_dim: int,
     scale: float,
-    partition_size: int = 256,
+    num_splits: int | None = None,  # default: default_num_splits
     block_h: int = 16,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:  # [B, H, DC] fp32: softmax(scale * q . k) @ c_kv per head
     """Graph-capturable: shapes and grid from tensor shapes only, no host reads of seq_lens."""
     num_seqs, num_heads, width = q.shape
     _, block_size, cache_width = kv_cache.shape
     assert width == cache_width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
     q = q.to(kv_cache.dtype)
-    partition_size = math.ceil(partition_size / block_size) * block_size
     rope_dim = width - latent_dim
-    num_parts = math.ceil(block_tables.shape[1] * block_size / partition_size)
-    part_out = torch.empty(num_seqs, num_heads, num_parts, latent_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(num_seqs, num_heads, num_parts, dtype=torch.float32, device=q.device)
-    out = torch.empty(num_seqs, num_heads, latent_dim, dtype=torch.float32, device=q.device)
     block_h = max(16, min(block_h, pow2(num_heads)))  # tl.dot needs 16 rows
+    head_groups = triton.cdiv(num_heads, block_h)
+    num_splits = num_splits or default_num_splits(num_seqs, head_groups, q.device)
+    part_out = torch.empty(num_seqs, num_heads, num_splits, latent_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(num_seqs, num_heads, latent_dim, dtype=torch.float32, device=q.device)
     block_c = pow2(latent_dim)
-    _mla_partition_kernel[(num_seqs, triton.cdiv(num_heads, block_h), num_parts)](
+    _mla_split_kernel[(num_seqs, head_groups, num_splits)](
         q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
-        NUM_HEADS=num_heads, DC=latent_dim, DR=rope_dim, BLOCK_SIZE=block_size,
-        NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=min(32 if block_c >= 256 else 64, partition_size),
-        BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_c <= 256 else 8, num_stages=2,
+        NUM_HEADS=num_heads, DC=latent_dim, DR=rope_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n or (32 if block_c >= 256 else 64), BLOCK_H=block_h, BLOCK_C=block_c,
+        BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps or (4 if block_c <= 256 else 8), num_stages=num_stages,
     )
     merge_c = min(block_c, 128)
     _mla_merge_kernel[(num_seqs, num_heads, triton.cdiv(latent_dim, merge_c))](
         part_out, part_lse, seq_lens, out,
-        NUM_HEADS=num_heads, DC=latent_dim, NUM_PARTS=num_parts, PARTITION=partition_size,
-        BLOCK_P=min(pow2(num_parts), MERGE_BLOCK_P), BLOCK_C=merge_c, num_warps=4,
+        NUM_HEADS=num_heads, DC=latent_dim, NUM_SPLITS=num_splits,
+        BLOCK_P=min(pow2(num_splits), MERGE_BLOCK_P), BLOCK_C=merge_c, num_warps=4,
     )
     return out
 
@@ -168,7 +183,7 @@ def mla_absorbed_decode(
     seq_lens: torch.Tensor,  # [B]
     kv_b_weight: torch.Tensor,  # [H * (dn + dv), dc]
     scale: float,
-    partition_size: int = 256,
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # [B, H, dv] in q_nope's dtype
     """The absorbed decode of layers/mla.absorbed_decode, with the attention in Triton. The two
     absorptions run as batched GEMMs in the model dtype (fp32 accumulate), no weight copies."""
@@ -178,7 +193,7 @@ def mla_absorbed_decode(
     w_uk, w_uv = w_kv_b[:, :nope_dim], w_kv_b[:, nope_dim:]  # [H, dn, dc], [H, dv, dc]
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, dc]
     query = torch.cat((q_lat.to(kv_cache.dtype), q_pe.to(kv_cache.dtype)), dim=-1)  # [B, H, dc + dr]
-    out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, partition_size)
+    out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, num_splits)
     out = torch.bmm(out_lat.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
     return out.transpose(0, 1).to(q_nope.dtype)
 

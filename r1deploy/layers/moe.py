@@ -6,6 +6,11 @@ Routed experts are stored stacked the way transformers 5 stores them (`experts.g
 tensors (`experts.{e}.gate_proj.weight`) are stacked at load by `DeepseekExperts.load_expert`.
 The CPU path sorts token-expert pairs by expert and runs one GEMM pair per busy expert; the fused
 Triton kernel will consume the same sorted layout.
+
+Built under quant/fp8_linear.building_fp8 the stacks stay float8_e4m3fn with fp32 block scales
+(`gate_up_proj_scale_inv` [E, 2 * ceil(I/bn), ceil(H/bk)]: the gate's tile rows, then the up's;
+`down_proj_scale_inv` [E, ceil(H/bn), ceil(I/bk)]): the fused kernel reads FP8 and scales each tile,
+the CPU path dequantises the busy experts per call.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.linear import Linear, MergedLinear, default_weight_loader, empty_parameter
 from r1deploy.layers.parallel import MergedColumnParallelLinear, RowParallelLinear, ShardSpec
 from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block
+from r1deploy.quant.fp8_linear import current_fp8_block
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:
@@ -130,19 +137,32 @@ class DeepseekExperts(nn.Module):
         self.store: TieredExpertStore | None = None
         self.layer_idx = -1
         rows = 0 if current_expert_store() is not None else self.num_local
-        self.gate_up_proj = empty_parameter(rows, 2 * intermediate_size, hidden_size)  # [E/N, 2I, H]
-        self.down_proj = empty_parameter(rows, hidden_size, intermediate_size)  # [E/N, H, I]
-        for param in (self.gate_up_proj, self.down_proj):
-            param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
+        # FP8 (building_fp8): float8 stacks plus block scales. Not under the tiered store, which holds
+        # experts in the model dtype (it dequantises FP8 checkpoints on read).
+        self.fp8_block = current_fp8_block() if rows else None
+        dtype = FP8_DTYPE if self.fp8_block else None
+        self.gate_up_proj = self._stack(rows, 2 * intermediate_size, hidden_size, dtype=dtype)  # [E/N, 2I, H]
+        self.down_proj = self._stack(rows, hidden_size, intermediate_size, dtype=dtype)  # [E/N, H, I]
+        if self.fp8_block:
+            bn, bk = self.fp8_block
+            inter_rows, hidden_rows = -(-intermediate_size // bn), -(-hidden_size // bn)
+            inter_cols, hidden_cols = -(-intermediate_size // bk), -(-hidden_size // bk)
+            self.gate_up_proj_scale_inv = self._stack(rows, 2 * inter_rows, hidden_cols, dtype=torch.float32)
+            self.down_proj_scale_inv = self._stack(rows, hidden_rows, inter_cols, dtype=torch.float32)
+
+    def _stack(self, *shape: int, dtype: torch.dtype | None) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+        param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
+        return param
 
     def attach_store(self, store: TieredExpertStore, layer_idx: int) -> None:
         if self.num_local != self.num_experts:
             raise ValueError("expert offload does not combine with expert parallelism")
+        if self.fp8_block:
+            raise ValueError("FP8 experts do not combine with expert offload (the store holds the model dtype)")
         if self.gate_up_proj.shape[0]:  # built resident: drop the stacks, the store holds the experts now
-            self.gate_up_proj = empty_parameter(0, *self.gate_up_proj.shape[1:])
-            self.down_proj = empty_parameter(0, *self.down_proj.shape[1:])
-            for param in (self.gate_up_proj, self.down_proj):
-                param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
+            self.gate_up_proj = self._stack(0, *self.gate_up_proj.shape[1:], dtype=None)
+            self.down_proj = self._stack(0, *self.down_proj.shape[1:], dtype=None)
         self.store, self.layer_idx = store, layer_idx
 
     def owns(self, expert: int) -> bool:
@@ -158,25 +178,42 @@ class DeepseekExperts(nn.Module):
                              f" got {tuple(loaded.shape)}")
         default_weight_loader(param, loaded[self.first : self.first + self.num_local], shard_id)
 
-    def load_expert(self, expert: int, projection: str, loaded: torch.Tensor) -> None:
-        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` into the stacks (global index;
-        experts of other ranks must be skipped by the caller, see `owns`)."""
+    def load_expert(self, expert: int, projection: str, loaded: torch.Tensor, scale: bool = False) -> None:
+        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` (scale: its FP8
+        `.weight_scale_inv`) into the stacks (global index; experts of other ranks must be skipped by
+        the caller, see `owns`)."""
         if self.store is not None:
             self.store.load_expert(self.layer_idx, expert, projection, loaded)
             return
-        size = self.intermediate_size
         local = expert - self.first
         if not 0 <= local < self.num_local:
             raise ValueError(f"expert {expert} is not held by this rank")
+        if scale:
+            gate_up, down = self.gate_up_proj_scale_inv.data, self.down_proj_scale_inv.data
+        else:
+            gate_up, down = self.gate_up_proj.data, self.down_proj.data
+        gate_rows = gate_up.shape[1] // 2  # I, or the gate's ceil(I/bn) scale rows
         target = {
-            "gate": self.gate_up_proj.data[local, :size],
-            "up": self.gate_up_proj.data[local, size:],
-            "down": self.down_proj.data[local],
+            "gate": gate_up[local, :gate_rows],
+            "up": gate_up[local, gate_rows:],
+            "down": down[local],
         }[projection]
         if target.shape != loaded.shape:
             raise ValueError(f"expert {expert} {projection}_proj: expected {tuple(target.shape)}, "
                              f"got {tuple(loaded.shape)}")
         target.copy_(loaded)
+
+    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of local expert in dtype; FP8 stacks dequantised (gate and up
+        separately: they have their own scale tiles)."""
+        if self.fp8_block is None:
+            return self.gate_up_proj[expert], self.down_proj[expert]
+        gate_up, scales = self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert]
+        size, tiles = self.intermediate_size, scales.shape[0] // 2
+        gate = dequantize_fp8_block(gate_up[:size], scales[:tiles], dtype, self.fp8_block)
+        up = dequantize_fp8_block(gate_up[size:], scales[tiles:], dtype, self.fp8_block)
+        down = dequantize_fp8_block(self.down_proj[expert], self.down_proj_scale_inv[expert], dtype, self.fp8_block)
+        return torch.cat([gate, up]), down
 
     def forward(
         self,
@@ -193,7 +230,11 @@ class DeepseekExperts(nn.Module):
                 owned = (ids >= self.first) & (ids < self.first + self.num_local)
                 weights = weights.masked_fill(~owned, 0.0)
                 ids = torch.where(owned, ids - self.first, 0)
-            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
+            fp8 = self.fp8_block is not None
+            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
+                             gate_up_scale=self.gate_up_proj_scale_inv if fp8 else None,
+                             down_scale=self.down_proj_scale_inv if fp8 else None,
+                             scale_block=self.fp8_block or (128, 128))
         top_k = ids.shape[1]
         flat_ids = ids.flatten()  # [T*k]
         flat_weights = weights.flatten()
@@ -211,8 +252,9 @@ class DeepseekExperts(nn.Module):
             if count == 0:  # idle experts cost nothing
                 continue
             rows = slice(start, start + count)
-            hidden = silu_and_mul(F.linear(sorted_x[rows], self.gate_up_proj[expert]))  # [n, I]
-            out[rows] = F.linear(hidden, self.down_proj[expert])  # [n, H]
+            gate_up, down = self.expert_weights(expert, x.dtype)
+            hidden = silu_and_mul(F.linear(sorted_x[rows], gate_up))  # [n, I]
+            out[rows] = F.linear(hidden, down)  # [n, H]
             start += count
         out *= flat_weights[order, None]
         # Sum each token's k contributions in fp32, round once.

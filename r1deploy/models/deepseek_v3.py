@@ -4,7 +4,8 @@ The differences live in DeepseekConfig (router scoring and top-k method, q_lora,
 Parameter names follow transformers, except that dense/shared gate_proj + up_proj are one
 `gate_up_proj` and routed experts are stacked (`experts.gate_up_proj` [E, 2I, H],
 `experts.down_proj` [E, H, I], transformers 5's layout); `load_weights` maps checkpoint names,
-dequantises FP8 weights and skips the MTP layer.
+keeps FP8 weights where the model holds them in FP8 (built under quant/fp8_linear.building_fp8),
+dequantises them elsewhere, and skips the MTP layer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.deepseek_config import DeepseekConfig
-from r1deploy.quant.fp8_checkpoint import dequantized_weights
+from r1deploy.quant.fp8_block import dequantize_fp8_block
+from r1deploy.quant.fp8_checkpoint import SCALE_SUFFIX, fp8_pairs
 from r1deploy.weights import WeightLoadError
 from r1deploy.weights.expert_cache import current_expert_store
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.weights.tiered_store import TieredExpertStore
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$")
 _MERGED = re.compile(r"\.(gate|up)_proj\.")  # dense and shared MLPs
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known tensor this rank skips
@@ -151,20 +153,26 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from HF-named tensors; FP8 weights are dequantised to the model dtype.
-        Raises WeightLoadError on unknown tensors or unfilled parameters."""
+        """Fill every parameter from HF-named tensors. An FP8 weight and its scales go to an FP8
+        parameter and its `<param>_scale_inv` sibling as they are, or are dequantised to the model dtype
+        where the model holds that weight unquantised. Raises WeightLoadError on unknown tensors or
+        unfilled parameters."""
         params = dict(self.named_parameters())
         filled = dict.fromkeys(params, 0)  # elements written, so merged/stacked params count every shard
         block = self.config.fp8_block_size or (128, 128)
         dtype = self.model.embed_tokens.weight.dtype
         unexpected: list[str] = []
         try:
-            for name, tensor in dequantized_weights(self._main_layers(weights), dtype, block):
-                target = self._load_one(params, name, tensor)
-                if target is None:
-                    unexpected.append(name)
-                elif target is not _OTHER_RANK:
-                    filled[target] += tensor.numel()
+            for name, tensor, scale_inv in fp8_pairs(self._main_layers(weights)):
+                keep_fp8 = scale_inv is not None and self._param_name(name) + SCALE_SUFFIX in params
+                if scale_inv is not None and not keep_fp8:
+                    tensor = dequantize_fp8_block(tensor, scale_inv, dtype, block)
+                for part, value in [(name, tensor)] + ([(name + SCALE_SUFFIX, scale_inv)] if keep_fp8 else []):
+                    target = self._load_one(params, part, value)
+                    if target is None:
+                        unexpected.append(part)
+                    elif target is not _OTHER_RANK:
+                        filled[target] += value.numel()
         except ValueError as e:
             raise WeightLoadError(f"checkpoint: {e}") from None
         if unexpected:
@@ -191,32 +199,38 @@ class DeepseekV3ForCausalLM(nn.Module):
                 continue
             yield name, tensor
 
+    @staticmethod
+    def _param_name(name: str) -> str:
+        """The parameter a checkpoint tensor fills: per-expert tensors go to the stacks, gate/up to the
+        merged gate_up_proj. A weight's `_scale_inv` maps to its parameter's `_scale_inv` sibling."""
+        expert = _EXPERT.match(name)
+        if expert:
+            prefix, _, projection, scale = expert.groups()
+            return f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}{scale or ''}"
+        merged = _MERGED.search(name)
+        return name.replace(merged.group(0), ".gate_up_proj.") if merged else name
+
     def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str | None:
         """Copy one checkpoint tensor into place; returns the parameter it filled, None if unknown."""
+        target = self._param_name(name)
+        if target not in params:
+            return None
         try:
             expert = _EXPERT.match(name)
             if expert:
-                prefix, index, projection = expert.groups()
-                target = f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}"
-                if target not in params:
-                    return None
+                prefix, index, projection, scale = expert.groups()
                 experts = self.get_submodule(prefix)
                 if not experts.owns(int(index)):
                     return _OTHER_RANK if int(index) < experts.num_experts else None
-                experts.load_expert(int(index), projection, tensor)
+                experts.load_expert(int(index), projection, tensor, scale=scale is not None)
                 return target
             merged = _MERGED.search(name)
+            param = params[target]
             if merged:
-                target = name.replace(merged.group(0), ".gate_up_proj.")
-                if target not in params:
-                    return None
-                params[target].weight_loader(params[target], tensor, merged.group(1))
-                return target
-            if name not in params:
-                return None
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            return name
+                param.weight_loader(param, tensor, merged.group(1))
+            else:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            return target
         except ValueError as e:
             raise ValueError(f"tensor {name}: {e}") from None
 

@@ -3,6 +3,13 @@
 Sources: None (the embedded SmolLM2-135M GGUF, converted once to a cached HF directory so later
 starts take the fast path), a local HF directory (config.json + safetensors), a .gguf file, or a
 preset name / config.json (configs only, so load_format="dummy").
+
+quantization: a checkpoint with block-scaled FP8 weights (quantization_config quant_method "fp8",
+DeepSeek-V3/R1) either keeps them in FP8 on the device ("fp8": quant/fp8_linear, half the bytes)
+or has them dequantised to the model dtype at load ("none"). "auto" keeps FP8 on a CUDA GPU of
+compute capability 8.9+ (the Triton FP8 GEMM's fp8 dots) without --offload experts, and dequantises
+everywhere else, so CPU runs keep their exact model-dtype arithmetic. "fp8" on the CPU runs the same
+FP8 parameters through the dequantise-per-call reference (tests use it).
 """
 
 from __future__ import annotations
@@ -24,17 +31,19 @@ from r1deploy.config import ModelConfig, parse_dtype, read_hf_config
 from r1deploy.errors import UsageError
 from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, resolve_config_path
+from r1deploy.quant.fp8_linear import building_fp8
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
-from r1deploy.weights.tiered_store import TieredExpertStore
 from r1deploy.weights.safetensors_reader import iter_safetensors
+from r1deploy.weights.tiered_store import TieredExpertStore
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
     from r1deploy.engine.config import OffloadConfig
 
 LoadFormat = Literal["auto", "dummy"]
+Quantization = Literal["auto", "fp8", "none"]
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -57,27 +66,37 @@ def load_model(
     load_format: LoadFormat = "auto",
     tp: TPGroup | None = None,
     offload: OffloadConfig | None = None,
+    quantization: Quantization = "auto",
 ) -> LoadedModel:
     """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows).
-    offload: keep a MoE model's experts in a GPU / host / disk store (a local checkpoint directory only)."""
+    offload: keep a MoE model's experts in a GPU / host / disk store (a local checkpoint directory only).
+    quantization: FP8 checkpoints kept in FP8 ("fp8"), dequantised at load ("none"), or "auto" (above)."""
     if load_format not in ("auto", "dummy"):
         raise UsageError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
+    if quantization not in ("auto", "fp8", "none"):
+        raise UsageError(f"unknown quantization {quantization!r}: use 'auto', 'fp8' or 'none'")
+    if offload is not None:
+        if quantization == "fp8":
+            raise UsageError("quantization='fp8' does not combine with --offload experts (the expert store holds "
+                             "the model dtype): use quantization='none'")
+        quantization = "none"
     device = torch.device(device)
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if model is None:
-        return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format, tp)
+        return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format, tp,
+                            quantization=quantization)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, path.name, dtype, device, load_format, tp, offload)
+        return _load_hf_dir(path, path.name, dtype, device, load_format, tp, offload, quantization)
     if offload is not None:
         raise UsageError("--offload experts needs a local checkpoint directory (its safetensors are the disk tier)")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device, load_format, tp)
+        return _load_gguf(path, dtype, device, load_format, tp, quantization)
     config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
     if load_format != "dummy":
         raise UsageError(f"{model!r} names a config only (presets ship no weights): pass load_format='dummy' "
                          "for random weights, or a local model directory or .gguf file")
-    built, config = build_model(read_hf_config(config_path), dtype, device, tp)
+    built, config = build_model(read_hf_config(config_path), dtype, device, tp, quantization)
     init_dummy_weights(built)
     return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
 
@@ -112,12 +131,12 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
-    tp: TPGroup | None = None, offload: OffloadConfig | None = None,
+    tp: TPGroup | None = None, offload: OffloadConfig | None = None, quantization: Quantization = "auto",
 ) -> LoadedModel:
     raw = read_hf_config(path)
     store = None if offload is None else _expert_store(raw, path, dtype, device, offload)
     with building_with(store):  # experts built under a store get no resident copy
-        built, config = build_model(raw, dtype, device, tp)
+        built, config = build_model(raw, dtype, device, tp, quantization)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -140,12 +159,12 @@ def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, de
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
-               tp: TPGroup | None = None) -> LoadedModel:
+               tp: TPGroup | None = None, quantization: Quantization = "auto") -> LoadedModel:
     from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
 
     reader = open_gguf(path)
     hf_config = gguf_hf_config(reader)
-    built, config = build_model(hf_config, dtype, device, tp)
+    built, config = build_model(hf_config, dtype, device, tp, quantization)
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
@@ -155,17 +174,30 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
 
 
 def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device,
-                tp: TPGroup | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Pick the model class for the config, parse the config with that class's config type, build."""
+                tp: TPGroup | None = None, quantization: Quantization = "auto") -> tuple[nn.Module, ModelConfig]:
+    """Pick the model class for the config, parse the config with that class's config type, build
+    (an FP8 checkpoint's linears and experts in FP8 where `quantization` says so)."""
     cls = model_class_for_config(raw)
     config = cls.config_class.from_hf(raw)
     if tp is not None:
         from r1deploy.distributed.worker import check_model_supports_tp
 
         check_model_supports_tp(cls, config, tp.size)
+    fp8_block = _fp8_block(config, quantization, device)
     # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
-    with _default_dtype(dtype or default_dtype(config, device)), device:
+    with _default_dtype(dtype or default_dtype(config, device)), device, building_fp8(fp8_block):
         return (cls(config) if tp is None else cls(config, tp=tp)).eval(), config
+
+
+def _fp8_block(config: Any, quantization: Quantization, device: torch.device) -> tuple[int, int] | None:
+    """The weight tile to build FP8 parameters with; None: build in the model dtype."""
+    block = getattr(config, "fp8_block_size", None)  # DeepseekConfig: the checkpoint's weight_block_size
+    if quantization == "fp8" and block is None:
+        raise UsageError("quantization='fp8' needs a checkpoint with block-scaled FP8 weights "
+                         "(quantization_config quant_method 'fp8')")
+    # Ada / Hopper and later run the Triton FP8 GEMM; elsewhere "auto" dequantises at load.
+    fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return block if quantization == "fp8" or (quantization == "auto" and fp8_gpu) else None
 
 
 def _load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
+from r1deploy.layers.linear import quantized_parameter
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds logical column AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits in nibble AWQ_REVERSE_ORDER[j]
@@ -72,16 +73,6 @@ def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | None:
     return None if not raw else AWQConfig.from_hf(raw)
 
 
-def _int_parameter(*shape: int, dtype: torch.dtype, output_dim: int, pack_factor: int) -> nn.Parameter:
-    from r1deploy.layers.linear import default_weight_loader
-
-    param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-    param.weight_loader = default_weight_loader  # type: ignore[attr-defined]
-    param.output_dim = output_dim  # type: ignore[attr-defined]
-    param.pack_factor = pack_factor  # type: ignore[attr-defined]
-    return param
-
-
 class AWQLinearMethod:
     """create_weights / apply for one Linear; the weights themselves are the module's parameters."""
 
@@ -92,11 +83,11 @@ class AWQLinearMethod:
         g = self.config.group_size
         if in_features % g or out_features % PACK_FACTOR:
             raise UsageError(f"AWQ layer {in_features} -> {out_features} needs in % {g} == 0 and out % 8 == 0")
-        layer.qweight = _int_parameter(in_features, out_features // PACK_FACTOR, dtype=torch.int32,
+        layer.qweight = quantized_parameter(in_features, out_features // PACK_FACTOR, dtype=torch.int32,
                                        output_dim=1, pack_factor=PACK_FACTOR)
-        layer.qzeros = _int_parameter(in_features // g, out_features // PACK_FACTOR, dtype=torch.int32,
+        layer.qzeros = quantized_parameter(in_features // g, out_features // PACK_FACTOR, dtype=torch.int32,
                                       output_dim=1, pack_factor=PACK_FACTOR)
-        layer.scales = _int_parameter(in_features // g, out_features, dtype=torch.float16, output_dim=1,
+        layer.scales = quantized_parameter(in_features // g, out_features, dtype=torch.float16, output_dim=1,
                                       pack_factor=1)
         layer.weight = None  # what forward would use unquantised; tied-embedding code checks it
 

@@ -1,4 +1,5 @@
-"""Fused MoE (align + grouped GEMMs + combine) against the CPU path of layers/moe.DeepseekExperts."""
+"""Fused MoE (align + grouped GEMMs + combine) against the CPU path of layers/moe.DeepseekExperts,
+with bf16 / fp32 experts and with FP8 experts scaled per block in the kernel (W8A16)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.kernels.fused_moe import fused_moe, fused_moe_ref, moe_align
 from r1deploy.layers.moe import DeepseekExperts
+from r1deploy.quant.fp8_block import quantize_fp8_block
+from r1deploy.quant.fp8_linear import building_fp8
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -106,3 +109,81 @@ def test_fused_moe_cuda_graph_replay() -> None:
     graph.replay()
     ref = experts(x.cpu(), new_w, new_ids)
     assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def _fp8_experts(num_experts: int, hidden: int, inter: int, block: tuple[int, int]) -> DeepseekExperts:
+    """FP8 experts loaded the way a checkpoint fills them: per expert, per projection, with scales."""
+    with building_fp8(block):
+        experts = DeepseekExperts(num_experts, hidden, inter)
+    for e in range(num_experts):
+        for projection, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            q, scale_inv = quantize_fp8_block(torch.randn(shape) * shape[1] ** -0.5, block)
+            experts.load_expert(e, projection, q, scale=False)
+            experts.load_expert(e, projection, scale_inv, scale=True)
+    return experts
+
+
+def _dequantized_f64(experts: DeepseekExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, 2I, H] and [E, H, I] in float64, each element times its own tile's scale, per projection."""
+    bn, bk = experts.fp8_block
+    inter = experts.intermediate_size
+
+    def tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        rows, cols = torch.arange(q.shape[0]) // bn, torch.arange(q.shape[1]) // bk
+        return q.double() * s.double()[rows[:, None], cols[None, :]]
+
+    gate_up, down = [], []
+    for e in range(experts.num_experts):
+        q, s = experts.gate_up_proj[e], experts.gate_up_proj_scale_inv[e]
+        half = s.shape[0] // 2
+        gate_up.append(torch.cat([tiles(q[:inter], s[:half]), tiles(q[inter:], s[half:])]))
+        down.append(tiles(experts.down_proj[e], experts.down_proj_scale_inv[e]))
+    return torch.stack(gate_up), torch.stack(down)
+
+
+@pytest.mark.parametrize(("hidden", "inter", "block"), [
+    (40, 24, (16, 16)),  # neither H nor I a multiple of the tile: partial edge tiles, gate/up tiles apart
+    (256, 200, (128, 128)),  # R1's tile; I = 200 gives 2 + 2 gate/up scale rows, the last ones partial
+])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_moe_fp8_weights_match_float64_dequantised(
+    hidden: int, inter: int, block: tuple[int, int], dtype: torch.dtype, tol: float,
+) -> None:
+    """W8A16: FP8 tiles scaled in the kernel against float64 dequantised weights; the CPU path too."""
+    num_experts, top_k, tokens = 8, 3, 23
+    experts = _fp8_experts(num_experts, hidden, inter, block)
+    assert experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    gate_up64, down64 = _dequantized_f64(experts)
+    x = torch.randn(tokens, hidden).to(dtype)
+    weights, ids = _routing(tokens, num_experts, top_k, skew=True)
+    ref = fused_moe_ref(x.double(), gate_up64, down64, weights, ids)
+    cpu = experts(x, weights, ids)  # dequantises the busy experts per call
+    assert rel_err(cpu, ref) < tol
+    out = fused_moe(x.to(DEVICE), experts.gate_up_proj.data.to(DEVICE), experts.down_proj.data.to(DEVICE),
+                    weights.to(DEVICE), ids.to(DEVICE), block_m=16,
+                    gate_up_scale=experts.gate_up_proj_scale_inv.data.to(DEVICE),
+                    down_scale=experts.down_proj_scale_inv.data.to(DEVICE), scale_block=block)
+    assert out.dtype == dtype
+    assert rel_err(out.cpu(), ref) < tol
+    assert rel_err(out.cpu(), cpu) < tol
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("tokens", [1, 32, 256, 2048])
+def test_fused_moe_fp8_r1_shape(tokens: int) -> None:
+    """R1 routed experts in FP8 (H 7168, I 2048, top-8, 128 x 128 tiles), 64 of the 256 experts,
+    through DeepseekExperts' CUDA dispatch against the same weights dequantised to bf16."""
+    num_experts, hidden, inter, top_k = 64, 7168, 2048, 8
+    with building_fp8((128, 128)), torch.device("cuda"):
+        experts = DeepseekExperts(num_experts, hidden, inter)
+    for stack, scales in ((experts.gate_up_proj, experts.gate_up_proj_scale_inv),
+                          (experts.down_proj, experts.down_proj_scale_inv)):
+        for e in range(num_experts):
+            stack.data[e], scales.data[e] = quantize_fp8_block(torch.randn(stack.shape[1:], device="cuda")
+                                                               * stack.shape[-1] ** -0.5)
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    weights, ids = (t.cuda() for t in _routing(tokens, num_experts, top_k))
+    dense = [experts.expert_weights(e, torch.bfloat16) for e in range(num_experts)]
+    ref = fused_moe_ref(x, torch.stack([g for g, _ in dense]), torch.stack([d for _, d in dense]), weights, ids)
+    assert rel_err(experts(x, weights, ids).cpu(), ref.cpu()) < 1e-2

@@ -63,11 +63,11 @@ def _compare_live(out: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor) -> N
 def test_mla_decode_attention_small(dtype: torch.dtype, tol: float, merge_block_p: int,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mla_decode, "MERGE_BLOCK_P", merge_block_p)
-    seq_lens = [37, 1, 0, 8]  # spans 5 partitions / fits one / an empty graph-padding row / exactly one
+    seq_lens = [37, 1, 0, 8]  # 5 splits of 8 (the last of 5) / one live split / an empty padding row / 5 of 2
     cache, tables = _latent_cache(seq_lens, SMALL, dtype, table_width=12)
     q = torch.randn(len(seq_lens), SMALL["heads"], SMALL["dc"] + SMALL["dr"], device=DEVICE).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), partition_size=8)
+    out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), num_splits=5)
     ref = mla_decode_attention_ref(q.double(), cache.double(), tables, lens, SMALL["dc"], _scale(SMALL))
     assert rel_err(out, ref) < tol
     assert bool((out[lens == 0] == 0).all())
@@ -77,7 +77,7 @@ def test_mla_decode_attention_small(dtype: torch.dtype, tol: float, merge_block_
 def test_mla_absorbed_decode_matches_layer(dtype: torch.dtype, tol: float) -> None:
     seq_lens = [37, 1, 13]
     q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, SMALL, dtype, table_width=12)
-    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(SMALL), partition_size=8)
+    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(SMALL), num_splits=3)
     ref = absorbed_decode(q_nope.cpu().double(), q_pe.cpu().double(), cache.cpu().double(), tables.cpu(),
                           lens.cpu(), max(seq_lens), kv_b.cpu().double(), _scale(SMALL))
     assert out.dtype == dtype and out.shape == ref.shape

@@ -14,7 +14,7 @@ from r1deploy.quant.fp8_block import (
     fp8_block_gemm,
     quantize_fp8_block,
 )
-from r1deploy.quant.fp8_checkpoint import dequantized_weights
+from r1deploy.quant.fp8_checkpoint import fp8_pairs
 
 
 def reference_dequant(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:  # float64
@@ -90,8 +90,9 @@ def test_checkpoint_stream_pairs_scales_in_either_order() -> None:
     norm = torch.ones(64)
     stream = [("a.weight", qa), ("a.weight_scale_inv", sa), ("b.weight_scale_inv", sb), ("n.weight", norm),
               ("b.weight", qb)]
-    out = dict(dequantized_weights(stream, torch.float32, (128, 128)))
-    assert set(out) == {"a.weight", "b.weight", "n.weight"} and out["n.weight"] is norm
-    torch.testing.assert_close(out["b.weight"], dequantize_fp8_block(qb, sb, torch.float32))
+    out = {name: (tensor, scale) for name, tensor, scale in fp8_pairs(stream)}
+    assert set(out) == {"a.weight", "b.weight", "n.weight"} and out["n.weight"] == (norm, None)
+    assert out["a.weight"][0] is qa and out["a.weight"][1] is sa
+    assert out["b.weight"][0] is qb and out["b.weight"][1] is sb
     with pytest.raises(ValueError, match="sibling"):
-        list(dequantized_weights([("a.weight", qa)], torch.float32, (128, 128)))
+        list(fp8_pairs([("a.weight", qa)]))
