@@ -3,7 +3,8 @@
 Correctness first: our logits on a 128-token prompt are compared with transformers' (the same random
 weights, loaded by name) and the relative error is recorded before anything is timed. Then, on an
 engine built the way `--load-format dummy` builds it: startup (weights, KV pool, CUDA graphs), KV
-capacity, TTFT of a 2,048-token prompt, decode at batch 1 and 32 (prompt 128, 256 new tokens), and
+capacity, TTFT of a 2,048-token prompt, decode at batch 1 and 32 (prompt 128, 256 new tokens; with the
+engine's host overhead per step, async scheduling on and off: engine.step_stats()), and
 the W1 offline workload (256 requests, prompts uniform in [100, 1024] by random.Random(0), 512 new
 tokens, greedy, EOS ignored), the same definitions as ../shared/tools/hf_baseline.py, which the
 device command runs right after this script. Writes JSON; prints a short table.
@@ -28,11 +29,10 @@ from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
-from r1deploy.models.loader import build_model
+from r1deploy.models.loader import build_model, load_model_weights
 from r1deploy.plan.planner import plan_deployment
 from r1deploy.presets import resolve_config_path
 from r1deploy.sampling_params import SamplingParams
-from r1deploy.weights import load_weights
 
 COPY_TBPS, MATMUL_TFLOPS = 4.23, 788.0  # measured on this card (device-to-device copy, 8192^3 bf16 matmul)
 
@@ -47,7 +47,7 @@ def check_against_transformers(shape: str, result: dict) -> None:
     for p in hf.parameters():
         p.data.normal_(0, 0.02)
     ours, our_config = build_model(raw, torch.bfloat16, torch.device("cuda"))
-    load_weights(ours, hf.state_dict().items())
+    load_model_weights(ours, iter(hf.state_dict().items()))
     prompt = torch.randint(0, config.vocab_size, (128,), device="cuda")
     with torch.no_grad():
         ref = hf(prompt[None]).logits[0].float()  # [128, V]
@@ -122,6 +122,22 @@ def main() -> None:
         result[f"decode_bs{bs}_tok_s"] = bs * 256 / seconds
         itl = [b - a for o in runs[-1][1] for a, b in zip(o.metrics.token_times, o.metrics.token_times[1:])]
         result[f"decode_bs{bs}_median_step_ms"] = statistics.median(itl) * 1e3
+        # Python overhead per step (one prefill step per 256 decode steps): host work, of which
+        # schedule + inputs + launch, and time blocked on the GPU; then the same with the overlap off.
+        # Both modes get the same prompts: their greedy tokens must agree (the overlap's GPU check).
+        prompts = random_prompts(rng, vocab, [128] * bs)
+        tokens = {}
+        for mode, overlap in (("", True), ("_sync", False)):
+            engine.async_scheduling = overlap
+            engine.reset_step_stats()
+            mode_seconds, mode_outputs = timed_generate(llm, prompts, 256)
+            tokens[mode] = [list(o.token_ids) for o in mode_outputs]
+            stats = engine.step_stats()
+            for key in ("host", "launch", "wait"):
+                result[f"decode_bs{bs}{mode}_{key}_ms_per_step"] = stats[f"{key}_ms_per_step"]
+            result[f"decode_bs{bs}{mode}_run_tok_s"] = bs * 256 / mode_seconds
+        engine.async_scheduling = engine.config.async_scheduling
+        result[f"decode_bs{bs}_async_tokens_equal_sync"] = tokens[""] == tokens["_sync"]
         if bs == 1:
             result["decode_bs1_weight_GBps"] = weight_bytes * result["decode_bs1_tok_s"] / 1e9
             result["decode_bs1_pct_of_copy_ceiling"] = 100 * result["decode_bs1_weight_GBps"] / (COPY_TBPS * 1e3)

@@ -42,6 +42,7 @@ class Setup:
     telemetry: Telemetry
     plan: dict[str, Any] | None
     description: str
+    expert_store: Any = None  # --offload experts: the engine's TieredExpertStore (stats(), reset_stats())
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Measured:
     summary: Summary
     telemetry: dict[str, Any]
     checks: tuple[Check, ...]
+    expert_offload: dict[str, Any] | None = None  # --offload experts: the store's counters over this phase
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +82,15 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("--output-len must be >= 1")
     if args.telemetry_interval <= 0:
         raise UsageError("--telemetry-interval must be > 0")
+    offload = getattr(args, "offload", None)
+    budgets = [f for f in ("gpu_weight_budget", "host_weight_budget") if getattr(args, f, None) is not None]
+    if budgets and not offload:
+        raise UsageError(f"--{budgets[0].replace('_', '-')} needs --offload experts")
+    if offload and args.url:
+        raise UsageError("--offload runs the in-process engine; for a server, start it with "
+                         "`r1deploy serve --offload experts` (its /metrics has the expert-cache counters)")
+    if offload and getattr(args, "gpu_weight_budget", None) is None:
+        raise UsageError("--offload experts needs --gpu-weight-budget GB")
 
 
 def schedule_from(args: argparse.Namespace) -> Schedule:
@@ -172,7 +183,7 @@ def _plan_workload(args: argparse.Namespace) -> dict[str, Any]:
 def _engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> Setup:
     model = args.engine or args.model or None
     engine = load_engine(model, args.device, args.dtype, args.load_format, max_seqs, context_len,
-                         _plan_workload(args))
+                         _plan_workload(args), offload=_offload_config(args))
     tok = engine.tokenizer
     text_workload = _workload_kind(args) in ("sharegpt", "reasoning")
     # Token-id prompts for synthetic workloads: exact lengths with or without a tokenizer.
@@ -184,7 +195,40 @@ def _engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) ->
                           kv_blocks=lambda: float(engine.block_manager.num_used_blocks),
                           memory_reason="no CUDA allocator in this process (CPU run)")
     plan = planlink.plan(model, **_plan_workload(args)) if model else None
-    return Setup(backend, maker, telemetry, plan, f"in-process engine ({model or 'embedded model'})")
+    store = getattr(engine.loaded.model, "expert_store", None)
+    description = f"in-process engine ({model or 'embedded model'}"
+    if store is not None:
+        description += f", experts offloaded: {store.num_gpu_slots} GPU slots"
+    return Setup(backend, maker, telemetry, plan, description + ")", expert_store=store)
+
+
+def _offload_config(args: argparse.Namespace) -> Any:
+    if not getattr(args, "offload", None):
+        return None
+    from r1deploy.engine.config import OffloadConfig
+
+    try:
+        return OffloadConfig(args.gpu_weight_budget, args.host_weight_budget)
+    except ValueError as exc:
+        raise UsageError(f"--offload: {exc}") from None
+
+
+def expert_offload_section(store: Any, summary: Summary, counted_from: str) -> dict[str, Any]:
+    """The expert store's counters for the report (what /metrics exports as r1deploy_expert_cache_*),
+    plus per-output-token rates."""
+    st = store.stats()
+    out_tokens = summary.flat().get("total_output_tokens") or 0
+    section: dict[str, Any] = {
+        "counted_from": counted_from, "hits": st.hits, "misses": st.misses, "hit_rate": st.hit_rate,
+        "host_hits": st.host_hits, "disk_reads": st.disk_reads, "bytes_to_device": st.bytes_to_device,
+        "bytes_from_disk": st.bytes_from_disk, "evictions": st.evictions, "prefetches": st.prefetches,
+        "prefetch_hits": st.prefetch_hits, "prefetch_dropped": st.prefetch_dropped,
+        "cpu_computes": st.cpu_computes, "stall_s": st.stall_s, "gpu_slots": st.gpu_slots,
+        "host_slots": st.host_slots, "pinned_bytes": st.pinned_bytes,
+    }
+    section["bytes_to_device_per_output_token"] = st.bytes_to_device / out_tokens if out_tokens else None
+    section["stall_ms_per_output_token"] = 1e3 * st.stall_s / out_tokens if out_tokens else None
+    return section
 
 
 def measured_values(summary: Summary, tel: dict[str, Any], records: list[RequestRecord]) -> dict[str, float | None]:
@@ -223,6 +267,8 @@ async def measure(target: Setup, specs: list[RequestSpec], schedule: Schedule, a
                   on_done: Callable[[RequestRecord], None] | None = None) -> Measured:
     """Run one phase with telemetry on; `records` fills as requests finish (kept on interrupt)."""
     target.telemetry.samples.clear()
+    if target.expert_store is not None:  # count the measured phase only (not load, warm-up or earlier points)
+        target.expert_store.reset_stats()
     t0 = time.monotonic()
     target.telemetry.start(t0)
     try:
@@ -230,14 +276,17 @@ async def measure(target: Setup, specs: list[RequestSpec], schedule: Schedule, a
     finally:
         target.telemetry.stop()
     duration = time.monotonic() - t0
-    return finish(target, records, t0, duration, targets)
+    return finish(target, records, t0, duration, targets, counted_from="start of the measured phase")
 
 
-def finish(target: Setup, records: list[RequestRecord], t0: float, duration: float, targets: tuple) -> Measured:
+def finish(target: Setup, records: list[RequestRecord], t0: float, duration: float, targets: tuple,
+           counted_from: str = "start of the engine") -> Measured:
     tel = target.telemetry.summary()
     summary = summarize(records, duration, goodput_limits(targets))
     checks = verdict(targets, measured_values(summary, tel, records), _missing(tel), _caveats(tel))
-    return Measured(tuple(records), t0, summary, tel, tuple(checks))
+    offload = (None if target.expert_store is None
+               else expert_offload_section(target.expert_store, summary, counted_from))
+    return Measured(tuple(records), t0, summary, tel, tuple(checks), offload)
 
 
 def build_report(args: argparse.Namespace, target: Setup, m: Measured, schedule_text: str,
@@ -247,8 +296,11 @@ def build_report(args: argparse.Namespace, target: Setup, m: Measured, schedule_
                   workload=_workload_kind(args))
     tel = dict(m.telemetry, series=series(target.telemetry.samples, m.t0))
     eff = efficiency.compute(m.summary, target.plan, target.telemetry.nvml.names)
+    sections: dict[str, Any] = {"efficiency": eff}
+    if m.expert_offload is not None:
+        sections["expert_offload"] = m.expert_offload
     return report.build(config, m.summary, m.records, m.t0, args.slo_profile, m.checks, tel,
-                        {"efficiency": eff, **(extra or {})})
+                        {**sections, **(extra or {})})
 
 
 def series(samples: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ fails the run. Exit 0 only when every target passes (or --no-fail).
 examples:
   deepseek-benchmark --model r1 --batch 32 --seq 2048 --repeat 100 --url http://gpu-host:8000
   r1deploy bench --model r1-distill-qwen-1.5b --load-format dummy --batch 4 --seq 128 --repeat 3
+  r1deploy bench --engine ./r1-4layers --load-format dummy --offload experts --gpu-weight-budget 20 --batch 1
   r1deploy bench --url http://localhost:8000 --rate 4 --burstiness 0.5 --num-requests 200 --out runs/a
   r1deploy bench compare runs/a/report.json runs/b/report.json"""
 
@@ -60,6 +61,14 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="in-process: float32, bfloat16 or float16")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="in-process: dummy = random weights at the model's real shape")
+    g.add_argument("--offload", choices=("experts",), default=None,
+                   help="in-process: keep a MoE model's routed experts in pinned host memory, a GPU slot cache "
+                        "in front (a model directory; the report adds the expert store's hits, misses, bytes "
+                        "moved and stall time)")
+    g.add_argument("--gpu-weight-budget", type=float, default=None, metavar="GB",
+                   help="with --offload experts: GPU memory for expert slots")
+    g.add_argument("--host-weight-budget", type=float, default=None, metavar="GB",
+                   help="with --offload experts: pinned host memory for experts (default: all of them)")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 

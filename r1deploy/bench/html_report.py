@@ -136,6 +136,10 @@ def render(report: dict[str, Any]) -> str:
                for k, v in (eff.get("planned") or {}).items() if v.get("planned") is not None and v.get("measured")]
     if planned:
         parts.append(f"<h2>Planned ({html.escape(str(eff.get('planned_for')))}) vs measured</h2>" + _table(planned))
+    offload = report.get("expert_offload")
+    if offload:
+        parts.append(f"<h2>Expert offload (since the {html.escape(str(offload.get('counted_from')))})</h2>"
+                     + _table([(k, v) for k, v in offload.items() if k != "counted_from" and v is not None]))
     plots = [("Latency CDFs", latency_cdfs(report["requests"])),
              ("Throughput and TTFT over time", over_time(report["requests"])),
              ("GPU and memory telemetry", telemetry_plot(tel.get("series") or [])),

@@ -3,7 +3,8 @@
 JSON layout (schema "r1deploy-bench/1"): config, environment, definitions, summary (vLLM's result
 keys: duration, completed, request_throughput, ..., {mean,median,std,p90,p99}_{ttft,tpot,itl,e2el}_ms),
 slo (profile, checks, passed), telemetry (summary + series), efficiency (MBU / MFU, planned vs
-measured), optional sweep and soak sections, and requests (one row per request).
+measured), optional expert_offload (--offload experts: the expert store's hits, misses, hit rate, bytes
+moved, stall time over the measured phase), sweep and soak sections, and requests (one row per request).
 """
 
 from __future__ import annotations
@@ -159,6 +160,28 @@ def print_summary(report: dict[str, Any], checks: Sequence[Check], console: Cons
             table.add_column(column, justify="left" if column == "metric" else "right")
         for key, row in planned.items():
             table.add_row(key, _fmt(row["planned"]), _fmt(row["measured"]), _fmt(row["measured_over_planned"]))
+        console.print(table)
+    offload = report.get("expert_offload")
+    if offload:
+        table = Table(title=f"expert offload (store counters since the {offload.get('counted_from', 'start')})",
+                      show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        moved = offload.get("bytes_to_device") or 0
+        per_token = offload.get("bytes_to_device_per_output_token")
+        for label, value in (("GPU slots / host slots", f"{offload.get('gpu_slots')} / {offload.get('host_slots')}"),
+                             ("Expert hits", _fmt(offload.get("hits"))), ("Expert misses", _fmt(offload.get("misses"))),
+                             ("Hit rate (%)", _fmt(100 * (offload.get("hit_rate") or 0.0), 1)),
+                             ("Bytes moved to GPU (GB)", _fmt(moved / 1e9, 2)),
+                             ("Bytes moved per output token (MB)",
+                              _fmt(None if per_token is None else per_token / 1e6, 1)),
+                             ("Stall time (s)", _fmt(offload.get("stall_s"), 3)),
+                             ("Evictions", _fmt(offload.get("evictions"))),
+                             ("Prefetches (used)",
+                              f"{_fmt(offload.get('prefetches'))} ({_fmt(offload.get('prefetch_hits'))})"),
+                             ("Disk reads", _fmt(offload.get("disk_reads"))),
+                             ("Computed on the host", _fmt(offload.get("cpu_computes")))):
+            table.add_row(label, value)
         console.print(table)
     for c in checks:
         style = "green" if c.status == PASS else "red" if c.status == "FAIL" else "yellow"

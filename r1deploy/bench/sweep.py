@@ -47,7 +47,8 @@ async def sweep(args: argparse.Namespace, target, targets: tuple[Target, ...]) -
         records: list[RequestRecord] = []
         m = await measure(target, specs, schedule, args, targets, records)
         latency_ok = all_pass([c for c in m.checks if c.target.metric.startswith("p99_")])
-        points.append({"load": load, "latency_passed": latency_ok, "summary": m.summary.flat()})
+        points.append({"load": load, "latency_passed": latency_ok, "summary": m.summary.flat(),
+                       **({"expert_offload": m.expert_offload} if m.expert_offload is not None else {})})
         results.append(m)
         print(f"sweep {kind} {load:g}: {m.summary.output_throughput:.1f} output tok/s, P99 TPOT "
               f"{m.summary.latency('tpot', 'p99') or float('nan'):.1f} ms, P99 TTFT "

@@ -61,7 +61,8 @@ def available_memory(device: str | None) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "this machine (no GPU; host RAM available)"
 
 
-def check_runs_here(facts: ModelFacts, device: str | None, context_len: int) -> None:
+def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, offload: Any = None) -> None:
+    """offload: --offload experts; the routed experts live in host memory, the GPU needs the rest only."""
     config, name = facts.config, facts.name
     hint = planlink.deployment_hint(facts.plan)
     where_it_runs = (f"it needs {hint} (from `r1deploy plan`)" if hint
@@ -79,6 +80,10 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int) -> 
                          f"{advice}")
     weights = planlink.get(facts.plan, "memory.weights_bytes") or planlink.dense_weights_bytes(config)
     memory, where = available_memory(device)
+    if offload is not None:
+        if not config.get("n_routed_experts"):
+            raise UsageError(f"--offload experts needs a MoE model; {name} has no routed experts")
+        weights = None  # the expert store sizes itself from --gpu-weight-budget / --host-weight-budget
     if weights and weights > _WEIGHTS_SHARE * memory:
         raise UsageError(f"{name} needs {weights / GiB:.1f} GiB for its weights, more than {where} can hold "
                          f"({memory / GiB:.1f} GiB); {advice}")
@@ -89,8 +94,9 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int) -> 
 
 
 def load_engine(model: str | None, device: str | None, dtype: str | None, load_format: str,
-                max_num_seqs: int, context_len: int, workload: dict[str, Any]) -> Any:
-    """An LLMEngine sized for the run; loader failures become one clear line."""
+                max_num_seqs: int, context_len: int, workload: dict[str, Any], offload: Any = None) -> Any:
+    """An LLMEngine sized for the run; loader failures become one clear line. offload: an OffloadConfig
+    (--offload experts)."""
     try:
         from r1deploy.engine.config import EngineConfig
         from r1deploy.engine.engine import LLMEngine
@@ -100,15 +106,37 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, load_f
     if model is not None:
         facts = model_facts(model, **workload)
         if facts is not None:
-            check_runs_here(facts, device, context_len)
+            check_runs_here(facts, device, context_len, offload)
             if facts.preset and load_format != "dummy":
                 raise UsageError(f"{facts.name} is a preset: it ships a config.json but no weights; pass "
                                  "--load-format dummy for random weights at its real shape, or a model directory")
-    config = EngineConfig(max_num_seqs=max(max_num_seqs, 1))
+    config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload)
     try:
+        if offload is not None and load_format == "dummy":
+            return LLMEngine(model, config=config, device=device,
+                             loaded=load_offloaded_dummy(model, device, dtype, offload))
         return LLMEngine(model, config=config, device=device, dtype=dtype, load_format=load_format)
     except UsageError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"cannot load {model or 'the embedded model'}: {exc}"
                          + ("" if load_format == "dummy" else " (random weights: --load-format dummy)")) from None
+
+
+def load_offloaded_dummy(model: str | None, device: str | None, dtype: str | None, offload: Any) -> Any:
+    """load_format="dummy" with --offload experts: the loader leaves the store's host tier empty (no checkpoint
+    to fill it from), so every routed expert gets random values there before the engine's first step."""
+    import torch
+
+    from r1deploy.models.loader import load_model
+
+    if model is None:
+        raise UsageError("--offload experts needs a MoE model directory")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(model, dtype=dtype, device=device, load_format="dummy", offload=offload)
+    store = getattr(loaded.model, "expert_store", None)
+    if store is not None:
+        config = loaded.config
+        store.init_dummy_weights((i, e) for i in range(config.num_hidden_layers) if config.is_moe_layer(i)
+                                 for e in range(config.n_routed_experts))
+    return loaded

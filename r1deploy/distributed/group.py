@@ -93,14 +93,15 @@ def free_port(host: str) -> int:
 
 
 def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, device_type: str,
-               init_timeout_s: float = 300.0) -> TPGroup:
-    """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups."""
+               init_timeout_s: float = 300.0, local_rank: int | None = None) -> TPGroup:
+    """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups.
+    local_rank: this rank's GPU on its node (default: rank, one node)."""
     if dist.is_initialized():
         raise TensorParallelError("a torch.distributed group already exists in this process: "
                                   "run one tensor-parallel engine per process")
     if device_type == "cuda":
-        torch.cuda.set_device(rank)
-        device, backend = torch.device("cuda", rank), "nccl"
+        device, backend = torch.device("cuda", rank if local_rank is None else local_rank), "nccl"
+        torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
     host = f"[{addr}]" if ":" in addr else addr

@@ -1,9 +1,10 @@
-"""Tensor-parallel worker processes on one node: rank 0 (the engine's process) schedules and samples;
-ranks 1..N-1 run a loop that receives each step's tensors and runs their model shard in lockstep.
+"""Tensor-parallel worker processes: rank 0 (the engine's process) schedules and samples; ranks 1..N-1
+run a loop that receives each step's tensors and runs their model shard in lockstep.
 
-Start-up: rank 0 checks the model splits over N ranks and that N devices exist, spawns the workers,
-and every rank joins the rendezvous at tcp://master_addr:port, loads the full checkpoint keeping
-its shard, and agrees on the KV pool size (the minimum over ranks). Faults: a worker that exits is
+Start-up: each node checks the model splits over N ranks and that its share of the devices exists,
+spawns its workers (node 0: ranks 1..nproc-1 beside rank 0; other nodes: see nodes.py), and every rank
+joins the rendezvous at tcp://master_addr:port, loads the full checkpoint keeping its shard, and agrees
+on the KV pool size (the minimum over ranks). Faults: a worker that exits is
 noticed before each step; one that dies or hangs inside a step breaks or times out the step's
 collectives; either way the engine raises TensorParallelError naming the rank, and every later
 step raises it again (the server's watchdog then turns health to 503).
@@ -33,6 +34,7 @@ from r1deploy.distributed.group import (
     init_group,
 )
 from r1deploy.distributed.messages import Op, StepMessage
+from r1deploy.distributed.nodes import NodeLayout, bind_rank_network
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.engine.scheduler import SchedulerOutput
@@ -52,6 +54,7 @@ class WorkerSpec:
     load_format: str
     engine_config: EngineConfig
     world_size: int
+    nproc_per_node: int  # a rank's GPU on its node is rank % nproc_per_node
     master_addr: str
     master_port: int
     timeout_s: float
@@ -107,7 +110,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
-                        spec.init_timeout_s)
+                        spec.init_timeout_s, local_rank=rank % spec.nproc_per_node)
         runner = build_runner(spec, tp)
         channel = runner.channel
         assert channel is not None
@@ -147,34 +150,20 @@ class TPRuntime:
     def start(model: str | None, config: EngineConfig, *, dtype: Any = None, device: str | None = None,
               load_format: str = "auto") -> TPRuntime:
         parallel = config.parallel
-        size = parallel.tensor_parallel_size
-        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-        if device_type == "cuda":
-            found = torch.cuda.device_count()
-            if found < size:
-                raise UsageError(f"--tp {size} needs {size} GPUs on this node, found {found}")
-        elif device_type != "cpu":
-            raise UsageError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not {device_type}")
-        precheck(model, size)
-        if model is None:  # convert the embedded GGUF once, here, not in every rank at the same time
-            from r1deploy.models.loader import embedded_model_dir
-
-            model = str(embedded_model_dir())
-        port = parallel.master_port or free_port(parallel.master_addr)
-        spec = WorkerSpec(model, dtype, device_type, load_format, config, size, parallel.master_addr, port,
-                          parallel.timeout_s, parallel.init_timeout_s)
-        context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=worker_main, args=(rank, spec), name=f"r1deploy-tp{rank}", daemon=True)
-                     for rank in range(1, size)]
-        for process in processes:
-            process.start()
+        layout = NodeLayout.of(parallel)
+        if layout.node_rank != 0:
+            raise ValueError("the engine runs on node 0; other nodes run r1deploy.distributed.nodes.run_node")
+        if layout.nnodes > 1:
+            bind_rank_network(parallel.master_addr, "r1deploy serve (node 0)")
+        spec = worker_spec(model, config, dtype, device, load_format)
+        processes = spawn_workers(spec, layout.ranks[1:])
         try:
-            tp = init_group(0, size, parallel.master_addr, port, parallel.timeout_s, device_type,
-                            parallel.init_timeout_s)
+            tp = init_group(0, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
+                            spec.init_timeout_s)
             runner = build_runner(spec, tp)
         except BaseException as exc:
             dead = _dead(processes, wait_s=1.0)
-            _stop(processes)
+            stop_workers(processes)
             if dist.is_initialized():
                 dist.destroy_process_group()
             if dead and not isinstance(exc, UsageError):
@@ -210,9 +199,47 @@ class TPRuntime:
                 self.runner.channel.send(StepMessage.shutdown())
             except Exception as exc:  # noqa: BLE001 - a broken group: the processes are stopped below
                 print(f"r1deploy: tensor-parallel shutdown message not delivered: {exc}", file=sys.stderr)
-        _stop(self.processes, grace_s=10.0 if self.error is None else 0.0)
+        stop_workers(self.processes, grace_s=10.0 if self.error is None else 0.0)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def worker_spec(model: str | None, config: EngineConfig, dtype: Any, device: str | None,
+                load_format: str) -> WorkerSpec:
+    """Check this node can run its ranks (devices, the model's split) and describe them for spawn_workers."""
+    parallel = config.parallel
+    layout = NodeLayout.of(parallel)
+    device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    if device_type == "cuda":
+        found = torch.cuda.device_count()
+        if found < layout.nproc_per_node:
+            on = "on this node" if layout.nnodes == 1 else f"on node {layout.node_rank} (--nproc-per-node)"
+            raise UsageError(f"--tp {layout.world_size} needs {layout.nproc_per_node} GPUs {on}, found {found}")
+    elif device_type != "cpu":
+        raise UsageError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not {device_type}")
+    precheck(model, layout.world_size)
+    if model is None:  # convert the embedded GGUF once, here, not in every rank at the same time
+        from r1deploy.models.loader import embedded_model_dir
+
+        model = str(embedded_model_dir())
+    port = parallel.master_port or free_port(parallel.master_addr)
+    return WorkerSpec(model, dtype, device_type, load_format, config, layout.world_size, layout.nproc_per_node,
+                      parallel.master_addr, port, parallel.timeout_s, parallel.init_timeout_s)
+
+
+def spawn_workers(spec: WorkerSpec, ranks: range) -> list[multiprocessing.process.BaseProcess]:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_main, args=(rank, spec), name=f"r1deploy-tp{rank}", daemon=True)
+                 for rank in ranks]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def failed_ranks(processes: list[multiprocessing.process.BaseProcess], first_rank: int) -> str:
+    """'' when every (finished) worker exited with status 0, else which ranks failed and how."""
+    return "; ".join(f"tensor-parallel worker {rank} exited ({_how(p.exitcode)})"
+                     for rank, p in enumerate(processes, start=first_rank) if p.exitcode)
 
 
 def _dead(processes: list[multiprocessing.process.BaseProcess], wait_s: float = 0.0) -> str:
@@ -232,7 +259,7 @@ def _how(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _stop(processes: list[multiprocessing.process.BaseProcess], grace_s: float = 0.0) -> None:
+def stop_workers(processes: list[multiprocessing.process.BaseProcess], grace_s: float = 0.0) -> None:
     for process in processes:
         process.join(timeout=grace_s)
         if process.is_alive():

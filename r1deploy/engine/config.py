@@ -58,6 +58,9 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None  # force the pool size (tests use it to force preemption)
     enforce_eager: bool = False  # CUDA: skip decode CUDA graphs (slower; for debugging)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-layer scales)
+    # Schedule and launch step N+1 while the GPU runs step N (vLLM's async scheduling). Steps with
+    # penalties fall back to synchronous; tensor parallelism always runs synchronously.
+    async_scheduling: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     offload: OffloadConfig | None = None  # --offload experts
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.engine.batch import ForwardBatch, PendingTokens
 
 
 def batch_size_buckets(max_batch: int) -> list[int]:
@@ -76,12 +76,16 @@ class DecodeGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.num_seqs <= self.max_batch and all(n == 1 for n in batch.query_lens_cpu)
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B, vocab] of a decode batch built on the host (ForwardBatch.build with device='cpu')."""
+    def run(self, batch: ForwardBatch, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch built in pinned host memory (ForwardBatch.build with
+        device='cpu', pin_memory=True), so the copies into the static buffers do not block the host.
+        `pending` overwrites the input ids of rows whose token is still on the device."""
         size = batch.num_seqs
         bucket = self.buckets[bisect.bisect_left(self.buckets, size)]
         width = batch.block_tables.shape[1]
         self.input_ids[:size].copy_(batch.input_ids, non_blocking=True)
+        if pending is not None:
+            pending.fill(self.input_ids)
         self.positions[:size].copy_(batch.positions, non_blocking=True)
         self.slot_mapping[:size].copy_(batch.slot_mapping, non_blocking=True)
         self.slot_mapping[size:bucket].fill_(-1)

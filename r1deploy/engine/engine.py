@@ -8,19 +8,46 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
 from r1deploy.engine.block_manager import BlockManager
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine.model_runner import ModelRunner, PreviousSamples
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
-from r1deploy.engine.scheduler import Scheduler
-from r1deploy.layers.sampler import request_generator
+from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
+from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step whose samples the host has not read yet."""
+
+    requests: tuple[Request, ...]  # the request of each sampled row
+    token_ids: torch.Tensor  # [B] int64 on the device: the next step's placeholder inputs
+    host: SamplerOutput  # pinned host copies, valid once `ready` has completed
+    ready: torch.cuda.Event | None  # None on the CPU, where the copies are done at once
+
+    def samples(self) -> PreviousSamples:
+        return PreviousSamples(self.token_ids, self.requests)
+
+
+@dataclass
+class _StepStats:
+    steps: int = 0  # steps launched
+    launch_s: float = 0.0  # schedule + build inputs + launch
+    busy_s: float = 0.0  # all of step()
+    wait_s: float = 0.0  # blocked until the GPU finished a step
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
 
 
 class LLMEngine:
@@ -62,6 +89,11 @@ class LLMEngine:
         self._finished_outside_step: list[Request] = []
         self._ids = itertools.count()
         self.num_aborted = 0
+        # Overlap the host's work with the GPU's (see step). Tensor parallel stays synchronous: the
+        # workers would need the placeholder tokens, which only rank 0 samples.
+        self.async_scheduling = self.config.async_scheduling and self.tp_runtime is None
+        self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
+        self._stats = _StepStats()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -162,46 +194,107 @@ class LLMEngine:
             store.close()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_outside_step)
+        return (self.scheduler.has_unfinished() or bool(self._finished_outside_step)
+                or self._in_flight is not None)
 
     # --- the loop -------------------------------------------------------------------------------
 
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one step. Returns an output for every request that changed (cumulative text and tokens),
         or with final_only only for those that finished: offline callers skip building per-token
-        outputs they would discard, which costs O(sequence) per request per step."""
+        outputs they would discard, which costs O(sequence) per request per step.
+
+        With async scheduling a call launches step N+1 before it waits for step N (launched by the
+        previous call) and returns N's outputs, so the host schedules and builds inputs while the GPU
+        computes: N+1 counts each token N sampled as a placeholder, which the GPU fills in."""
+        began = time.perf_counter()
         changed: list[Request] = self._finished_outside_step
         self._finished_outside_step = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not self._can_overlap(previous):
+            changed += self._process(previous)
+            previous = None
+        scheduling = time.perf_counter()
         step = self.scheduler.schedule()
+        current = self._launch(step, previous) if step.chunks else None
+        self._stats.launch_s += time.perf_counter() - scheduling
+        if previous is not None:
+            changed += self._process(previous)
         if step.chunks:
-            run = self.runner.run if self.tp_runtime is None else self.tp_runtime.run
-            sampled = run(step, self.model_config.vocab_size)
+            # After `previous` was processed: the tokens this step computes K/V for are all real now.
             self.scheduler.update_after_step(step)
-            now = time.monotonic()
-            if sampled is not None:
-                token_ids = sampled.token_ids.tolist()
-                logprobs = sampled.logprobs.tolist()
-                top = None
-                if sampled.top_logprobs is not None:
-                    top = (sampled.top_logprobs_ids.tolist(), sampled.top_logprobs.tolist())
-                row = 0
-                for chunk in step.chunks:
-                    if not chunk.samples:
-                        continue
-                    request = chunk.request
-                    top_row = None if top is None else dict(zip(top[0][row], top[1][row], strict=True))
-                    try:
-                        self._append_token(request, token_ids[row], logprobs[row], top_row, now)
-                    except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
-                        self._fail(request, exc)
-                    row += 1
-                    changed.append(request)
+            self._stats.steps += 1
+        if current is not None:
+            if self.async_scheduling:
+                self._in_flight = current
+            else:
+                changed += self._process(current)
         outputs = [self._output(r) for r in changed if r.status.finished or not final_only]
         for request in changed:
             if request.status.finished:
                 self.requests.pop(request.request_id, None)
                 self._detokenizers.pop(request.request_id, None)
+        self._stats.busy_s += time.perf_counter() - began
         return outputs
+
+    def _can_overlap(self, previous: _InFlight) -> bool:
+        """Whether the next step may be scheduled before `previous` is processed: a penalised request
+        samples from its whole output, so it must not have a placeholder in the next step."""
+        return not any(_penalised(r.params) for r in previous.requests if not r.status.finished)
+
+    def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
+        """Launch a step on the device and start copying its samples to the host; waits for nothing."""
+        if self.tp_runtime is not None:
+            sampled = self.tp_runtime.run(step, self.model_config.vocab_size)
+        else:
+            sampled = self.runner.run(step, self.model_config.vocab_size,
+                                      None if previous is None else previous.samples())
+        if sampled is None:
+            return None
+        requests = tuple(c.request for c in step.chunks if c.samples)
+        for request in requests:
+            request.num_placeholders += 1
+        host, ready = sampled.to_host()
+        return _InFlight(requests, sampled.token_ids, host, ready)
+
+    def _process(self, step: _InFlight) -> list[Request]:
+        """Wait for a launched step's samples and append them. A request that finished since the step
+        was scheduled (ended by the step before it, or aborted) discards its token: its blocks are
+        already free, and its seeded generator is never used again."""
+        if step.ready is not None:
+            began = time.perf_counter()
+            step.ready.synchronize()
+            self._stats.wait_s += time.perf_counter() - began
+        sampled = step.host
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist()
+        top = None
+        if sampled.top_logprobs is not None:
+            top = (sampled.top_logprobs_ids.tolist(), sampled.top_logprobs.tolist())
+        now = time.monotonic()
+        changed: list[Request] = []
+        for row, request in enumerate(step.requests):
+            request.num_placeholders -= 1
+            if request.status.finished:
+                continue
+            top_row = None if top is None else dict(zip(top[0][row], top[1][row], strict=True))
+            try:
+                self._append_token(request, token_ids[row], logprobs[row], top_row, now)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+                self._fail(request, exc)
+            changed.append(request)
+        return changed
+
+    def step_stats(self) -> dict[str, float]:
+        """Host overhead per launched step since the last reset_step_stats(): launch_ms (schedule, build
+        the inputs, launch), host_ms (everything step() does but wait) and wait_ms (blocked on the GPU)."""
+        stats, n = self._stats, max(1, self._stats.steps)
+        return {"steps": stats.steps, "launch_ms_per_step": stats.launch_s * 1e3 / n,
+                "host_ms_per_step": (stats.busy_s - stats.wait_s) * 1e3 / n,
+                "wait_ms_per_step": stats.wait_s * 1e3 / n}
+
+    def reset_step_stats(self) -> None:
+        self._stats = _StepStats()
 
     def _append_token(self, request: Request, token: int, logprob: float,
                       top: dict[int, float] | None, now: float) -> None:

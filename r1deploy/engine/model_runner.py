@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.engine.batch import ForwardBatch, PendingTokens, to_device
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import DecodeGraphRunner
-from r1deploy.engine.scheduler import SchedulerOutput
+from r1deploy.engine.request import Request
+from r1deploy.engine.scheduler import ScheduledChunk, SchedulerOutput
 from r1deploy.errors import UsageError
 from r1deploy.layers.attention import is_fp8, resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -28,6 +29,14 @@ class KVPoolSize:
 
     def capacity_tokens(self, block_size: int) -> int:
         return self.num_blocks * block_size
+
+
+@dataclass(frozen=True)
+class PreviousSamples:
+    """The sampled ids of the step still in flight (async scheduling), on the device."""
+
+    token_ids: torch.Tensor  # [B] int64
+    requests: tuple[Request, ...]  # the request of each row
 
 
 class ModelRunner:
@@ -108,18 +117,28 @@ class ModelRunner:
         del scratch
 
     @torch.inference_mode()
-    def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
-        """Run one step; sample a token for each chunk that reaches its request's newest token."""
+    def run(self, step: SchedulerOutput, vocab_size: int, previous: PreviousSamples | None = None
+            ) -> SamplerOutput | None:
+        """Launch one step; sample a token for each chunk that reaches its request's newest token. The
+        result stays on the device (nothing here waits for the GPU). With async scheduling, `previous`
+        is the step still in flight: a chunk whose last token it sampled takes that token on the device."""
         chunks = step.chunks
         use_graph = self.graph_step([c.num_new_tokens for c in chunks])
+        token_chunks, pending_index = self._token_chunks(chunks, previous)
         batch = ForwardBatch.build(
-            [c.request.token_slice(c.num_cached_before, c.num_cached_before + c.num_new_tokens) for c in chunks],
+            token_chunks,
             [c.num_cached_before for c in chunks],
             [c.request.block_table for c in chunks],
             self.config.block_size,
             # graph inputs are copied into static device buffers; TP steps are broadcast from the host
             "cpu" if use_graph or self.channel is not None else self.device,
+            pin_memory=use_graph,
         )
+        pending = None
+        if pending_index:
+            assert self.channel is None, "tensor-parallel steps are scheduled synchronously"
+            on_gpu = self.device.type == "cuda"
+            pending = PendingTokens(to_device(pending_index, torch.int64, self.device, on_gpu), previous.token_ids)
         rows = [i for i, c in enumerate(chunks) if c.samples]
         if self.channel is not None:
             from r1deploy.distributed.messages import StepMessage
@@ -127,7 +146,7 @@ class ModelRunner:
             message = StepMessage.of_batch(batch, rows)
             self.channel.send(message)
             batch = message.to_batch(self.device)  # the very tensors every worker runs
-        logits = self.execute(batch, rows, use_graph)
+        logits = self.execute(batch, rows, use_graph, pending)
         if logits is None:
             return None
         sampled = [chunks[i].request for i in rows]
@@ -139,18 +158,53 @@ class ModelRunner:
             vocab_size,
             self.device,
             self.loaded.eos_token_ids,
+            num_output_tokens=[r.num_output_tokens + r.num_placeholders for r in sampled],
         )
         return self.sampler(logits, sampling)
+
+    @staticmethod
+    def _token_chunks(chunks: tuple[ScheduledChunk, ...], previous: PreviousSamples | None
+                      ) -> tuple[list[list[int]], list[list[int]]]:
+        """Each chunk's new tokens on the host, and the [2, K] index of PendingTokens: a chunk that runs
+        past its request's known tokens ends with the one token `previous` sampled for it (a placeholder)."""
+        rows = {} if previous is None else {id(r): i for i, r in enumerate(previous.requests)}
+        token_chunks: list[list[int]] = []
+        index: list[list[int]] = [[], []]
+        start = 0
+        for c in chunks:
+            end = c.num_cached_before + c.num_new_tokens
+            if end > c.request.num_tokens:
+                token_chunks.append(c.request.token_slice(c.num_cached_before, end - 1) + [0])
+                index[0].append(start + c.num_new_tokens - 1)
+                index[1].append(rows[id(c.request)])
+            else:
+                token_chunks.append(c.request.token_slice(c.num_cached_before, end))
+            start += c.num_new_tokens
+        return token_chunks, index if index[0] else []
 
     def graph_step(self, query_lens: list[int] | tuple[int, ...]) -> bool:
         """Whether a step with these per-sequence new-token counts replays a decode graph."""
         return (self.graphs is not None and len(query_lens) <= self.graphs.max_batch
                 and all(n == 1 for n in query_lens))
 
-    def execute(self, batch: ForwardBatch, rows: list[int], use_graph: bool = False) -> torch.Tensor | None:
+    def execute(self, batch: ForwardBatch, rows: list[int], use_graph: bool = False,
+                pending: PendingTokens | None = None) -> torch.Tensor | None:
         """Logits [len(rows), vocab] fp32 of the sequences in `rows` (None when empty); writes the step's K/V.
         Tensor-parallel workers call this for every step message, in lockstep with rank 0."""
         if use_graph:
-            return self.graphs.run(batch)[rows] if rows else None
+            logits = self.graphs.run(batch, pending)  # [B, vocab]
+            return self._select_rows(logits, rows, batch.num_seqs)
+        if pending is not None:
+            pending.fill(batch.input_ids)
         hidden = self.model(batch, self.kv_caches)
-        return self.model.compute_logits(hidden[batch.logits_indices[rows]]) if rows else None
+        indices = self._select_rows(batch.logits_indices, rows, batch.num_seqs)
+        return None if indices is None else self.model.compute_logits(hidden[indices])
+
+    def _select_rows(self, t: torch.Tensor, rows: list[int], num_seqs: int) -> torch.Tensor | None:
+        """t[rows] along dim 0 (None when empty). Indexing a device tensor with a list would copy it
+        from pageable memory and block; a decode step takes every row, so it needs no index at all."""
+        if not rows:
+            return None
+        if len(rows) == num_seqs:
+            return t
+        return t[to_device(rows, torch.int64, t.device, t.device.type == "cuda")]

@@ -39,6 +39,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered for prefix reuse
+    # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids. The
+    # scheduler counts them (the next step computes their K/V) but nothing hashes or reads their values.
+    num_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     generator: torch.Generator | None = None
@@ -61,6 +64,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return self.num_tokens + self.num_placeholders
+
+    @property
+    def ends_in_flight(self) -> bool:
+        """Its in-flight token is its last: it ends by length once that token is appended."""
+        return self.num_placeholders > 0 and self.num_output_tokens + self.num_placeholders >= self.max_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -28,7 +28,8 @@ class ScheduledChunk:
     @staticmethod
     def of(request: Request, num_new_tokens: int) -> ScheduledChunk:
         done = request.num_computed_tokens
-        return ScheduledChunk(request, num_new_tokens, done, done + num_new_tokens == request.num_tokens)
+        return ScheduledChunk(request, num_new_tokens, done,
+                              done + num_new_tokens == request.num_tokens_with_placeholders)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.ends_in_flight:
+                continue  # a step now would only be discarded
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -87,7 +90,7 @@ class Scheduler:
             request = self.waiting[0]
             if not request.block_table:
                 self.block_manager.match_prefix(request)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
                 self.block_manager.free(request)  # give back prefix hits; retry when blocks free up
                 request.num_cached_tokens = 0
@@ -118,9 +121,13 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_after_step(self, output: SchedulerOutput) -> None:
-        """Advance computed-token counters and publish newly filled blocks to the prefix cache.
-        Sampled tokens are appended by the engine before it calls finish() on ended requests."""
+        """Advance computed-token counters and publish newly filled blocks to the prefix cache. The engine
+        calls this once the step's input tokens are all known on the host (so only real tokens are hashed)
+        and before it finishes requests on this step's samples; requests that finished since the step was
+        scheduled (async scheduling: ended by the previous step, or aborted) were already freed."""
         for chunk in output.chunks:
+            if chunk.request.status.finished:
+                continue
             chunk.request.num_computed_tokens += chunk.num_new_tokens
             self.block_manager.register_full_blocks(chunk.request)
 

@@ -68,10 +68,15 @@ def expanded_attention(
     if num_queries != seq_len:
         key_pos = torch.arange(seq_len, device=q.device)
         mask = key_pos[None, :] <= (torch.arange(num_queries, device=q.device) + seq_len - num_queries)[:, None]
+    value_dim = v.shape[-1]
+    if mask is None and value_dim < q.shape[-1]:
+        # SDPA's flash kernel needs one head dim for q, k and v (R1: 192 vs 128); zero columns of v
+        # give zero output columns, sliced off, instead of the math fallback's [H, L, S] scores.
+        v = F.pad(v, (0, q.shape[-1] - value_dim))
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [H, L|S, .]
         attn_mask=mask, is_causal=mask is None, scale=scale)
-    return out.transpose(0, 1)  # [L, H, dv]
+    return out.transpose(0, 1)[..., :value_dim]  # [L, H, dv]
 
 
 def absorbed_decode(

@@ -37,6 +37,22 @@ class SamplerOutput:
     top_logprobs_ids: torch.Tensor | None  # [B, N] int64, most likely first; None if no row asks
     top_logprobs: torch.Tensor | None  # [B, N] float32, descending
 
+    def to_host(self) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+        """Start copying every tensor into pinned host memory without waiting for the GPU. The copies
+        are valid once the returned event has completed; on the CPU they are done at once (no event)."""
+        if self.token_ids.device.type != "cuda":
+            return self, None
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                t, non_blocking=True)
+
+        host = SamplerOutput(copy(self.token_ids), copy(self.logprobs), copy(self.top_logprobs_ids),
+                             copy(self.top_logprobs))
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
 
 @dataclass(frozen=True)
 class SamplingBatch:
@@ -80,10 +96,17 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: Sequence[int] = (),
+        num_output_tokens: Sequence[int] | None = None,
     ) -> SamplingBatch:
+        """num_output_tokens: each row's output length when it counts tokens still on the device (async
+        scheduling), for the min_tokens mask; default len(output ids). Penalised rows need their whole
+        output in output_ids_list, so the engine never samples them with tokens pending."""
         if not params_list:
             raise ValueError("SamplingBatch needs at least one row")
-        rows = list(zip(params_list, prompt_ids_list, output_ids_list, generators, strict=True))
+        if num_output_tokens is None:
+            num_output_tokens = [len(o) for o in output_ids_list]
+        rows = list(zip(params_list, prompt_ids_list, output_ids_list, generators, num_output_tokens,
+                        strict=True))
 
         temperatures: list[float] = []
         greedy: list[bool] = []
@@ -93,7 +116,7 @@ class SamplingBatch:
         prompts: list[list[int]] = []
         outputs: list[list[int]] = []
         banned: list[list[int]] = []
-        for p, prompt, output, _ in rows:
+        for p, prompt, output, _, num_output in rows:
             greedy.append(p.greedy)
             temperatures.append(1.0 if p.greedy else p.temperature)
             top_ks.append(vocab_size if p.greedy or p.top_k == 0 else min(p.top_k, vocab_size))
@@ -104,21 +127,24 @@ class SamplingBatch:
             repetition = p.repetition_penalty != 1.0
             prompts.append(list(prompt) if repetition else [])
             penalised = repetition or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            assert not penalised or num_output == len(output), "a penalised row needs its whole output"
             outputs.append(list(output) if penalised else [])
             # min_tokens masks every id that would end the request; EOS only when it is honoured.
             ending: list[int] = []
-            if len(output) < p.min_tokens:
+            if num_output < p.min_tokens:
                 ending = [*p.stop_token_ids, *([] if p.ignore_eos else eos_token_ids)]
             banned.append([i for i in ending if 0 <= i < vocab_size])
         # Prompts only matter to the repetition penalty, outputs to all three penalties.
-        prompt_ids = _pad(prompts, vocab_size) if any(prompts) else None
-        output_ids = _pad(outputs, vocab_size) if any(prompts) or any(outputs) else None
-        banned_ids = _pad(banned, vocab_size) if any(banned) else None
+        # Host tensors bound for a GPU are pinned, so their copies do not block the host.
+        pin = torch.device(device).type == "cuda"
+        prompt_ids = _pad(prompts, vocab_size, pin) if any(prompts) else None
+        output_ids = _pad(outputs, vocab_size, pin) if any(prompts) or any(outputs) else None
+        banned_ids = _pad(banned, vocab_size, pin) if any(banned) else None
 
-        requested = [p.logprobs for p, _, _, _ in rows if p.logprobs is not None]
+        requested = [p.logprobs for p, *_ in rows if p.logprobs is not None]
 
         def on_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
         def maybe_on_device(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
@@ -147,9 +173,9 @@ class SamplingBatch:
         )
 
 
-def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], pad: int, pin_memory: bool) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))  # at least one column so scatter has a valid shape
-    out = torch.full((len(rows), width), pad, dtype=torch.int64)  # [B, width]
+    out = torch.full((len(rows), width), pad, dtype=torch.int64, pin_memory=pin_memory)  # [B, width]
     for i, r in enumerate(rows):
         if r:
             out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)

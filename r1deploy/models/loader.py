@@ -140,7 +140,7 @@ def _load_hf_dir(
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
-        _load_weights(built, iter_safetensors(path))
+        load_model_weights(built, iter_safetensors(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name)
 
@@ -168,7 +168,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
     if load_format == "dummy":
         init_dummy_weights(built)
     else:
-        _load_weights(built, iter_gguf_tensors(reader, hf_config))
+        load_model_weights(built, iter_gguf_tensors(reader, hf_config))
     tokenizer = load_gguf_tokenizer(path, reader)
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
 
@@ -200,7 +200,7 @@ def _fp8_block(config: Any, quantization: Quantization, device: torch.device) ->
     return block if quantization == "fp8" or (quantization == "auto" and fp8_gpu) else None
 
 
-def _load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+def load_model_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Models with their own name mapping (DeepSeek's experts, FP8 scales) load themselves."""
     if hasattr(model, "load_weights"):
         model.load_weights(tensors)

@@ -1,12 +1,14 @@
 """Measure all-reduce bus bandwidth between the GPUs of this host (NCCL), as nccl-tests reports it.
 
 One process per GPU joins a torch.distributed group on 127.0.0.1 (gloo on the CPU, for tests), all-reduces
-a buffer after warm-up, and rank 0 reports the median time. Bus bandwidth = 2(n-1)/n x bytes / time: the
-bytes each GPU's link carries in a ring all-reduce, so the number is comparable with a link's peak.
+a buffer of each size after warm-up, and rank 0 reports the median time (CUDA events on GPUs: the
+host's launch and synchronisation latency is not the collective's). Bus bandwidth = 2(n-1)/n x bytes /
+time: the bytes each GPU's link carries in a ring all-reduce, comparable with a link's peak.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -35,7 +37,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, backend: str, port: int, size_bytes: int, iters: int, out: str) -> None:
+def _timed_ms(device, op, iters: int) -> list[float]:  # noqa: ANN001 - torch types, imported lazily
+    """Milliseconds of each of `iters` calls of op()."""
+    import torch
+
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            op()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            op()
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _worker(rank: int, world_size: int, backend: str, port: int, sizes: list[int], iters: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -44,32 +66,32 @@ def _worker(rank: int, world_size: int, backend: str, port: int, size_bytes: int
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        buffer = torch.randn(size_bytes // 4, device=device)  # never zeros: see the device notes
-        times = []
-        for i in range(iters + 3):  # the first 3 warm up (connection setup, NCCL channels)
-            dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            dist.all_reduce(buffer)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
+        medians = []
+        for size in sizes:
+            buffer = torch.randn(max(size // 4, 1), device=device)  # never zeros: see the device notes
+            _timed_ms(device, lambda: dist.all_reduce(buffer), 3)  # warm-up: connections, NCCL channels
+            dist.barrier()  # start together, so the first timed call does not include a peer's lateness
+            medians.append(statistics.median(_timed_ms(device, lambda: dist.all_reduce(buffer), iters)) / 1e3)
         if rank == 0:
-            Path(out).write_text(str(statistics.median(times)))
+            Path(out).write_text(json.dumps(medians))
     finally:
         dist.destroy_process_group()
+
+
+def measure_allreduce_sizes(world_size: int, sizes: list[int], backend: str = "nccl",
+                            iters: int = 20) -> list[AllReduceResult]:
+    """Median all-reduce time of an fp32 buffer of each size (bytes) over world_size local processes."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: shared hosts must not use it
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "medians")
+        mp.spawn(_worker, args=(world_size, backend, _free_port(), sizes, iters, out), nprocs=world_size)
+        medians = json.loads(Path(out).read_text())
+    return [AllReduceResult(world_size, backend, size, median) for size, median in zip(sizes, medians, strict=True)]
 
 
 def measure_allreduce(world_size: int, backend: str = "nccl", size_bytes: int = 256 << 20,
                       iters: int = 10) -> AllReduceResult:
     """Median all-reduce time of a size_bytes fp32 buffer over world_size local processes."""
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: shared hosts must not use it
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "median_s")
-        mp.spawn(_worker, args=(world_size, backend, _free_port(), size_bytes, iters, out), nprocs=world_size)
-        median = float(Path(out).read_text())
-    return AllReduceResult(world_size, backend, size_bytes, median)
+    return measure_allreduce_sizes(world_size, [size_bytes], backend, iters)[0]

@@ -21,8 +21,13 @@ HF_REPOS = {
 }
 
 
+# Rendezvous placeholders of multi-node lines: node 0's address on the private rank network, and a port.
+HEAD, PORT = "HEAD_NODE_IP", 29500
+
+
 def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
-    """{engine: command line} for one node (node 0 of a multi-node plan: see the README's Multi-GPU section)."""
+    """{engine: command line}; a plan over N > 1 nodes adds "{engine} node R" lines for nodes 1..N-1
+    ("nodes 1-{N-1}" with $NODE_RANK when N > 2). Rank networks: docs/distributed.md."""
     model, dep, wl = plan["model"], plan["deployment"], plan["workload"]
     repo = HF_REPOS.get(model["name"], model["name"])
     tp, pp, ep, nodes = dep["tp"], dep["pp"], dep["ep"], dep["nodes"]
@@ -38,8 +43,8 @@ def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
         vllm.append("--kv-cache-dtype fp8")
     if dep["replicas"] > 1:
         vllm.append(f"--data-parallel-size {dep['replicas']}")
-    if nodes > 1:
-        vllm.append("--distributed-executor-backend ray")
+    if nodes > 1:  # Ray forms the cluster: a head on node 0, workers joining it
+        vllm = ["ray start --head --port 6379 &&", *vllm, "--distributed-executor-backend ray"]
 
     sglang = [f"python -m sglang.launch_server --model-path {repo}", f"--tp {tp * pp}",
               f"--context-length {max_len}"]
@@ -57,13 +62,30 @@ def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
         sglang.append("--trust-remote-code")
 
     commands = {"vllm": " ".join(vllm), "sglang": " ".join(sglang)}
-    # r1deploy serve runs tensor parallelism for dense models on one node; MoE EP, DP-attention, PP and
-    # multi-node are not implemented yet, and presets carry no weights (a local checkpoint directory is needed).
-    if not model["moe"] and pp == 1 and nodes == 1 and dep["replicas"] == 1:
+    # r1deploy serve runs TP over one or more nodes, with MoE experts split over the TP ranks (EP = TP);
+    # DP-attention, PP and replicas are not implemented yet, and presets carry no weights (a local
+    # checkpoint directory is needed).
+    ours_fits = not dep["dp_attention"] and (not model["moe"] or ep == tp)
+    if ours_fits and pp == 1 and dep["replicas"] == 1:
         ours = ["r1deploy serve /path/to/" + repo.split("/")[-1], f"--max-model-len {max_len}"]
         if tp > 1:
             ours.insert(1, f"--tp {tp}")
+        if nodes > 1:
+            ours.insert(2, f"--nnodes {nodes} --node-rank 0 --master-addr {HEAD} --master-port {PORT}")
         if fp8_kv:
             ours.append("--kv-cache-dtype fp8")
         commands["r1deploy"] = " ".join(ours)
+    if nodes > 1:
+        commands.update(_other_nodes(commands, nodes))
     return commands
+
+
+def _other_nodes(commands: dict[str, str], nodes: int) -> dict[str, str]:
+    """The lines for nodes 1..N-1: node 0's with its node rank changed (vLLM: a Ray worker joining the head)."""
+    rank = "1" if nodes == 2 else "$NODE_RANK"
+    which = "node 1" if nodes == 2 else f"nodes 1-{nodes - 1}"
+    others = {f"vllm {which}": f"ray start --address {HEAD}:6379 --block"}
+    for engine in ("sglang", "r1deploy"):
+        if engine in commands:
+            others[f"{engine} {which}"] = commands[engine].replace("--node-rank 0", f"--node-rank {rank}")
+    return others

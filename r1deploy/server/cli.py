@@ -44,10 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --offload experts: pinned host memory for experts (default: all of them)")
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel ranks on this node: one worker process per GPU (NCCL), or per CPU rank "
-                        "(gloo); the ranks talk over loopback, a network that must stay private")
+                   help="tensor-parallel ranks over all nodes: one worker process per GPU (NCCL), or per CPU rank "
+                        "(gloo); the ranks talk over loopback (one node) or --master-addr's network, which must "
+                        "stay private (docs/distributed.md)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks span (torchrun's meaning)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's index; node 0 runs rank 0 and the HTTP server, the others only their ranks "
+                        "and exit when rank 0 shuts down")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="ranks (GPUs) on each node (default: --tp / --nnodes)")
+    p.add_argument("--master-addr", default="127.0.0.1",
+                   help="node 0's address on the private rank network; rank 0 hosts the rendezvous there")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="rendezvous port on --master-addr (default: a free one; required with --nnodes > 1)")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="seconds a tensor-parallel collective may take before the engine fails (default 300)")
+    p.add_argument("--dist-init-timeout", type=float, default=None,
+                   help="seconds every rank has to join the rendezvous (default 300)")
     p.add_argument("--max-queue", "--max-waiting", dest="max_queue", type=int, default=ServerSettings.max_queue,
                    help="requests admitted beyond the --max-num-seqs running ones; beyond both, new ones get "
                         "429 with Retry-After")
@@ -76,19 +88,24 @@ def run(args: argparse.Namespace) -> int:
                       if getattr(args, name) is not None}
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
+        from r1deploy.distributed.nodes import MultiNodeConfig
         from r1deploy.distributed.worker import precheck
-        from r1deploy.engine.config import OffloadConfig, ParallelConfig
+        from r1deploy.engine.config import OffloadConfig
 
         precheck(args.model, args.tp)  # a --tp that cannot split the model fails here, in one line
-        parallel = {"tensor_parallel_size": args.tp}
+        parallel = {"tensor_parallel_size": args.tp, "nnodes": args.nnodes, "node_rank": args.node_rank,
+                    "nproc_per_node": args.nproc_per_node, "master_addr": args.master_addr,
+                    "master_port": args.master_port}
         if args.dist_timeout is not None:
             parallel["timeout_s"] = args.dist_timeout
+        if args.dist_init_timeout is not None:
+            parallel["init_timeout_s"] = args.dist_init_timeout
         if args.offload and args.gpu_weight_budget is None:
             raise UsageError("--offload experts needs --gpu-weight-budget GB")
         if (args.gpu_weight_budget is not None or args.host_weight_budget is not None) and not args.offload:
             raise UsageError("--gpu-weight-budget and --host-weight-budget need --offload experts")
         offload = OffloadConfig(args.gpu_weight_budget, args.host_weight_budget) if args.offload else None
-        config = EngineConfig(**engine_options, parallel=ParallelConfig(**parallel), offload=offload)
+        config = EngineConfig(**engine_options, parallel=MultiNodeConfig(**parallel), offload=offload)
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,
@@ -96,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
                                   metrics_public=args.metrics_public, allowed_origins=origins)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.node_rank > 0:  # no engine and no HTTP here: this node's ranks follow rank 0's steps
+        from r1deploy.distributed.nodes import run_node
+
+        return run_node(args.model, config, dtype=args.dtype, device=args.device, load_format=args.load_format)
 
     def load() -> LLMEngine:
         return LLMEngine(args.model, config=config, dtype=args.dtype, device=args.device, load_format=args.load_format)

@@ -21,6 +21,7 @@ bytes / host memory bandwidth)). `stats()` returns a frozen snapshot of the coun
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -210,6 +211,7 @@ class TieredExpertStore:
         self.cost_model = cost_model or CostModel()
         self.fp8_block = fp8_block
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._registered: list[torch.Tensor] = []  # host tensors page-locked by cudaHostRegister
         i, h = intermediate_size, hidden_size
         self.gpu = _SlotPool(torch.empty(num_gpu_slots, 2 * i, h, dtype=dtype, device=self.device),
                              torch.empty(num_gpu_slots, h, i, dtype=dtype, device=self.device), policy)
@@ -249,7 +251,14 @@ class TieredExpertStore:
                    dtype=dtype, device=device, **kwargs)
 
     def _host_alloc(self, n: int, *shape: int) -> torch.Tensor:
+        """The host pool. Page-locked in place (cudaHostRegister) where CUDA is up: torch's pinned allocator
+        rounds every request up to a power of two, 64 GiB for R1's 60 GB of gate_up in 4 layers."""
         if self.pin and n:
+            t = torch.empty(n, *shape, dtype=self.dtype)
+            if _host_register(t):
+                self._registered.append(t)
+                self._host_pinned = True
+                return t
             try:
                 t = torch.empty(n, *shape, dtype=self.dtype, pin_memory=True)
                 self._host_pinned = True
@@ -259,9 +268,12 @@ class TieredExpertStore:
         return torch.empty(n, *shape, dtype=self.dtype)
 
     def _index_checkpoint(self, model_dir: Path) -> None:
-        """Expert tensor locations from the safetensors headers (nothing is read but the header)."""
-        from r1deploy.weights.safetensors_reader import safetensors_files
+        """Expert tensor locations from the safetensors headers (nothing is read but the header). A directory
+        with a config.json only (load_format="dummy") has no disk tier."""
+        from r1deploy.weights.safetensors_reader import INDEX_FILE, safetensors_files
 
+        if not (model_dir / INDEX_FILE).is_file() and not any(model_dir.glob("*.safetensors")):
+            return
         for path in safetensors_files(model_dir):
             with safe_open(path, framework="pt") as f:
                 names = set(f.keys())
@@ -346,6 +358,38 @@ class TieredExpertStore:
         for key, projections in self._filled.items():
             for p in set(PROJECTIONS) - projections:
                 self._host_targets(self.host.slot_of[key])[p].copy_(self._read_disk(self.disk[key][p]))
+
+    @torch.no_grad()
+    def init_dummy_weights(self, keys: Iterable[Key], seed: int = 0, std: float = 0.02) -> None:
+        """load_format="dummy": every expert of `keys` gets a host slot filled with Normal(0, std) values
+        (weights.dummy's distribution), as if loaded. On CUDA the values are drawn on the device in chunks
+        and copied down (tens of GB of host RAM filled at PCIe speed, not at one CPU core's)."""
+        self._check_open()
+        keys = [k for k in dict.fromkeys(keys) if k not in self.host.slot_of]
+        free = len(self.host.free) if not self._grow_host else len(keys)
+        if len(keys) > free:
+            raise WeightLoadError(f"dummy experts: {len(keys)} experts, room for {free} in the host weight budget")
+        on_device = self.device.type == "cuda"
+        generator = torch.Generator(device=self.device if on_device else "cpu").manual_seed(seed)
+        chunk = 16
+        for start in range(0, len(keys), chunk):
+            group = keys[start:start + chunk]
+            slots = []
+            for key in group:
+                if not self.host.free and self._grow_host:
+                    self._grow_host_pool()
+                slots.append(self.host.claim(key, set())[0])  # type: ignore[index]
+                self._filled[key] = set(PROJECTIONS)
+            for pool in (self.host.gate_up, self.host.down):
+                shape = (len(group), *pool.shape[1:])
+                values = torch.empty(shape, dtype=self.dtype, device=self.device if on_device else "cpu")
+                values.normal_(0.0, std, generator=generator)  # copied straight into the (pinned) slots below
+                contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+                if contiguous:
+                    pool[slots[0]:slots[0] + len(slots)].copy_(values)
+                else:
+                    for j, slot in enumerate(slots):
+                        pool[slot].copy_(values[j])
 
     def register_gate(self, layer: int, gate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The router of a MoE layer, so the layer before it can prefetch its likely experts."""
@@ -543,6 +587,9 @@ class TieredExpertStore:
             return
         if self._stream is not None:
             self._stream.synchronize()
+        for t in self._registered:
+            _host_unregister(t)
+        self._registered.clear()
         empty = torch.empty(0, dtype=self.dtype)
         self.gpu = _SlotPool(empty.view(0, 0, 0), empty.view(0, 0, 0), self.policy)
         self.host = _SlotPool(empty.view(0, 0, 0), empty.view(0, 0, 0), "lru")
@@ -558,6 +605,23 @@ class TieredExpertStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _host_register(t: torch.Tensor) -> bool:
+    """Page-lock an existing host tensor in place; False where CUDA (or the call) is unavailable."""
+    try:
+        if not torch.cuda.is_available():
+            return False
+        cudart = torch.cuda.cudart()
+        torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+        return True
+    except Exception:  # noqa: BLE001 - any failure: fall back to torch's pinned allocator
+        return False
+
+
+def _host_unregister(t: torch.Tensor) -> None:
+    with contextlib.suppress(Exception):  # best effort at close
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
 
 
 def budget_slots(budget_gb: float, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> int:

@@ -35,6 +35,7 @@ def test_in_process_batch_rounds(tiny_model: Path, tmp_path: Path) -> None:
     assert all(r["output_tokens_source"] == "engine" and len(r["chunk_offsets_ms"]) == 6 for r in rep["requests"])
     assert s["max_concurrent_requests"] == 4 and s["p99_tpot_ms"] > 0
     assert rep["telemetry"]["samples"] >= 1 and "kv_blocks_used" in rep["telemetry"]["series"][0]
+    assert "expert_offload" not in rep  # only with --offload experts
 
 
 def test_in_process_poisson_same_seed_same_prompts(tiny_model: Path, tmp_path: Path) -> None:

@@ -1,0 +1,357 @@
+"""AWQ INT4 weights and the FP8 KV cache at the R1-Distill-Qwen-7B shape, random weights, one GPU (issue 9).
+
+awq: the 7B model with random bf16 weights (weights.dummy's Normal(0, 0.02)), quantised in memory to an
+AutoAWQ GEMM checkpoint (group 128, AutoAWQ's min/max zero-point rounding, packed by
+r1deploy.quant.awq.pack_awq, HF tensor names: q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj
+.qweight/.qzeros/.scales). The engine picks AWQ from config.json's quantization_config (ModelConfig ->
+quant_config_from_hf -> AWQLinearMethod per linear); dummy weights cannot fill int32 qweights, so the AWQ
+model is built from the preset config plus that quantization_config (models.loader.build_model) and filled
+by load_weights, then wrapped in an LLMEngine (LLMEngine(loaded=...)), CUDA graphs on as by default.
+Correctness first: AWQ logits vs the bf16 model's on a 128-token prompt (relative error, argmax
+agreement). Then batch-1 decode (prompt 128, 256 new tokens, greedy, EOS ignored) for bf16 and AWQ, and the
+greedy-token agreement of those two 256-token outputs.
+
+fp8kv: one dummy-weight model, two engines around it: kv_cache_dtype "auto" (bf16) and "fp8": KV capacity in
+tokens, and the W1 offline workload (256 requests, prompts uniform in [100, 1024] by random.Random(0), 512
+new tokens, greedy, EOS ignored; helpers from benchmarks/h200_dense.py). Correctness first: a 128-token
+prefill and 64 greedy decode steps on a bf16 cache, the same tokens teacher-forced through an FP8 cache
+(logits relative error, argmax agreement), and the FP8 cache's own 64 greedy tokens against bf16's.
+
+    python3 benchmarks/h200_quant.py --out $OUT/quant_7b.json                  # H200, ~3-4 minutes
+    python3 benchmarks/h200_quant.py --smoke --out /tmp/quant.json             # tiny Qwen2 on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from h200_dense import random_prompts, timed_generate
+
+from r1deploy.engine.batch import ForwardBatch
+from r1deploy.engine.config import EngineConfig
+from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine.llm import LLM
+from r1deploy.models.loader import LoadedModel, build_model
+from r1deploy.presets import resolve_config_path
+from r1deploy.quant.awq import pack_awq
+from r1deploy.weights import load_weights
+from r1deploy.weights.dummy import init_dummy_weights
+
+GROUP_SIZE = 128
+BLOCK = 16
+SMOKE_CONFIG = {  # Qwen2 layout at toy width (AWQ needs in_features % 128 == 0)
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1,
+}
+QUANTISED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+             "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+
+
+def header(argv: list[str]) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"command": " ".join([Path(sys.executable).name, *argv]),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def wrap(model: torch.nn.Module, config: Any, name: str, engine_config: EngineConfig, device: str) -> LLM:
+    """An LLM around a model built here (as h200_dense wraps its engine)."""
+    loaded = LoadedModel(model, config, None, config.eos_token_ids, name)
+    llm = LLM.__new__(LLM)
+    llm.engine = LLMEngine(name, config=engine_config, device=device, loaded=loaded)
+    return llm
+
+
+# ---- AWQ ---------------------------------------------------------------------------------------------
+
+
+def awq_quantize(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """weight [out, in] -> AutoAWQ GEMM tensors (pseudo_quantize_tensor + WQLinear_GEMM.from_linear):
+    qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out]."""
+    out_f, in_f = weight.shape
+    w = weight.float().reshape(-1, group_size)
+    max_val, min_val = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    scales = ((max_val - min_val).clamp(min=1e-5) / 15).view(out_f, in_f // group_size)
+    zeros = (-torch.round(min_val / scales.reshape(-1, 1))).clamp(0, 15).view(out_f, in_f // group_size)
+    scales16 = scales.half()
+    s_full = scales16.float().repeat_interleave(group_size, dim=1)
+    z_full = zeros.repeat_interleave(group_size, dim=1)
+    del w, max_val, min_val
+    intweight = torch.clamp(torch.round(weight.float() / s_full) + z_full, 0, 15).to(torch.int32)
+    return {"qweight": pack_awq(intweight.t().contiguous()), "qzeros": pack_awq(zeros.to(torch.int32).t().contiguous()),
+            "scales": scales16.t().contiguous()}
+
+
+def awq_checkpoint(model: torch.nn.Module, config: Any, group_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors of an AutoAWQ checkpoint of `model` (merged projections split back by shard)."""
+    q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+    splits = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}
+    for name, param in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        prefix, _, merged = module.rpartition(".")
+        if merged not in QUANTISED:
+            yield name, param.detach()
+            continue
+        parts = param.detach().split(splits[merged], dim=0) if merged in splits else (param.detach(),)
+        for hf, part in zip(QUANTISED[merged], parts, strict=True):
+            if kind == "bias":
+                yield f"{prefix}.{hf}.bias", part
+            else:
+                for suffix, tensor in awq_quantize(part, group_size).items():
+                    yield f"{prefix}.{hf}.{suffix}", tensor
+
+
+def prompt_logits(model: torch.nn.Module, config: Any, prompt: list[int], device: str,
+                  kv_dtype: torch.dtype) -> torch.Tensor:
+    blocks = -(-len(prompt) // BLOCK)
+    caches = [torch.zeros(model.kv_cache_shape(config, blocks, BLOCK), dtype=kv_dtype, device=device)
+              for _ in range(config.num_hidden_layers)]
+    batch = ForwardBatch.build([prompt], [0], [list(range(blocks))], BLOCK, device)
+    with torch.inference_mode():
+        return model.compute_logits(model(batch, caches)).float()
+
+
+def decode_tok_s(llm: LLM, vocab: int, prompt_len: int, new: int, rng: random.Random) -> tuple[float, float, list]:
+    runs = [timed_generate(llm, random_prompts(rng, vocab, [prompt_len]), new) for _ in range(3)]
+    seconds = statistics.median(r[0] for r in runs[1:])
+    out = runs[-1][1][0]
+    itl = [b - a for a, b in zip(out.metrics.token_times, out.metrics.token_times[1:])]
+    return new / seconds, statistics.median(itl) * 1e3 if itl else float("nan"), list(out.token_ids)
+
+
+def greedy_tokens(llm: LLM, prompt: list[int], new: int) -> list[int]:
+    return list(timed_generate(llm, [prompt], new)[1][0].token_ids)
+
+
+def agreement(a: list[int], b: list[int]) -> dict[str, float]:
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"positionwise": sum(x == y for x, y in zip(a, b)) / max(len(a), 1), "prefix": first}
+
+
+def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, sizes: dict[str, int],
+            result: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    ref, config = build_model(raw, dtype, torch.device(device))
+    init_dummy_weights(ref)  # what load_format="dummy" gives
+    awq_raw = dict(raw, quantization_config={"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE,
+                                              "zero_point": True, "version": "gemm"})
+    start = time.perf_counter()
+    awq, awq_config = build_model(awq_raw, dtype, torch.device(device))
+    load_weights(awq, awq_checkpoint(ref, config, GROUP_SIZE))
+    sync()
+    r = result["awq"] = {"group_size": GROUP_SIZE, "quantise_and_load_s": time.perf_counter() - start}
+    bytes_of = lambda m: sum(t.numel() * t.element_size() for t in m.parameters())
+    r.update(bf16_weights_GB=bytes_of(ref) / 1e9, awq_weights_GB=bytes_of(awq) / 1e9)
+    qkv = awq.model.layers[0].self_attn.qkv_proj
+    r["awq_layer_has_qweight"] = getattr(qkv, "qweight", None) is not None and qkv.quant_method is not None
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(config.vocab_size) for _ in range(sizes["check_len"])]
+    want = prompt_logits(ref, config, prompt, device, dtype)
+    got = prompt_logits(awq, awq_config, prompt, device, dtype)
+    r["logits_rel_error_vs_bf16"] = float((got - want).norm() / want.norm())
+    r["argmax_agreement_vs_bf16"] = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    print(f"awq: logits rel. error vs bf16 {r['logits_rel_error_vs_bf16']:.3e}, argmax agreement "
+          f"{r['argmax_agreement_vs_bf16']:.3f}", flush=True)
+    del want, got
+
+    engine_config = EngineConfig(max_model_len=sizes["prompt"] + sizes["new"] + 64, max_num_seqs=8,
+                                 max_num_batched_tokens=2048)
+    tokens = {}
+    for label, model, cfg in (("bf16", ref, config), ("awq", awq, awq_config)):
+        llm = wrap(model, cfg, f"{name}-{label}", engine_config, device)
+        timed_generate(llm, random_prompts(random.Random(1), cfg.vocab_size, [64] * 2), 8)  # warm-up
+        tok_s, step_ms, _ = decode_tok_s(llm, cfg.vocab_size, sizes["prompt"], sizes["new"], random.Random(2))
+        tokens[label] = greedy_tokens(llm, prompt[: sizes["prompt"]], sizes["new"])
+        r[f"{label}_decode_bs1_tok_s"] = tok_s
+        r[f"{label}_decode_bs1_median_step_ms"] = step_ms
+        r[f"{label}_cuda_graphs"] = llm.engine.runner.graphs is not None
+        print(f"awq: {label} batch-1 decode {tok_s:.1f} tok/s (step {step_ms:.2f} ms)", flush=True)
+        llm.engine.shutdown()
+        del llm
+        release()
+    r["speedup_awq_over_bf16"] = r["awq_decode_bs1_tok_s"] / r["bf16_decode_bs1_tok_s"]
+    r["target_speedup"] = 2.5
+    r["greedy_agreement_256"] = agreement(tokens["bf16"], tokens["awq"])
+    del ref, awq
+    release()
+
+
+# ---- FP8 KV ------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def greedy_with_cache(model: torch.nn.Module, config: Any, prompt: list[int], steps: int, device: str,
+                      kv_dtype: torch.dtype, forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """Prefill then `steps` decode steps on a fresh paged cache of kv_dtype: (greedy tokens, logits [steps+1, V]).
+    forced: feed these tokens instead of the model's own (teacher forcing)."""
+    total = len(prompt) + steps + 1
+    blocks = -(-total // BLOCK)
+    table = list(range(blocks))
+    caches = [torch.zeros(model.kv_cache_shape(config, blocks, BLOCK), dtype=kv_dtype, device=device)
+              for _ in range(config.num_hidden_layers)]
+    batch = ForwardBatch.build([prompt], [0], [table], BLOCK, device)
+    logits = [model.compute_logits(model(batch, caches)[-1:]).float()]
+    tokens = [int(logits[-1].argmax(-1))]
+    for i in range(steps):
+        feed = forced[i] if forced is not None else tokens[-1]
+        batch = ForwardBatch.build([[feed]], [len(prompt) + i], [table], BLOCK, device)
+        logits.append(model.compute_logits(model(batch, caches)).float())
+        tokens.append(int(logits[-1].argmax(-1)))
+    return tokens, torch.cat(logits)
+
+
+def run_fp8kv(shape: str, device: str, dtype: torch.dtype, sizes: dict[str, int], result: dict[str, Any],
+              raw: dict[str, Any] | None = None) -> None:
+    from r1deploy.layers.attention import FP8_KV_DTYPE
+
+    r = result["fp8kv"] = {}
+    if raw is None:
+        raw = json.loads(resolve_config_path(shape).read_text())
+    model, config = build_model(raw, dtype, torch.device(device))
+    init_dummy_weights(model)
+    rng = random.Random(3)
+    prompt = [rng.randrange(config.vocab_size) for _ in range(sizes["check_len"])]
+    steps = sizes["check_steps"]
+    ref_tokens, ref_logits = greedy_with_cache(model, config, prompt, steps, device, dtype)
+    _, forced_logits = greedy_with_cache(model, config, prompt, steps, device, FP8_KV_DTYPE, forced=ref_tokens)
+    fp8_tokens, _ = greedy_with_cache(model, config, prompt, steps, device, FP8_KV_DTYPE)
+    r["logits_rel_error_vs_bf16_kv"] = float((forced_logits - ref_logits).norm() / ref_logits.norm())
+    r["argmax_agreement_teacher_forced"] = float((forced_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+    r[f"greedy_agreement_{steps}"] = agreement(ref_tokens[1:], fp8_tokens[1:])
+    print(f"fp8kv: logits rel. error vs bf16 KV {r['logits_rel_error_vs_bf16_kv']:.3e}, teacher-forced argmax "
+          f"agreement {r['argmax_agreement_teacher_forced']:.3f}, greedy {r[f'greedy_agreement_{steps}']}", flush=True)
+    del ref_logits, forced_logits
+    release()
+
+    vocab = config.vocab_size
+    w1 = random.Random(0)
+    lengths = [w1.randint(sizes["w1_min"], sizes["w1_max"]) for _ in range(sizes["w1_requests"])]
+    prompts = random_prompts(w1, vocab, lengths)  # the same draws, in the same order, as h200_dense's W1
+    r["w1"] = {"requests": len(prompts), "in_tokens": sum(lengths), "new_tokens": sizes["w1_new"]}
+    for kv in ("auto", "fp8"):
+        engine_config = EngineConfig(max_model_len=sizes["max_model_len"], max_num_seqs=256,
+                                     max_num_batched_tokens=8192, kv_cache_dtype=kv)
+        start = time.perf_counter()
+        llm = wrap(model, config, f"{shape}-kv-{kv}", engine_config, device)
+        runner = llm.engine.runner
+        case = r[kv] = {"startup_s": time.perf_counter() - start, "kv_dtype": str(runner.kv_dtype),
+                        "kv_capacity_tokens": llm.engine.kv_capacity_tokens,
+                        "kv_pool_budget_GB": runner.pool.budget_bytes / 1e9,
+                        "kv_bytes_per_block": runner.pool.bytes_per_block,
+                        "cuda_graphs": runner.graphs is not None}
+        timed_generate(llm, random_prompts(random.Random(1), vocab, [64] * 4), 8)  # warm-up
+        seconds, outputs = timed_generate(llm, prompts, sizes["w1_new"])
+        case.update(offline_s=seconds, offline_out_tok_s=sum(len(o.token_ids) for o in outputs) / seconds,
+                    offline_preemptions=llm.engine.scheduler.num_preemptions)
+        print(f"fp8kv: kv {kv}: capacity {case['kv_capacity_tokens']:,} tokens, W1 {case['offline_out_tok_s']:.0f} "
+              f"out tok/s in {seconds:.1f} s, {case['offline_preemptions']} preemptions", flush=True)
+        llm.engine.shutdown()
+        del llm, outputs
+        release()
+    r["kv_capacity_ratio"] = r["fp8"]["kv_capacity_tokens"] / r["auto"]["kv_capacity_tokens"]
+    r["throughput_ratio"] = r["fp8"]["offline_out_tok_s"] / r["auto"]["offline_out_tok_s"]
+    # Capacity per byte of pool, independent of how much memory each engine found free.
+    r["kv_bytes_per_token_ratio"] = r["auto"]["kv_bytes_per_block"] / r["fp8"]["kv_bytes_per_block"]
+    del model
+    release()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="r1-distill-qwen-7b")
+    parser.add_argument("--only", default="", help="comma list: awq,fp8kv (default both)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="a tiny Qwen2 config on the CPU (checks the script)")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    want = lambda name: not only or name in only
+    smoke = args.smoke
+    device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if not torch.cuda.is_available():  # h200_dense.timed_generate synchronises unconditionally
+        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    if smoke:
+        raw = dict(SMOKE_CONFIG)
+        sizes = {"check_len": 32, "prompt": 16, "new": 8, "check_steps": 8, "w1_requests": 6, "w1_min": 10,
+                 "w1_max": 40, "w1_new": 6, "max_model_len": 256}
+    else:
+        raw = json.loads(resolve_config_path(args.shape).read_text())
+        sizes = {"check_len": 128, "prompt": 128, "new": 256, "check_steps": 64, "w1_requests": 256, "w1_min": 100,
+                 "w1_max": 1024, "w1_new": 512, "max_model_len": 4096}
+    result: dict[str, Any] = {**header(sys.argv), "shape": "smoke" if smoke else args.shape, "device": device,
+                              "dtype": str(dtype).removeprefix("torch."), "sizes": sizes}
+
+    def save() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    start = time.perf_counter()
+    if want("awq"):
+        run_awq(raw, result["shape"], device, dtype, sizes, result)
+        save()
+    if want("fp8kv"):
+        run_fp8kv(args.shape, device, dtype, sizes, result, raw=raw)
+        save()
+    result["wall_s"] = time.perf_counter() - start
+    save()
+    print_table(result)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['gpu']}, torch {result['torch']}, triton {result['triton']}, shape {result['shape']}")
+    a = result.get("awq")
+    if a:
+        print(f"{'AWQ INT4 vs bf16 (batch-1 decode)':<40}{'bf16':>12}{'awq':>12}{'awq/bf16':>10}{'target':>8}")
+        print(f"{'  tok/s':<40}{a['bf16_decode_bs1_tok_s']:>12.1f}{a['awq_decode_bs1_tok_s']:>12.1f}"
+              f"{a['speedup_awq_over_bf16']:>10.2f}{'>=2.5':>8}")
+        print(f"{'  weights GB':<40}{a['bf16_weights_GB']:>12.2f}{a['awq_weights_GB']:>12.2f}")
+        g = a["greedy_agreement_256"]
+        print(f"  logits rel. error {a['logits_rel_error_vs_bf16']:.3e}, argmax agreement "
+              f"{a['argmax_agreement_vs_bf16']:.3f}, greedy agreement {g['positionwise']:.3f} (first diff {g['prefix']})")
+    f = result.get("fp8kv")
+    if f and "fp8" in f:
+        print(f"{'FP8 KV vs bf16 KV (W1)':<40}{'bf16 KV':>12}{'fp8 KV':>12}{'fp8/bf16':>10}{'target':>8}")
+        print(f"{'  KV capacity (tokens)':<40}{f['auto']['kv_capacity_tokens']:>12,}{f['fp8']['kv_capacity_tokens']:>12,}"
+              f"{f['kv_capacity_ratio']:>10.2f}{'2x':>8}")
+        print(f"{'  W1 output tok/s':<40}{f['auto']['offline_out_tok_s']:>12.0f}{f['fp8']['offline_out_tok_s']:>12.0f}"
+              f"{f['throughput_ratio']:>10.2f}{'>=1':>8}")
+        key = next(k for k in f if k.startswith("greedy_agreement_"))
+        print(f"  logits rel. error {f['logits_rel_error_vs_bf16_kv']:.3e}, teacher-forced argmax agreement "
+              f"{f['argmax_agreement_teacher_forced']:.3f}, {key}: {f[key]}")
+
+
+if __name__ == "__main__":
+    main()
