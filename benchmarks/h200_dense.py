@@ -124,8 +124,11 @@ def main() -> None:
         result[f"decode_bs{bs}_median_step_ms"] = statistics.median(itl) * 1e3
         # Python overhead per step (one prefill step per 256 decode steps): host work, of which
         # schedule + inputs + launch, and time blocked on the GPU; then the same with the overlap off.
-        # Both modes get the same prompts: their greedy tokens must agree (the overlap's GPU check).
+        # Both modes get the same prompts: their greedy tokens must agree (the overlap's GPU check). Prefix
+        # caching is off for the pair, or the second run would prefill only the uncached tail of each prompt,
+        # a different (bf16-rounding) computation.
         prompts = random_prompts(rng, vocab, [128] * bs)
+        engine.block_manager.enable_prefix_caching = False
         tokens = {}
         for mode, overlap in (("", True), ("_sync", False)):
             engine.async_scheduling = overlap
@@ -137,6 +140,7 @@ def main() -> None:
                 result[f"decode_bs{bs}{mode}_{key}_ms_per_step"] = stats[f"{key}_ms_per_step"]
             result[f"decode_bs{bs}{mode}_run_tok_s"] = bs * 256 / mode_seconds
         engine.async_scheduling = engine.config.async_scheduling
+        engine.block_manager.enable_prefix_caching = engine.config.enable_prefix_caching
         result[f"decode_bs{bs}_async_tokens_equal_sync"] = tokens[""] == tokens["_sync"]
         if bs == 1:
             result["decode_bs1_weight_GBps"] = weight_bytes * result["decode_bs1_tok_s"] / 1e9
