@@ -9,6 +9,8 @@ timeout because workers wait on it while the server is idle.
 from __future__ import annotations
 
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,8 +113,25 @@ def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, dev
         control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         collectives = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
         raise TensorParallelError(f"the tensor-parallel group ({size} ranks at {host}:{port}) did not form "
                                   f"within {init_timeout_s:g}s: {exc}") from exc
     return TPGroup(rank, size, device, collectives, control)
+
+
+def leave_group(timeout_s: float = 10.0) -> None:
+    """destroy_process_group, bounded: tearing down NCCL communicators can block (a peer already gone, or
+    CUDA graphs still holding captured collectives), and a server that is shutting down must not hang on
+    it; the process exit releases whatever is left."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="r1deploy-leave-group", daemon=True).start()
+    if not done.wait(timeout_s):
+        print(f"r1deploy: process-group teardown did not finish within {timeout_s:g}s; exiting without it",
+              file=sys.stderr, flush=True)

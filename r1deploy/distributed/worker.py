@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from r1deploy.config import read_hf_config
 from r1deploy.distributed.group import (
@@ -32,6 +31,7 @@ from r1deploy.distributed.group import (
     check_tensor_parallel,
     free_port,
     init_group,
+    leave_group,
 )
 from r1deploy.distributed.messages import Op, StepMessage
 from r1deploy.distributed.nodes import NodeLayout, bind_rank_network
@@ -126,8 +126,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
               flush=True)
         sys.exit(1)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
 
 
 class TPRuntime:
@@ -164,8 +163,7 @@ class TPRuntime:
         except BaseException as exc:
             dead = _dead(processes, wait_s=1.0)
             stop_workers(processes)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_group()
             if dead and not isinstance(exc, UsageError):
                 raise TensorParallelError(f"tensor-parallel start-up failed: {dead} (its error is printed above)") \
                     from exc
@@ -200,8 +198,7 @@ class TPRuntime:
             except Exception as exc:  # noqa: BLE001 - a broken group: the processes are stopped below
                 print(f"r1deploy: tensor-parallel shutdown message not delivered: {exc}", file=sys.stderr)
         stop_workers(self.processes, grace_s=10.0 if self.error is None else 0.0)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
 
 
 def worker_spec(model: str | None, config: EngineConfig, dtype: Any, device: str | None,
