@@ -9,7 +9,17 @@ Two inputs are read:
   benchmarks/h200_dense.py writes it): per entry with a `shape`, one GPU, `ttft_N_ms` (a prompt of N
   tokens alone: the prefill time), `decode_bsB_median_step_ms` (B sequences, prompt 128, 256 new
   tokens: one decode step) and `offline_out_tok_s` (256 requests at once, 512 new tokens; shown, not
-  fitted).
+  fitted);
+- a reduced-depth DeepSeek file (benchmarks/results/h200_r1_layers.json, as benchmarks/h200_deepseek.py
+  writes it): a `models` list, each with `dense_layers` / `moe_layers` (the same model at that depth,
+  model_spec.layer_overrides), `decode_bsB_step_ms` (CUDA-graph replay of one decode step of B sequences,
+  every one at `context` tokens, 1024 unless the file says) and `prefill_N_ms` (one N-token prompt);
+  the model is the file's `model` (default deepseek-r1), on one GPU, with the checkpoint's weights
+  (FP8 for R1) unless an entry's `weights` starts with "bf16".
+
+Points are fitted per calibration family (roofline.calibration_family): dense models with the fit
+below, written as the file's top-level factors; MoE/MLA models (DeepSeek) separately, written as its
+"moe" section, which the planner uses for those models (`fit_moe`, below).
 
 Fit (numerical derivatives of the planner's own predictions, so any layout works):
 1. prefill_flops from the TTFT points whose prefill is compute-bound: a 1-D least squares on
@@ -19,6 +29,12 @@ Fit (numerical derivatives of the planner's own predictions, so any layout works
    least squares on relative errors; with one point, or points that cannot tell the slope from the
    intercept, only memory_bandwidth is fitted and the overhead kept.
 Both are clamped to the ranges below; a clamped factor is fixed and the other refitted.
+
+MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
+pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
+wider: prefill_flops as above (wider range); then decode_flops and memory_bandwidth by a search over a
+log grid, and for each pair step_overhead_s and layer_overhead_s (linear in them) by least squares on
+relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's rows).
 """
 
 from __future__ import annotations
@@ -35,7 +51,8 @@ from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog, GpuSpec
 from r1deploy.plan.memory import plan_memory
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
-from r1deploy.plan.roofline import Efficiency, StageCost, decode_stage, prefill_stage, stage_cost
+from r1deploy.plan.roofline import (Efficiency, StageCost, calibration_family, decode_stage, prefill_stage,
+                                    stage_cost)
 from r1deploy.plan.serving import Performance, Workload, predict
 
 BENCH_SCHEMA = "r1deploy-bench/1"
@@ -52,6 +69,14 @@ ENGINE_OFFLINE_REQUESTS, ENGINE_OFFLINE_NEW = 256, 512
 BENCH_DEFAULT_BATCH, BENCH_DEFAULT_OUTPUT_LEN = 8, 128
 
 FITTED = ("prefill_flops", "memory_bandwidth", "step_overhead_s")
+# The MoE/MLA family's fitted set and ranges (fit_moe).
+FITTED_MOE = ("prefill_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
+MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
+MOE_DECODE_FLOPS_RANGE = (0.01, 1.0)
+MOE_MEMORY_BANDWIDTH_RANGE = (0.1, 1.0)
+LAYER_OVERHEAD_RANGE_S = (0.0, 0.005)
+# benchmarks/h200_deepseek.py's defaults.
+LAYERS_DEFAULT_MODEL, LAYERS_DEFAULT_CONTEXT = "deepseek-r1", 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,7 @@ class Point:
     measured: float
     fits: str | None  # "prefill", "decode" or None (shown only)
     predict: Callable[[Efficiency], float]
+    family: str = "dense"  # calibration family of the model (roofline.calibration_family)
 
 
 @dataclass(frozen=True)
@@ -73,11 +99,16 @@ class Fit:
     fitted: Efficiency
     used: dict[str, int]  # factor group -> points it was fitted from
     notes: list[str]
+    family: str = "dense"
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        return FITTED_MOE if self.family == "moe" else FITTED
 
     def calibration(self) -> dict[str, Any]:
         """The --calibration JSON: fitted factors plus any non-default starting ones."""
         default = asdict(Efficiency())
-        out = {k: v for k, v in asdict(self.fitted).items() if k in FITTED or v != default[k]}
+        out = {k: v for k, v in asdict(self.fitted).items() if k in self.factors or v != default[k]}
         return out
 
 
@@ -137,7 +168,7 @@ def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalo
         return replace(cost, eff=eff)
 
     points: list[Point] = []
-    common = {"source": Path(path).name, "model": s.model.name}
+    common = {"source": Path(path).name, "model": s.model.name, "family": calibration_family(s.model)}
     for key in sorted(entry):
         m = re.fullmatch(r"ttft_(\d+)_ms", key)
         if m:
@@ -166,6 +197,60 @@ def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalo
             **common, workload=f"offline {ENGINE_OFFLINE_REQUESTS} req, ~{prompt}/{ENGINE_OFFLINE_NEW} tok",
             metric="output tok/s", measured=offline, fits=None,
             predict=lambda eff: predict(at(eff), work).output_tokens_per_s))
+    return points
+
+
+def _layers_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str | None,
+                   options: dict[str, Any]) -> list[Point]:
+    """benchmarks/h200_deepseek.py's result: reduced-depth models of one DeepSeek model on one GPU."""
+    from r1deploy.plan.model_spec import layer_overrides, load_model
+    from r1deploy.plan.precision import make_precision
+
+    gpu_name = gpu_flag or data.get("gpu")
+    if not gpu_name:
+        raise UsageError(f"{path}: no 'gpu'; pass --gpu NAME")
+    gpu = _gpu(catalog, str(gpu_name))
+    model = str(data.get("model") or LAYERS_DEFAULT_MODEL)
+    points: list[Point] = []
+    for i, entry in enumerate(data["models"]):
+        where = f"{path} [models[{i}]]"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: expected an object")
+        dense, moe = entry.get("dense_layers"), entry.get("moe_layers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (dense, moe)):
+            raise UsageError(f"{where}: dense_layers and moe_layers must be integers >= 0")
+        context = entry.get("context", data.get("context", LAYERS_DEFAULT_CONTEXT))
+        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+            raise UsageError(f"{where}: context must be a positive integer")
+        spec = load_model(model, layer_overrides(dense, moe))
+        weights = options.get("weights") or ("bf16" if str(entry.get("weights", "")).startswith("bf16") else None)
+        precision = make_precision(weights, options.get("kv_cache_dtype", "auto"), options.get("group_size"),
+                                   spec.checkpoint_weights, spec.checkpoint_group_size)
+        layout = Layout(1, 1, 1, 1, False, DEFAULT_GPUS_PER_NODE)
+        cost = stage_cost(spec, precision, layout, gpu, Efficiency())
+        common = {"source": Path(path).name, "model": f"{spec.name} {dense}d+{moe}m",
+                  "family": calibration_family(spec)}
+
+        def at(eff: Efficiency, cost: StageCost = cost) -> StageCost:
+            return replace(cost, eff=eff)
+
+        for key in sorted(entry, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
+            if m := re.fullmatch(r"prefill_(\d+)_ms", key):
+                n = int(m.group(1))
+                value = _number(entry, key, where)
+                if value is not None:
+                    points.append(Point(**common, workload=f"prefill {n} tok, batch 1", metric="TTFT ms",
+                                        measured=value, fits="prefill",
+                                        predict=lambda eff, n=n, at=at: prefill_stage(at(eff), n).total_s * 1e3))
+            elif m := re.fullmatch(r"decode_bs(\d+)_step_ms", key):
+                batch = int(m.group(1))
+                value = _number(entry, key, where)
+                if value is not None:
+                    points.append(Point(
+                        **common, workload=f"decode batch {batch}, context {context}", metric="TPOT ms",
+                        measured=value, fits="decode",
+                        predict=lambda eff, b=batch, c=context, at=at: (
+                            decode_stage(at(eff), b, c).total_s + eff.step_overhead_s) * 1e3))
     return points
 
 
@@ -220,7 +305,8 @@ def _bench_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: s
     getters = {"ttft": ("prefill", lambda eff: perf(eff).ttft_s * 1e3),
                "tpot": ("decode", lambda eff: perf(eff).tpot_s * 1e3),
                "tput": (None, lambda eff: perf(eff).output_tokens_per_s)}
-    return [Point(Path(path).name, s.model.name, desc, metric, value, getters[key][0], getters[key][1])
+    return [Point(Path(path).name, s.model.name, desc, metric, value, getters[key][0], getters[key][1],
+                  calibration_family(s.model))
             for key, (metric, value) in measured.items() if value is not None]
 
 
@@ -240,6 +326,8 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             found = _bench_points(path, data, catalog, gpu, options)
         elif isinstance(data.get("shape"), str):
             found = _engine_points(path, data, "", catalog, gpu, options)
+        elif isinstance(data.get("models"), list):
+            found = _layers_points(path, data, catalog, gpu, options)
         else:
             found = []
             for label, entry in data.items():
@@ -248,7 +336,8 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
                     found += _engine_points(path, entry, label, catalog, gpu, options)
             if not found:
                 raise UsageError(f"--calibrate {path}: neither a bench report (schema {BENCH_SCHEMA}) nor an engine "
-                                 "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms)")
+                                 "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms) "
+                                 "nor a reduced-depth DeepSeek file (a 'models' list)")
         if not found:
             raise UsageError(f"--calibrate {path}: no measured TTFT, TPOT or throughput in it")
         points += found
@@ -269,13 +358,14 @@ def _sensitive(p: Point, eff: Efficiency, factor: str) -> bool:
     return share >= MIN_SENSITIVITY
 
 
-def _fit_prefill(points: list[Point], eff: Efficiency) -> float:
+def _fit_prefill(points: list[Point], eff: Efficiency,
+                 bounds: tuple[float, float] = PREFILL_FLOPS_RANGE) -> float:
     """1-D least squares on log(planned / measured) over prefill_flops (golden section in log space)."""
     def loss(log_p: float) -> float:
         e = replace(eff, prefill_flops=math.exp(log_p))
         return sum(math.log(p.predict(e) / p.measured) ** 2 for p in points)
 
-    lo, hi = (math.log(v) for v in PREFILL_FLOPS_RANGE)
+    lo, hi = (math.log(v) for v in bounds)
     g = (math.sqrt(5) - 1) / 2
     a, b = lo, hi
     c, d = b - g * (b - a), a + g * (b - a)
@@ -289,7 +379,7 @@ def _fit_prefill(points: list[Point], eff: Efficiency) -> float:
             a, c, fc = c, d, fd
             d = a + g * (b - a)
             fd = loss(d)
-    return _clamp(math.exp((a + b) / 2), PREFILL_FLOPS_RANGE)
+    return _clamp(math.exp((a + b) / 2), bounds)
 
 
 def _fit_decode(points: list[Point], eff: Efficiency, notes: list[str]) -> tuple[float, float]:
@@ -365,20 +455,144 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
     return Fit(start, eff, {"prefill": len(prefill), "decode": len(decode)}, notes)
 
 
+def _log_grid(bounds: tuple[float, float], n: int) -> list[float]:
+    lo, hi = (math.log(v) for v in bounds)
+    return [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+
+
+def _fit_fixed(points: list[Point], base: list[float], per_layer: list[float]) -> tuple[float, float, float]:
+    """(step_overhead_s, layer_overhead_s, loss) minimising sum(((base + o + L l) / measured - 1)^2) within
+    their ranges; base and per_layer (L, layers per step) in ms, o and l in seconds."""
+    rows = [(1e3 / p.measured, lay * 1e3 / p.measured, 1 - b / p.measured) for p, b, lay in zip(points, base, per_layer)]
+
+    def loss(o: float, l_: float) -> float:
+        return sum((a * o + c * l_ - y) ** 2 for a, c, y in rows)
+
+    def best_one(fixed: float, which: int, bounds: tuple[float, float]) -> float:
+        # minimise over the free variable with the other fixed
+        num = sum((y - (a * fixed if which == 0 else c * fixed)) * (c if which == 0 else a) for a, c, y in rows)
+        den = sum((c if which == 0 else a) ** 2 for a, c, y in rows)
+        return _clamp(num / den if den > 0 else bounds[0], bounds)
+
+    saa = sum(a * a for a, _, _ in rows)
+    scc = sum(c * c for _, c, _ in rows)
+    sac = sum(a * c for a, c, _ in rows)
+    say = sum(a * y for a, _, y in rows)
+    scy = sum(c * y for _, c, y in rows)
+    det = saa * scc - sac ** 2
+    candidates = []
+    if det > 1e-9 * saa * scc:
+        o, l_ = (scc * say - sac * scy) / det, (saa * scy - sac * say) / det
+        if STEP_OVERHEAD_RANGE_S[0] <= o <= STEP_OVERHEAD_RANGE_S[1] and \
+                LAYER_OVERHEAD_RANGE_S[0] <= l_ <= LAYER_OVERHEAD_RANGE_S[1]:
+            candidates.append((o, l_))
+    for o in STEP_OVERHEAD_RANGE_S:
+        candidates.append((o, best_one(o, 0, LAYER_OVERHEAD_RANGE_S)))
+    for l_ in LAYER_OVERHEAD_RANGE_S:
+        candidates.append((best_one(l_, 1, STEP_OVERHEAD_RANGE_S), l_))
+    o, l_ = min(candidates, key=lambda c: loss(*c))
+    return o, l_, loss(o, l_)
+
+
+def _fit_moe_decode(points: list[Point], eff: Efficiency, fit_flops: bool) -> Efficiency:
+    """decode_flops and memory_bandwidth on a log grid (refined twice around the best cell); for each,
+    the fixed latencies in closed form."""
+    zero = replace(eff, step_overhead_s=0.0, layer_overhead_s=0.0)
+    per_layer = [(p.predict(replace(zero, layer_overhead_s=1e-3)) - p.predict(zero)) for p in points]  # ms per ms
+
+    def solve(bw: float, df: float) -> tuple[float, Efficiency]:
+        e = replace(zero, memory_bandwidth=bw, decode_flops=df)
+        o, l_, loss = _fit_fixed(points, [p.predict(e) for p in points], per_layer)
+        return loss, replace(e, step_overhead_s=o, layer_overhead_s=l_)
+
+    bw_range, df_range = MOE_MEMORY_BANDWIDTH_RANGE, MOE_DECODE_FLOPS_RANGE if fit_flops else (eff.decode_flops,) * 2
+    best = (math.inf, eff)
+    for _ in range(3):
+        bws, dfs = _log_grid(bw_range, 25), _log_grid(df_range, 25 if fit_flops else 1)
+        best = min((solve(bw, df) for bw in bws for df in dfs), key=lambda r: r[0])
+        bw, df = best[1].memory_bandwidth, best[1].decode_flops
+        step_bw, step_df = (bws[1] / bws[0]) ** 2, ((dfs[1] / dfs[0]) ** 2 if fit_flops else 1.0)
+        bw_range = (_clamp(bw / step_bw, MOE_MEMORY_BANDWIDTH_RANGE), _clamp(bw * step_bw, MOE_MEMORY_BANDWIDTH_RANGE))
+        if fit_flops:
+            df_range = (_clamp(df / step_df, MOE_DECODE_FLOPS_RANGE), _clamp(df * step_df, MOE_DECODE_FLOPS_RANGE))
+    return best[1]
+
+
+def fit_moe(points: list[Point], start: Efficiency) -> Fit:
+    """The MoE/MLA family's fit (module docstring): prefill_flops, then decode_flops, memory_bandwidth,
+    step_overhead_s and layer_overhead_s, with the embedding read as a lookup."""
+    notes: list[str] = []
+    eff = replace(start, embedding_read=0.0)
+    prefill = [p for p in points if p.fits == "prefill"]
+    decode = [p for p in points if p.fits == "decode"]
+    flops = False
+    for _ in range(2):
+        prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
+        if prefill:
+            eff = replace(eff, prefill_flops=_fit_prefill(prefill, eff, MOE_PREFILL_FLOPS_RANGE))
+        if decode:
+            eff = _fit_moe_decode(decode, eff, fit_flops=True)
+            flops = any(_sensitive(p, eff, "decode_flops") for p in decode)
+            if not flops:  # no compute-bound step: decode_flops is not determined by these points
+                eff = _fit_moe_decode(decode, replace(eff, decode_flops=start.decode_flops), fit_flops=False)
+    if not prefill:
+        notes.append("prefill_flops kept: no compute-bound TTFT point")
+    if not decode:
+        notes.append("decode factors kept: no TPOT point")
+    elif not flops:
+        notes.append("decode_flops kept: no decode step is compute-bound")
+    eff = replace(eff, **{k: round(getattr(eff, k), 6 if k.endswith("_s") else 3) for k in FITTED_MOE})
+    bounds = {"prefill_flops": MOE_PREFILL_FLOPS_RANGE, "decode_flops": MOE_DECODE_FLOPS_RANGE,
+              "memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "step_overhead_s": STEP_OVERHEAD_RANGE_S,
+              "layer_overhead_s": LAYER_OVERHEAD_RANGE_S}
+    for name, (lo, hi) in bounds.items():
+        value = getattr(eff, name)
+        if value != getattr(start, name) and value != lo and (math.isclose(value, lo) or math.isclose(value, hi)):
+            notes.append(f"{name} clamped to {value:g} (range {lo:g}-{hi:g}): the planner's model does not "
+                         "explain these measurements well")
+    return Fit(start, eff, {"prefill": len(prefill), "decode": len(decode)}, notes, "moe")
+
+
+def fit_families(points: list[Point], starts: dict[str, Efficiency]) -> dict[str, Fit]:
+    """One fit per calibration family present in `points` (dense: `fit`, moe: `fit_moe`)."""
+    out = {}
+    for family in ("dense", "moe"):
+        group = [p for p in points if p.family == family]
+        if group:
+            out[family] = (fit_moe if family == "moe" else fit)(group, starts[family])
+    return out
+
+
 # ---------------------------------------------------------------- CLI
 
-def result_dict(points: list[Point], result: Fit) -> dict[str, Any]:
+def result_dict(points: list[Point], result: Fit | dict[str, Fit],
+                base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rows of planned vs measured and the factors. `result`: one fit, or one per family (fit_families);
+    `base`: the starting calibration file's top-level factors, kept when no dense point refits them."""
+    fits = result if isinstance(result, dict) else {"dense": result}
     rows = []
     for p in points:
-        before, after = p.predict(result.start), p.predict(result.fitted)
+        r = fits.get(p.family) or next(iter(fits.values()))
+        before, after = p.predict(r.start), p.predict(r.fitted)
         rows.append({"source": p.source, "model": p.model, "workload": p.workload, "metric": p.metric,
                      "measured": p.measured, "planned_before": before, "planned_after": after,
                      "error_before_pct": error_pct(before, p.measured),
-                     "error_after_pct": error_pct(after, p.measured), "fits": p.fits})
-    factors = {f.name: {"before": getattr(result.start, f.name), "after": getattr(result.fitted, f.name)}
-               for f in fields(Efficiency) if f.name in FITTED}
-    return {"points": rows, "factors": factors, "points_used": result.used, "notes": result.notes,
-            "calibration": result.calibration()}
+                     "error_after_pct": error_pct(after, p.measured), "fits": p.fits, "family": p.family})
+    per_family = {}
+    for family, r in fits.items():
+        factors = {f.name: {"before": getattr(r.start, f.name), "after": getattr(r.fitted, f.name)}
+                   for f in fields(Efficiency) if f.name in r.factors}
+        per_family[family] = {"factors": factors, "points_used": r.used, "notes": r.notes}
+    main = per_family.get("dense") or next(iter(per_family.values()))
+    if "moe" in fits:
+        calibration = dict(fits["dense"].calibration() if "dense" in fits else (base or {}))
+        calibration["moe"] = fits["moe"].calibration()
+    else:
+        calibration = fits["dense"].calibration()
+    out = {"points": rows, **main, "calibration": calibration}
+    if len(fits) > 1 or "moe" in fits:
+        out["families"] = per_family
+    return out
 
 
 def render(out: dict[str, Any], console: Any) -> None:
@@ -394,15 +608,19 @@ def render(out: dict[str, Any], console: Any) -> None:
                       f"{r['planned_before']:,.{digits}f}", f"{r['planned_after']:,.{digits}f}",
                       f"{r['error_before_pct']:+.1f}%", f"{r['error_after_pct']:+.1f}%", r["fits"] or "shown")
     console.print(table)
-    ft = Table(title="efficiency factors")
-    for col in ("factor", "before", "fitted"):
-        ft.add_column(col, justify="left" if col == "factor" else "right")
-    for name, v in out["factors"].items():
-        fmt = (lambda x: f"{x * 1e3:.3f} ms") if name.endswith("_s") else (lambda x: f"{x:.3f}")
-        ft.add_row(name, fmt(v["before"]), fmt(v["after"]))
-    console.print(ft)
-    for note in out["notes"]:
-        console.print(f"[yellow]note: {note}[/yellow]", soft_wrap=True)
+    families = out.get("families") or {"dense": out}
+    for family, f in families.items():
+        title = "efficiency factors" + ("" if family == "dense" else f" ({family}: MoE/MLA models, the 'moe' section)")
+        ft = Table(title=title)
+        for col in ("factor", "before", "fitted"):
+            ft.add_column(col, justify="left" if col == "factor" else "right")
+        for name, v in f["factors"].items():
+            fmt = (lambda x: f"{x * 1e3:.3f} ms") if name.endswith("_s") else (lambda x: f"{x:.3f}")
+            ft.add_row(name, fmt(v["before"]), fmt(v["after"]))
+        console.print(ft)
+        for note in f["notes"]:
+            console.print(f"[yellow]note{'' if family == 'dense' else f' ({family})'}: {note}[/yellow]",
+                          soft_wrap=True)
 
 
 def run_calibrate(paths: Sequence[str], out_path: str | None, as_json: bool, console: Any, gpu: str | None = None,
@@ -410,9 +628,11 @@ def run_calibrate(paths: Sequence[str], out_path: str | None, as_json: bool, con
     from r1deploy.plan.roofline import load_calibration
 
     points = load_points(paths, gpu, **options)
-    start = load_calibration(options.get("calibration"))
-    result = fit(points, start)
-    out = result_dict(points, result)
+    path = options.get("calibration")
+    starts = {family: load_calibration(path, family) for family in ("dense", "moe")}
+    base = {k: v for k, v in asdict(starts["dense"]).items() if v != asdict(Efficiency())[k]}
+    result = fit_families(points, starts)
+    out = result_dict(points, result, base)
     calibration = dict(out["calibration"])
     text = json.dumps(calibration, indent=2) + "\n"
     if out_path:

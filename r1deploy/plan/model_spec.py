@@ -266,6 +266,20 @@ def _mtp_tensors(main: list[Tensor], d: int, vocab: int) -> list[Tensor]:
             Tensor("mtp.shared_head.head", (vocab, d), "mtp", "mtp", "embed", "tp")]
 
 
-def load_model(model: str) -> ModelSpec:
+def load_model(model: str, overrides: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec of `model`; `overrides` replace config.json keys first (e.g. a reduced-depth variant:
+    {"num_hidden_layers": 11, "first_k_dense_replace": 3}, see `layer_overrides`)."""
     name, config = load_config(model)
+    if overrides:
+        config = {**config, **overrides}
     return spec_from_config(name, config)
+
+
+def layer_overrides(dense_layers: int, moe_layers: int) -> dict[str, Any]:
+    """Config overrides for the same model with `dense_layers` dense then `moe_layers` MoE decoder layers
+    (DeepSeek's first_k_dense_replace layout) and no MTP module: what benchmarks/h200_deepseek.py builds."""
+    if dense_layers < 0 or moe_layers < 0 or dense_layers + moe_layers < 1:
+        raise UsageError(f"layer counts must be >= 0 with at least one layer, got {dense_layers} dense + "
+                         f"{moe_layers} MoE")
+    return {"num_hidden_layers": dense_layers + moe_layers, "first_k_dense_replace": dense_layers,
+            "moe_layer_freq": 1, "num_nextn_predict_layers": 0}

@@ -14,7 +14,7 @@ from r1deploy.plan.model_spec import load_model
 from r1deploy.plan.offload import OffloadPlan
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout, check_layout
 from r1deploy.plan.precision import compute_note, make_precision
-from r1deploy.plan.roofline import load_calibration
+from r1deploy.plan.roofline import calibration_family, load_calibration
 from r1deploy.plan.search import Candidate, Settings, Slo, require, search
 from r1deploy.plan.serving import DEFAULT_CONCURRENCY, DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, Workload
 
@@ -134,7 +134,9 @@ def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, gr
     slo = Slo(None if slo_ttft_ms is None else slo_ttft_ms / 1e3, None if slo_tpot_ms is None else slo_tpot_ms / 1e3)
     precision = make_precision(weights, kv_cache_dtype, group_size, spec.checkpoint_weights,
                                spec.checkpoint_group_size)
-    return Settings(spec, precision, work, slo, load_calibration(calibration), gpu_memory_utilization,
+    # A calibration file's "moe" section (if any) is what MoE/MLA models (DeepSeek) use; dense models its top level.
+    eff = load_calibration(calibration, calibration_family(spec))
+    return Settings(spec, precision, work, slo, eff, gpu_memory_utilization,
                     gpus_per_node)
 
 

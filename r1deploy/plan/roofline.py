@@ -39,25 +39,60 @@ class Efficiency:
     internode_latency_s: float = 25e-6
     # Scheduler, input preparation and sampling per decode step with CUDA graphs (1-3 ms in vLLM).
     step_overhead_s: float = 0.002
+    # Fixed time per decoder layer per decode step, beyond its roofline (the latency of a chain of
+    # small kernels: a graph replay still pays each kernel's launch and tail). 0 = pure roofline.
+    layer_overhead_s: float = 0.0
+    # Share of the (untied) input embedding table read per forward: 1 counts it like any weight (the
+    # conservative default the dense calibration was fitted with); 0 = a lookup reads only the batch's
+    # rows, as engines do.
+    embedding_read: float = 1.0
 
 
-def load_calibration(path: str | Path | None) -> Efficiency:
+# Efficiency factors that may be 0 in a calibration file (besides the *_s latencies).
+ZERO_OK = ("embedding_read",)
+# Calibration sections: a calibration file's top-level factors apply to every model; a "moe" object
+# in it overrides them for MoE and/or MLA models (DeepSeek), fitted separately (calibrate.py).
+CALIBRATION_FAMILIES = ("dense", "moe")
+
+
+def calibration_family(model: ModelSpec) -> str:
+    """Which calibration section applies to `model`: "moe" for MoE or MLA models, else "dense"."""
+    return "moe" if model.moe or model.mla else "dense"
+
+
+def load_calibration(path: str | Path | None, family: str = "dense") -> Efficiency:
+    """The efficiency factors of a calibration file for a model of `family` (calibration_family): the
+    top-level factors, overridden by the file's "moe" section for family "moe" when it has one."""
     if not path:
         return Efficiency()
     try:
         data = json.loads(Path(path).expanduser().read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--calibration {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--calibration {path}: expected a JSON object of efficiency factors, got {data!r}")
+    sections = {k: data.pop(k) for k in CALIBRATION_FAMILIES[1:] if k in data}
+    values = _check_factors(path, data)
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise UsageError(f"--calibration {path}: {name!r} must be an object of efficiency factors")
+        override = _check_factors(f"{path} [{name}]", section)
+        if name == family:
+            values = {**values, **override}
+    return replace(Efficiency(), **values)
+
+
+def _check_factors(where: str | Path, data: dict[str, object]) -> dict[str, float]:
     valid = {f.name for f in fields(Efficiency)}
-    if not isinstance(data, dict) or set(data) - valid:
-        bad = sorted(set(data) - valid) if isinstance(data, dict) else data
-        raise UsageError(f"--calibration {path}: unknown keys {bad}; valid: {', '.join(sorted(valid))}")
+    if set(data) - valid:
+        raise UsageError(f"--calibration {where}: unknown keys {sorted(set(data) - valid)}; valid: "
+                         f"{', '.join(sorted(valid))}")
     for key, value in data.items():
         seconds = key.endswith("_s")
-        if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not seconds) or (
-                value > 1 and not seconds):
-            raise UsageError(f"--calibration {path}: {key} must be a number in (0, 1] (seconds >= 0 for *_s)")
-    return replace(Efficiency(), **{k: float(v) for k, v in data.items()})
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (
+                value == 0 and not seconds and key not in ZERO_OK) or (value > 1 and not seconds):
+            raise UsageError(f"--calibration {where}: {key} must be a number in (0, 1] (seconds >= 0 for *_s)")
+    return {k: float(v) for k, v in data.items()}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -69,11 +104,12 @@ class StepTime:
     bytes: float  # HBM bytes per GPU
     comm_bytes: float  # bytes one GPU sends
     internode_comm_bytes: float  # of which cross a node boundary
+    fixed_s: float = 0.0  # per-layer fixed latencies (Efficiency.layer_overhead_s)
 
     @property
     def total_s(self) -> float:
         # No compute/communication overlap assumed: the conservative side of what engines achieve.
-        return max(self.compute_s, self.memory_s) + self.comm_s
+        return max(self.compute_s, self.memory_s) + self.comm_s + self.fixed_s
 
     @property
     def bound(self) -> str:
@@ -96,6 +132,7 @@ class StageCost:
     attn_params: float  # attention matmul params on the stage (all GPUs)
     other_params: float  # active non-attention matmul params on the stage (top-k experts), incl. lm_head
     linear_tflops: float
+    embedding_bytes: float = 0.0  # of nonexpert_bytes: the untied input embedding (Efficiency.embedding_read)
 
     @property
     def layers(self) -> int:
@@ -126,6 +163,8 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
         kv_bytes_per_token=kv_bytes_per_token_per_gpu(model, precision, layout),
         attn_params=attn, other_params=other,
         linear_tflops=(gpu.fp8_tflops if fp8 else gpu.bf16_tflops) or gpu.bf16_tflops,
+        embedding_bytes=(weights_bytes_per_gpu(model, precision, layout, parts=("embedding",))
+                         if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
     )
 
 
@@ -169,14 +208,15 @@ def collectives(cost: StageCost, tokens: float) -> tuple[float, float, float]:
 
 
 def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flops_eff: float,
-          attention_ways: int) -> StepTime:
+          attention_ways: int, fixed_s: float = 0.0) -> StepTime:
     lay, gpu, eff = cost.layout, cost.gpu, cost.eff
     linear = 2 * tokens * (cost.attn_params / attention_ways + cost.other_params / lay.tp)
     compute = linear / (cost.linear_tflops * 1e12 * flops_eff) + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff)
-    hbm = cost.nonexpert_bytes + cost.expert_bytes * experts_touched(cost.model, tokens) + kv_read
+    hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read)
+           + cost.expert_bytes * experts_touched(cost.model, tokens) + kv_read)
     comm_s, sent, inter = collectives(cost, tokens)
     return StepTime(compute, hbm / (gpu.bandwidth_bytes_s * eff.memory_bandwidth), comm_s,
-                    linear + attn_flops, hbm, sent, inter)
+                    linear + attn_flops, hbm, sent, inter, fixed_s)
 
 
 def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
@@ -202,7 +242,7 @@ def decode_stage(cost: StageCost, batch: float, context: float) -> StepTime:
         per_token = 4 * cost.layers * m.num_heads * m.head_dim * context
     attn = per_token * batch / lay.tp
     kv_read = batch / lay.attention_dp * context * cost.kv_bytes_per_token
-    return _step(cost, batch, attn, kv_read, cost.eff.decode_flops, lay.tp)
+    return _step(cost, batch, attn, kv_read, cost.eff.decode_flops, lay.tp, cost.layers * cost.eff.layer_overhead_s)
 
 
 def pipeline_send_s(cost: StageCost, tokens: float) -> float:
