@@ -22,7 +22,6 @@ each: the planner's expert-offload prediction (r1deploy.plan.offload.plan_offloa
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from h200_quant import header  # the benchmarks folder is not a package
 
 from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
@@ -54,19 +56,6 @@ SMOKE_CONFIG = {  # DeepSeek-V3 layout at toy width: runs on the CPU in seconds
     "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True, "max_position_embeddings": 4096,
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
 }
-
-
-def header(argv: list[str]) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"command": " ".join([Path(sys.executable).name, *argv]),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def r1_config(moe_layers: int) -> dict[str, Any]:
