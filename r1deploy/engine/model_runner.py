@@ -56,7 +56,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
             raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
-                             f"{type(self.model).__name__} yet (only the GQA cache of Llama/Qwen2 models)")
+                             f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
         self.sampler = Sampler()
         self.pool = self._size_pool()
         self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)

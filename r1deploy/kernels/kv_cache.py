@@ -4,8 +4,9 @@
 A negative slot is skipped: CUDA-graph batches pad their unused rows with slot -1, and the
 grid is the (static) token count, so the kernel is capturable.
 
-An FP8 (float8_e4m3fn) cache stores k / k_scale and v / v_scale, computed in fp32 and saturated to
-+-448 before the (round-to-nearest-even) cast; the cache's dtype switches it on.
+An FP8 (float8_e4m3fn) cache stores k / k_scale and v / v_scale (MLA: latent and k_pe / one scale),
+computed in fp32 and saturated to +-448 before the (round-to-nearest-even) cast; the cache's dtype
+switches it on.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ def _write_latent_kernel(
     k_pe_ptr,  # [T, DR]
     cache_ptr,  # [NB, BS, DC + DR]
     slots_ptr,  # [T] int64
+    scale,  # FP8 only: stored = value / scale, one scale for the whole row
     stride_lt, stride_pt, stride_cblk, stride_coff,
     DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -98,29 +101,42 @@ def _write_latent_kernel(
     r = tl.arange(0, BLOCK_R)
     latent = tl.load(latent_ptr + t * stride_lt + c, mask=c < DC)
     k_pe = tl.load(k_pe_ptr + t * stride_pt + r, mask=r < DR)
+    if FP8:
+        latent = tl.minimum(tl.maximum(latent.to(tl.float32) / scale, -448.0), 448.0)
+        k_pe = tl.minimum(tl.maximum(k_pe.to(tl.float32) / scale, -448.0), 448.0)
     tl.store(dst + c, latent.to(cache_ptr.dtype.element_ty), mask=c < DC)
     tl.store(dst + DC + r, k_pe.to(cache_ptr.dtype.element_ty), mask=r < DR)
 
 
 def write_latent_cache(
     kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+    scale: float = 1.0,
 ) -> None:
     """kv_cache [NB, BS, DC + DR] in place; latent [T, DC] and k_pe [T, DR] (strided row views are fine);
-    slot_mapping [T], negative slots skipped. One row per token, no concatenated copy."""
+    slot_mapping [T], negative slots skipped. One row per token, no concatenated copy.
+    scale is used only by an FP8 cache."""
     num_tokens, latent_dim = latent.shape
     rope_dim = k_pe.shape[1]
     assert latent.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
     _write_latent_kernel[(num_tokens,)](
-        latent, k_pe, kv_cache, slot_mapping, latent.stride(0), k_pe.stride(0), kv_cache.stride(0),
-        kv_cache.stride(1), DC=latent_dim, DR=rope_dim, BLOCK_SIZE=kv_cache.shape[1],
-        BLOCK_C=pow2(latent_dim), BLOCK_R=pow2(rope_dim), num_warps=4,
+        latent, k_pe, kv_cache, slot_mapping, float(scale),
+        latent.stride(0), k_pe.stride(0), kv_cache.stride(0), kv_cache.stride(1),
+        DC=latent_dim, DR=rope_dim, BLOCK_SIZE=kv_cache.shape[1], BLOCK_C=pow2(latent_dim),
+        BLOCK_R=pow2(rope_dim), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
 
 
 def write_latent_cache_ref(
     kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+    scale: float = 1.0,
 ) -> None:
-    """Plain PyTorch: index_copy_ of [latent ; k_pe] rows into the flattened slots, negative slots dropped."""
+    """Plain PyTorch: index_copy_ of [latent ; k_pe] rows into the flattened slots, negative slots dropped
+    (FP8: scaled, saturated)."""
+    from r1deploy.layers.attention import quantize_kv
+
     slots = kv_cache.view(-1, kv_cache.shape[-1])
     keep = slot_mapping >= 0
-    slots.index_copy_(0, slot_mapping[keep], torch.cat((latent[keep], k_pe[keep]), dim=-1).to(kv_cache.dtype))
+    rows = quantize_kv(torch.cat((latent[keep], k_pe[keep]), dim=-1), scale, kv_cache.dtype)
+    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
+        slots, rows = slots.view(torch.uint8), rows.view(torch.uint8)
+    slots.index_copy_(0, slot_mapping[keep], rows)

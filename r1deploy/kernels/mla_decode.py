@@ -11,6 +11,11 @@ depends only on the batch and head counts (static under CUDA graphs) while every
 of the actual context, whatever the block table's width. NUM_SPLITS is chosen to fill the GPU about
 twice: splitting further only adds partial-result traffic (128 heads x 512 fp32 per split for R1,
 about the size of 256 cached tokens).
+
+FP8 (float8_e4m3fn) caches hold row / kv_scale, one scale for the whole row (the latent is both key and
+value): tiles are widened to the query's dtype as they are loaded (exact), kv_scale folds into the
+softmax scale and into each split's output, so the inner loop does no extra math (as decode_attention).
+The query stays in the model dtype.
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _mla_split_kernel(
-    q_ptr,  # [B, H, DC + DR]: [q_lat ; q_pe], in the cache dtype
+    q_ptr,  # [B, H, DC + DR]: [q_lat ; q_pe], in the cache dtype (an FP8 cache: the model dtype)
     cache_ptr,  # [NB, BS, DC + DR]
     tables_ptr,  # [B, MB]
     seq_lens_ptr,  # [B]
     part_out_ptr,  # [B, H, S, DC] fp32, already divided by the split's softmax sum
     part_lse_ptr,  # [B, H, S] fp32, log2-sum-exp2 of the split's scaled scores
-    qk_scale,  # softmax scale (mscale^2 included) * log2(e)
+    qk_scale,  # softmax scale (mscale^2 included) * log2(e), FP8: * kv_scale
+    kv_scale,  # FP8 only: real row = stored * kv_scale
     stride_qb, stride_qh, stride_cblk, stride_coff, stride_tb,
     NUM_HEADS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     hg = tl.program_id(1)
@@ -70,6 +77,8 @@ def _mla_split_kernel(
         rows = cache_ptr + phys * stride_cblk + (toks % BLOCK_SIZE) * stride_coff  # [N]
         lat = tl.load(rows[:, None] + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)  # [N, C]
         pe = tl.load(rows[:, None] + DC + r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)  # [N, R]
+        if FP8:
+            lat, pe = lat.to(q_lat.dtype), pe.to(q_pe.dtype)
         s = tl.dot(q_lat, tl.trans(lat), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(pe), s, input_precision=PRECISION) * qk_scale  # [H, N]
         s = tl.where(tmask[None, :], s, float("-inf"))
@@ -81,6 +90,8 @@ def _mla_split_kernel(
         m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if FP8:
+        out = out * kv_scale
     live = start < seq_len  # splits past the end store nothing; the merge never reads them
     row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # [H]
     tl.store(part_out_ptr + row[:, None].to(tl.int64) * DC + c[None, :], out,
@@ -144,12 +155,15 @@ def mla_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    kv_scale: float = 1.0,  # FP8 caches: real row = stored * kv_scale (ignored for other dtypes)
 ) -> torch.Tensor:  # [B, H, DC] fp32: softmax(scale * q . k) @ c_kv per head
     """Graph-capturable: shapes and grid from tensor shapes only, no host reads of seq_lens."""
     num_seqs, num_heads, width = q.shape
     _, block_size, cache_width = kv_cache.shape
     assert width == cache_width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
-    q = q.to(kv_cache.dtype)
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if not fp8:
+        q = q.to(kv_cache.dtype)
     rope_dim = width - latent_dim
     block_h = max(16, min(block_h, pow2(num_heads)))  # tl.dot needs 16 rows
     head_groups = triton.cdiv(num_heads, block_h)
@@ -159,11 +173,12 @@ def mla_decode_attention(
     out = torch.empty(num_seqs, num_heads, latent_dim, dtype=torch.float32, device=q.device)
     block_c = pow2(latent_dim)
     _mla_split_kernel[(num_seqs, head_groups, num_splits)](
-        q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, part_out, part_lse, scale * _LOG2E * (kv_scale if fp8 else 1.0),
+        float(kv_scale),
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, DC=latent_dim, DR=rope_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_N=block_n or (32 if block_c >= 256 else 64), BLOCK_H=block_h, BLOCK_C=block_c,
-        BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype),
+        BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=num_warps or (4 if block_c <= 256 else 8), num_stages=num_stages,
     )
     merge_c = min(block_c, 128)
@@ -184,6 +199,7 @@ def mla_absorbed_decode(
     kv_b_weight: torch.Tensor,  # [H * (dn + dv), dc]
     scale: float,
     num_splits: int | None = None,
+    kv_scale: float = 1.0,  # FP8 caches only
 ) -> torch.Tensor:  # [B, H, dv] in q_nope's dtype
     """The absorbed decode of layers/mla.absorbed_decode, with the attention in Triton. The two
     absorptions run as batched GEMMs in the model dtype (fp32 accumulate), no weight copies."""
@@ -192,17 +208,23 @@ def mla_absorbed_decode(
     w_kv_b = kv_b_weight.view(num_heads, -1, latent_dim)  # [H, dn + dv, dc]
     w_uk, w_uv = w_kv_b[:, :nope_dim], w_kv_b[:, nope_dim:]  # [H, dn, dc], [H, dv, dc]
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, dc]
-    query = torch.cat((q_lat.to(kv_cache.dtype), q_pe.to(kv_cache.dtype)), dim=-1)  # [B, H, dc + dr]
-    out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, num_splits)
+    # The query is in the cache dtype, except over an FP8 cache, whose tiles the kernel widens to the query's.
+    dtype = q_nope.dtype if kv_cache.dtype == torch.float8_e4m3fn else kv_cache.dtype
+    query = torch.cat((q_lat.to(dtype), q_pe.to(dtype)), dim=-1)  # [B, H, dc + dr]
+    out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, num_splits,
+                                   kv_scale=kv_scale)
     out = torch.bmm(out_lat.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
     return out.transpose(0, 1).to(q_nope.dtype)
 
 
 def mla_decode_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    latent_dim: int, scale: float,
+    latent_dim: int, scale: float, kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Plain PyTorch, in q's dtype: MQA of all heads over each sequence's cached rows, value = c_kv."""
+    """Plain PyTorch, in q's dtype: MQA of all heads over each sequence's cached rows, value = c_kv
+    (FP8: dequantised rows)."""
+    from r1deploy.layers.attention import dequantize_kv
+
     num_seqs, num_heads, _ = q.shape
     block_size = kv_cache.shape[1]
     out = torch.zeros(num_seqs, num_heads, latent_dim, dtype=q.dtype, device=q.device)
@@ -210,7 +232,8 @@ def mla_decode_attention_ref(
         n = int(seq_lens[i])
         if n == 0:
             continue
-        rows = kv_cache[block_tables[i, : math.ceil(n / block_size)].long()].flatten(0, 1)[:n].to(q.dtype)
+        table = block_tables[i, : math.ceil(n / block_size)].long()
+        rows = dequantize_kv(kv_cache[table].flatten(0, 1)[:n], kv_scale, q.dtype)  # [S, DC + DR]
         probs = (torch.einsum("hc,sc->hs", q[i], rows) * scale).softmax(-1)
         out[i] = probs @ rows[:, :latent_dim]
     return out

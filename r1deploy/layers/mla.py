@@ -9,6 +9,16 @@ ways to attend over it (notation: dc = kv_lora_rank, dn = qk_nope, dr = qk_rope,
 - absorbed (decode): W_UK is folded into the query (q_lat = W_UK^T q_nope, [H, dc]) and W_UV is
   applied after attending, so attention runs as MQA with one 576-wide key and a 512-wide value
   read straight from the cache, no per-token expansion. Memory bound work does best this way.
+
+FP8 KV cache (a float8_e4m3fn cache tensor is the switch, as for GQA in layers/attention.py): the row
+is stored / kv_scale, saturated to +-448, and read back stored * kv_scale. One scale per layer for the
+whole row (MLAttention.kv_scale), 1.0 as vLLM's default. That is safe for c_kv: kv_a_layernorm leaves
+it at RMS 1 times the norm weight, so |c| <= sqrt(dc) * max|weight| (about 23x the weight for R1's 512,
+and only when one channel holds all the energy) - far inside +-448, and typical values sit in e4m3's
+normal range (>= 2^-6), where the error is at most 2^-4 relative. k_pe is not normalised (roped
+kv_a_proj output; rotation keeps each pair's norm), so it has no such bound, but it is a projection
+of the RMS-normalised hidden state, of the same O(1) size in practice, and saturation at +-448 turns
+an outlier into a clipped value, never inf/NaN.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1deploy.layers.attention import dequantize_kv, is_fp8, quantize_kv
 from r1deploy.layers.linear import Linear
-from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from r1deploy.layers.norm import RMSNorm
+from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from r1deploy.layers.yarn import apply_rope
 from r1deploy.models.deepseek_config import DeepseekConfig
 
@@ -37,20 +48,24 @@ def write_latent_cache(
     latent: torch.Tensor,  # [T, dc]
     k_pe: torch.Tensor,  # [T, dr]
     slot_mapping: torch.Tensor,  # [T]; on CUDA a slot of -1 (a CUDA-graph padding row) is skipped
+    scale: float = 1.0,  # FP8 caches only: stored = value / scale
 ) -> None:
     if kv_cache.is_cuda:
         from r1deploy.kernels.kv_cache import write_latent_cache as write  # triton only where there is a GPU
 
-        write(kv_cache, latent, k_pe, slot_mapping)
+        write(kv_cache, latent, k_pe, slot_mapping, scale)
         return
-    slots = kv_cache.view(-1, kv_cache.shape[-1])
-    slots.index_copy_(0, slot_mapping, torch.cat((latent, k_pe), dim=-1).to(kv_cache.dtype))
+    slots = kv_cache.view(-1, kv_cache.shape[-1])  # [num_blocks * block_size, dc + dr]
+    rows = quantize_kv(torch.cat((latent, k_pe), dim=-1), scale, kv_cache.dtype)  # [T, dc + dr]
+    if is_fp8(kv_cache.dtype):  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
+        slots, rows = slots.view(torch.uint8), rows.view(torch.uint8)
+    slots.index_copy_(0, slot_mapping, rows)
 
 
 def expanded_attention(
     q_nope: torch.Tensor,  # [L, H, dn]
     q_pe: torch.Tensor,  # [L, H, dr]
-    cached: torch.Tensor,  # [S, dc + dr]: the sequence's latents, the L queries are its last L
+    cached: torch.Tensor,  # [S, dc + dr]: the sequence's dequantised latents; the L queries are its last L
     kv_b_weight: torch.Tensor,  # [H * (dn + dv), dc]
     scale: float,
 ) -> torch.Tensor:  # [L, H, dv]
@@ -88,6 +103,7 @@ def absorbed_decode(
     max_seq_len: int,
     kv_b_weight: torch.Tensor,  # [H * (dn + dv), dc]
     scale: float,
+    kv_scale: float = 1.0,  # FP8 caches only
 ) -> torch.Tensor:  # [B, H, dv]
     _, num_heads, nope_dim = q_nope.shape
     block_size, latent_dim = kv_cache.shape[1], kv_b_weight.shape[1]
@@ -97,7 +113,8 @@ def absorbed_decode(
     q_lat = torch.einsum("bhn,hnc->bhc", q_nope.to(acc), w_uk)  # [B, H, dc]
     query = torch.cat((q_lat, q_pe.to(acc)), dim=-1)  # [B, H, dc + dr]
     num_blocks = math.ceil(max_seq_len / block_size)
-    cached = kv_cache[block_tables[:, :num_blocks].long()].flatten(1, 2).to(acc)  # [B, S, dc + dr]
+    gathered = kv_cache[block_tables[:, :num_blocks].long()].flatten(1, 2)  # [B, S, dc + dr]
+    cached = dequantize_kv(gathered, kv_scale, acc)
     scores = torch.einsum("bhc,bsc->bhs", query, cached) * scale  # [B, H, S]
     valid = torch.arange(cached.shape[1], device=cached.device)[None, :] < seq_lens[:, None]  # [B, S]
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
@@ -184,6 +201,7 @@ class MLAttention(nn.Module):
             self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias)
         else:
             self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, tp)
+        self.kv_scale = 1.0  # FP8 cache only: real row = stored * kv_scale (see the module docstring)
 
     def forward(
         self,
@@ -203,7 +221,7 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [T, dc]
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, self.rope_interleave)[:, 0]  # [T, dr], one head for all
-        write_latent_cache(kv_cache, latent, k_pe, plan.slot_mapping)
+        write_latent_cache(kv_cache, latent, k_pe, plan.slot_mapping, self.kv_scale)
         out = self._attend(q_nope, q_pe, kv_cache, plan)  # [T, H, dv]
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -217,15 +235,16 @@ class MLAttention(nn.Module):
                 from r1deploy.kernels.mla_decode import mla_absorbed_decode
                 out[tokens] = mla_absorbed_decode(
                     q_nope[tokens], q_pe[tokens], kv_cache, plan.decode_block_tables, plan.decode_seq_lens,
-                    self.kv_b_proj.weight, self.scale)
+                    self.kv_b_proj.weight, self.scale, kv_scale=self.kv_scale)
             else:
                 out[tokens] = absorbed_decode(
                     q_nope[tokens], q_pe[tokens], kv_cache, plan.decode_block_tables, plan.decode_seq_lens,
-                    plan.decode_max_len, self.kv_b_proj.weight, self.scale)
+                    plan.decode_max_len, self.kv_b_proj.weight, self.scale, self.kv_scale)
         block_size = kv_cache.shape[1]
         for seq, start, query_len, seq_len in plan.prefills:
             table = plan.block_tables[seq, : math.ceil(seq_len / block_size)].long()
-            cached = kv_cache[table].flatten(0, 1)[:seq_len]  # [S, dc + dr], this step's tokens included
+            # [S, dc + dr], this step's tokens included
+            cached = dequantize_kv(kv_cache[table].flatten(0, 1)[:seq_len], self.kv_scale, q_nope.dtype)
             rows = slice(start, start + query_len)
             out[rows] = expanded_attention(q_nope[rows], q_pe[rows], cached, self.kv_b_proj.weight, self.scale)
         return out

@@ -81,11 +81,13 @@ class DeepseekModel(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
+    fp8_kv_cache = True  # layers/mla.py quantises the latent rows on write and dequantises them on read
 
     @property
     def cuda_graphs(self) -> bool:
         """Decode steps are capturable on CUDA (no host reads of lengths or routing: r1deploy.kernels),
-        except with offloaded experts, whose store decides copies on the host."""
+        except with an offload store (experts: TieredExpertStore; whole layers, experts included:
+        weights/layer_stream.LayerStream), which decides copies on the host."""
         return self.expert_store is None
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
@@ -142,6 +144,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @staticmethod
     def kv_bytes_per_token(config: DeepseekConfig, dtype: torch.dtype) -> int:
+        """Cache bytes one token costs across all layers: dtype.itemsize per value, 1 in an FP8 cache."""
         return config.num_hidden_layers * config.kv_cache_dim * dtype.itemsize
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Absorbed MLA decode (Triton, split-K + LSE merge) against the torch absorbed decode of layers/mla.py."""
+"""Absorbed MLA decode (Triton, split-K + LSE merge) against the torch absorbed decode of layers/mla.py,
+over ordinary and FP8 (e4m3, per-layer scale) latent caches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.kernels import mla_decode
 from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention, mla_decode_attention_ref
+from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
 from r1deploy.layers.mla import absorbed_decode
 from r1deploy.models.deepseek_config import yarn_get_mscale
 
@@ -26,12 +28,14 @@ def _scale(shape: dict) -> float:
 
 
 def _latent_cache(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_width: int | None = None,
-                  spare_blocks: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """[NB, BS, dc + dr] random cache, tables [B, MB] int32 of shuffled distinct blocks, 0-padded."""
+                  spare_blocks: int = 3, kv_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[NB, BS, dc + dr] random cache, tables [B, MB] int32 of shuffled distinct blocks, 0-padded.
+    An FP8 cache holds randn * 4 * kv_scale quantised with kv_scale (stored values around +-4)."""
     block_size = shape["block_size"]
     needed = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(needed) + spare_blocks
-    cache = torch.randn(num_blocks, block_size, shape["dc"] + shape["dr"], device=DEVICE).to(dtype)
+    cache = torch.randn(num_blocks, block_size, shape["dc"] + shape["dr"], device=DEVICE)
+    cache = quantize_kv(cache * 4 * kv_scale, kv_scale, dtype) if dtype == FP8_KV_DTYPE else cache.to(dtype)
     order = torch.randperm(num_blocks)
     tables = torch.zeros(len(seq_lens), table_width or max(1, max(needed)), dtype=torch.int32)
     used = 0
@@ -41,8 +45,9 @@ def _latent_cache(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_wi
     return cache, tables.to(DEVICE)
 
 
-def _inputs(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_width: int | None = None):
-    cache, tables = _latent_cache(seq_lens, shape, dtype, table_width)
+def _inputs(seq_lens: list[int], shape: dict, dtype: torch.dtype, table_width: int | None = None,
+            cache_dtype: torch.dtype | None = None, kv_scale: float = 1.0):
+    cache, tables = _latent_cache(seq_lens, shape, cache_dtype or dtype, table_width, kv_scale=kv_scale)
     b, h = len(seq_lens), shape["heads"]
     q_nope = torch.randn(b, h, shape["dn"], device=DEVICE).to(dtype)
     q_pe = torch.randn(b, h, shape["dr"], device=DEVICE).to(dtype)
@@ -84,6 +89,35 @@ def test_mla_absorbed_decode_matches_layer(dtype: torch.dtype, tol: float) -> No
     assert rel_err(out.cpu(), ref) < tol
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("kv_scale", [1.0, 0.05])
+def test_mla_decode_attention_fp8_small(dtype: torch.dtype, tol: float, kv_scale: float) -> None:
+    """An FP8 cache: the kernel widens stored rows to q's dtype and applies kv_scale outside the loop; the
+    reference dequantises (stored * kv_scale) first. q stays in its own dtype."""
+    seq_lens = [37, 1, 0, 8]
+    cache, tables = _latent_cache(seq_lens, SMALL, FP8_KV_DTYPE, table_width=12, kv_scale=kv_scale)
+    q = torch.randn(len(seq_lens), SMALL["heads"], SMALL["dc"] + SMALL["dr"], device=DEVICE).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), num_splits=5,
+                               kv_scale=kv_scale)
+    ref = mla_decode_attention_ref(q.double(), cache, tables, lens, SMALL["dc"], _scale(SMALL), kv_scale)
+    assert rel_err(out, ref) < tol
+    assert bool((out[lens == 0] == 0).all())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_mla_absorbed_decode_fp8_matches_layer(dtype: torch.dtype, tol: float) -> None:
+    seq_lens = [37, 1, 13]
+    kv_scale = 0.05
+    q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, SMALL, dtype, 12, FP8_KV_DTYPE, kv_scale)
+    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(SMALL), num_splits=3,
+                              kv_scale=kv_scale)
+    ref = absorbed_decode(q_nope.cpu().double(), q_pe.cpu().double(), cache.cpu(), tables.cpu(), lens.cpu(),
+                          max(seq_lens), kv_b.cpu().double(), _scale(SMALL), kv_scale)
+    assert out.dtype == dtype
+    assert rel_err(out.cpu(), ref) < tol
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("seq_lens", [[4096], [1, 17, 300, 2048, 4095, 513, 0, 64]])
@@ -91,6 +125,19 @@ def test_mla_decode_r1_shape(seq_lens: list[int]) -> None:
     q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, REAL, torch.bfloat16, table_width=4096 // 64)
     out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(REAL))
     ref = absorbed_decode(q_nope, q_pe, cache, tables, lens, max(seq_lens), kv_b, _scale(REAL))
+    _compare_live(out, ref, lens)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kv_scale", [1.0, 0.05])
+@pytest.mark.parametrize("seq_lens", [[4096], [1, 17, 300, 2048, 4095, 513, 0, 64]])
+def test_mla_decode_r1_shape_fp8(seq_lens: list[int], kv_scale: float) -> None:
+    """R1's shape over an FP8 cache, bf16 queries, against the torch absorbed decode (fp32, dequantised)."""
+    q_nope, q_pe, cache, tables, lens, kv_b = _inputs(seq_lens, REAL, torch.bfloat16, 4096 // 64,
+                                                      FP8_KV_DTYPE, kv_scale)
+    out = mla_absorbed_decode(q_nope, q_pe, cache, tables, lens, kv_b, _scale(REAL), kv_scale=kv_scale)
+    ref = absorbed_decode(q_nope, q_pe, cache, tables, lens, max(seq_lens), kv_b, _scale(REAL), kv_scale)
     _compare_live(out, ref, lens)
 
 
