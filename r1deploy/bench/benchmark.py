@@ -208,7 +208,7 @@ def _offload_config(args: argparse.Namespace) -> Any:
     from r1deploy.engine.config import OffloadConfig
 
     try:
-        return OffloadConfig(args.gpu_weight_budget, args.host_weight_budget)
+        return OffloadConfig(args.gpu_weight_budget, args.host_weight_budget, target=args.offload)
     except ValueError as exc:
         raise UsageError(f"--offload: {exc}") from None
 

@@ -21,6 +21,7 @@ examples:
   deepseek-benchmark --model r1 --batch 32 --seq 2048 --repeat 100 --url http://gpu-host:8000
   r1deploy bench --model r1-distill-qwen-1.5b --load-format dummy --batch 4 --seq 128 --repeat 3
   r1deploy bench --engine ./r1-4layers --load-format dummy --offload experts --gpu-weight-budget 20 --batch 1
+  r1deploy bench --model r1-distill-llama-70b --load-format dummy --offload layers --gpu-weight-budget 60 --batch 1
   r1deploy bench --url http://localhost:8000 --rate 4 --burstiness 0.5 --num-requests 200 --out runs/a
   r1deploy bench compare runs/a/report.json runs/b/report.json"""
 
@@ -61,14 +62,15 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="in-process: float32, bfloat16 or float16")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="in-process: dummy = random weights at the model's real shape")
-    g.add_argument("--offload", choices=("experts",), default=None,
-                   help="in-process: keep a MoE model's routed experts in pinned host memory, a GPU slot cache "
-                        "in front (a model directory; the report adds the expert store's hits, misses, bytes "
-                        "moved and stall time)")
+    g.add_argument("--offload", choices=("experts", "layers"), default=None,
+                   help="in-process: experts = keep a MoE model's routed experts in pinned host memory, a GPU slot "
+                        "cache in front (a model directory); layers = stream the decoder layers beyond "
+                        "--gpu-weight-budget from pinned host memory through a ring of GPU slots. The report adds "
+                        "the store's hits, misses, bytes moved and stall time")
     g.add_argument("--gpu-weight-budget", type=float, default=None, metavar="GB",
-                   help="with --offload experts: GPU memory for expert slots")
+                   help="with --offload experts: GPU memory for expert slots; layers: all weights on the GPU")
     g.add_argument("--host-weight-budget", type=float, default=None, metavar="GB",
-                   help="with --offload experts: pinned host memory for experts (default: all of them)")
+                   help="with --offload: pinned host memory for the offloaded weights (default: all of them)")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 

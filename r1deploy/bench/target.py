@@ -62,7 +62,7 @@ def available_memory(device: str | None) -> tuple[int, str]:
 
 
 def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, offload: Any = None) -> None:
-    """offload: --offload experts; the routed experts live in host memory, the GPU needs the rest only."""
+    """offload: --offload experts|layers; the offloaded weights live in host memory, the GPU holds a budget."""
     config, name = facts.config, facts.name
     hint = planlink.deployment_hint(facts.plan)
     where_it_runs = (f"it needs {hint} (from `r1deploy plan`)" if hint
@@ -81,9 +81,9 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, off
     weights = planlink.get(facts.plan, "memory.weights_bytes") or planlink.dense_weights_bytes(config)
     memory, where = available_memory(device)
     if offload is not None:
-        if not config.get("n_routed_experts"):
+        if getattr(offload, "target", "experts") == "experts" and not config.get("n_routed_experts"):
             raise UsageError(f"--offload experts needs a MoE model; {name} has no routed experts")
-        weights = None  # the expert store sizes itself from --gpu-weight-budget / --host-weight-budget
+        weights = None  # the store sizes itself from --gpu-weight-budget / --host-weight-budget
     if weights and weights > _WEIGHTS_SHARE * memory:
         raise UsageError(f"{name} needs {weights / GiB:.1f} GiB for its weights, more than {where} can hold "
                          f"({memory / GiB:.1f} GiB); {advice}")
@@ -96,7 +96,7 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, off
 def load_engine(model: str | None, device: str | None, dtype: str | None, load_format: str,
                 max_num_seqs: int, context_len: int, workload: dict[str, Any], offload: Any = None) -> Any:
     """An LLMEngine sized for the run; loader failures become one clear line. offload: an OffloadConfig
-    (--offload experts)."""
+    (--offload experts|layers)."""
     try:
         from r1deploy.engine.config import EngineConfig
         from r1deploy.engine.engine import LLMEngine
@@ -112,7 +112,7 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, load_f
                                  "--load-format dummy for random weights at its real shape, or a model directory")
     config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload)
     try:
-        if offload is not None and load_format == "dummy":
+        if offload is not None and offload.target == "experts" and load_format == "dummy":
             return LLMEngine(model, config=config, device=device,
                              loaded=load_offloaded_dummy(model, device, dtype, offload))
         return LLMEngine(model, config=config, device=device, dtype=dtype, load_format=load_format)

@@ -7,16 +7,28 @@ from dataclasses import dataclass, field
 from r1deploy.layers.attention import KV_CACHE_DTYPES
 
 
+OFFLOAD_TARGETS = ("experts", "layers")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
-    """MoE experts in a GPU / host / disk store (r1deploy.weights.tiered_store) instead of all on the GPU."""
+    """Weights beyond a GPU budget kept in host memory (and on disk beyond a host budget), by `target`:
+    "experts": MoE routed experts in a GPU / host / disk store (r1deploy.weights.tiered_store);
+    "layers": whole decoder layers, the leading ones that fit resident, the rest streamed through a ring of
+    GPU slots (r1deploy.weights.layer_stream)."""
 
-    gpu_weight_budget_gb: float  # GPU memory for expert slots
-    host_weight_budget_gb: float | None = None  # pinned host memory for experts; None: all of them
-    policy: str = "lru"  # GPU slot eviction: "lru" or "lfu"
-    cpu_compute: str = "never"  # compute a missed expert on the host: "never", "always" or "auto"
+    gpu_weight_budget_gb: float  # experts: GPU memory for expert slots; layers: every weight the GPU holds
+    host_weight_budget_gb: float | None = None  # pinned host memory for what is offloaded; None: all of it
+    policy: str = "lru"  # experts: GPU slot eviction, "lru" or "lfu"
+    cpu_compute: str = "never"  # experts: compute a missed expert on the host: "never", "always" or "auto"
+    target: str = "experts"  # "experts" or "layers"
+    num_slots: int = 2  # layers: GPU slots of the ring (>= 2); copies run num_slots - 1 layers ahead
 
     def __post_init__(self) -> None:
+        if self.target not in OFFLOAD_TARGETS:
+            raise ValueError(f"target must be one of {', '.join(OFFLOAD_TARGETS)}, got {self.target!r}")
+        if self.num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
         if self.gpu_weight_budget_gb <= 0:
             raise ValueError(f"gpu_weight_budget_gb must be > 0, got {self.gpu_weight_budget_gb}")
         if self.host_weight_budget_gb is not None and self.host_weight_budget_gb < 0:

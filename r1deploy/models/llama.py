@@ -159,14 +159,22 @@ class LlamaForCausalLM(nn.Module):
     }
 
     config_class = ModelConfig
-    cuda_graphs = True  # on CUDA every op takes its lengths from device tensors (r1deploy.kernels)
     fp8_kv_cache = True  # layers/attention.py quantises K/V on write and the kernels dequantise on read
     kv_cache_shape = staticmethod(attention.kv_cache_shape)
     kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Decode steps are capturable on CUDA (every op takes its lengths from device tensors:
+        r1deploy.kernels), except with streamed layers (--offload layers), whose copies are decided on the host."""
+        return self.expert_store is None
+
     def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
+        # The model's offload store, read by the engine, /metrics and bench: weights/layer_stream.LayerStream
+        # under --offload layers (it registers hooks on the streamed layers; the math here is unchanged).
+        self.expert_store = None
         if tp is not None and config.quantization_config is not None:
             from r1deploy.errors import UsageError
 

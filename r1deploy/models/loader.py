@@ -69,12 +69,15 @@ def load_model(
     quantization: Quantization = "auto",
 ) -> LoadedModel:
     """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows).
-    offload: keep a MoE model's experts in a GPU / host / disk store (a local checkpoint directory only).
+    offload: target "experts": keep a MoE model's experts in a GPU / host / disk store (a local checkpoint
+    directory only); "layers": stream the decoder layers beyond the GPU budget from host memory (any source).
     quantization: FP8 checkpoints kept in FP8 ("fp8"), dequantised at load ("none"), or "auto" (above)."""
     if load_format not in ("auto", "dummy"):
         raise UsageError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
     if quantization not in ("auto", "fp8", "none"):
         raise UsageError(f"unknown quantization {quantization!r}: use 'auto', 'fp8' or 'none'")
+    if offload is not None and offload.target == "layers":
+        return _load_streamed(model, dtype, torch.device(device), load_format, offload, quantization)
     if offload is not None:
         if quantization == "fp8":
             raise UsageError("quantization='fp8' does not combine with --offload experts (the expert store holds "
@@ -156,6 +159,43 @@ def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, de
         gpu_budget_bytes=int(offload.gpu_weight_budget_gb * 1e9),
         host_budget_bytes=None if host is None else int(host * 1e9),
         checkpoint_dir=path, policy=offload.policy, cpu_compute=offload.cpu_compute)
+
+
+def _load_streamed(model: str | None, dtype: torch.dtype | str | None, device: torch.device,
+                   load_format: LoadFormat, offload: OffloadConfig, quantization: Quantization) -> LoadedModel:
+    """--offload layers: build and load on the host in the device's dtype (and FP8 choice), then place the
+    layers that fit the GPU budget on the device and stream the rest (weights/layer_stream.py)."""
+    from r1deploy.weights.layer_stream import LayerStream
+
+    raw = _source_config(model)
+    config = model_class_for_config(raw).config_class.from_hf(raw)
+    if quantization == "auto":
+        quantization = "fp8" if _fp8_block(config, "auto", device) else "none"
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    loaded = load_model(model, dtype=dtype or default_dtype(config, device), device="cpu",
+                        load_format=load_format, quantization=quantization)
+    host = offload.host_weight_budget_gb
+    try:
+        LayerStream.attach(loaded.model, device, gpu_budget_bytes=int(offload.gpu_weight_budget_gb * 1e9),
+                           host_budget_bytes=None if host is None else int(host * 1e9),
+                           num_slots=offload.num_slots, spill_dir=cache_root() / "layer-spill")
+    except ValueError as e:
+        raise UsageError(f"--offload layers: {e}") from None
+    return loaded
+
+
+def _source_config(model: str | None) -> dict[str, Any]:
+    """The HF config of any load_model source, read without loading weights."""
+    if model is None:
+        return read_hf_config(embedded_model_dir())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_hf_config(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from r1deploy.weights.gguf_reader import gguf_hf_config, open_gguf
+
+        return gguf_hf_config(open_gguf(path))
+    return read_hf_config(resolve_config_path(model))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,

@@ -44,9 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-file", help="JSON {gpu: usd_per_gpu_hour}")
     p.add_argument("--gpu-file", help="JSON {gpu: {spec}} adding or overriding catalog GPUs")
     p.add_argument("--calibration", help="JSON of efficiency factors overriding the defaults")
-    p.add_argument("--offload", choices=("experts",),
-                   help="also plan one GPU + host memory: routed experts in pinned host RAM, a GPU cache of them")
-    p.add_argument("--gpu-weight-budget", type=float, metavar="GB", help="with --offload: GPU GB for expert slots")
+    p.add_argument("--offload", choices=("experts", "layers"),
+                   help="also plan one GPU + host memory: experts = routed experts in pinned host RAM, a GPU cache of "
+                        "them; layers = decoder layers beyond the budget streamed from pinned host RAM every step")
+    p.add_argument("--gpu-weight-budget", type=float, metavar="GB",
+                   help="with --offload experts: GPU GB for expert slots; layers: GPU GB for all weights")
     p.add_argument("--host-bandwidth-gbs", type=float, help="with --offload: host memory bandwidth (default 200)")
     p.add_argument("--pcie-gbs", type=float, help="with --offload: PCIe GB/s one direction (default: catalog / 2)")
     p.add_argument("--host-tflops", type=float, help="with --offload: host matmul TFLOPS (default 2)")
@@ -75,6 +77,13 @@ def _with_offload(plan: Any, args: argparse.Namespace) -> Any:
     auto = args.gpu is None and plan.searched_catalog or (args.gpu or "").lower() == "auto"
     gpu = plan.chosen.gpu if auto else Catalog.load(args.gpu_file, args.price_file).get(args.gpu or "h200")
     extra = {k: getattr(args, k) for k in _OFFLOAD_OPTIONS[1:] if getattr(args, k) is not None}
+    if args.offload == "layers":  # reported beside the plan (run() adds it), not in Plan.offload
+        from r1deploy.plan.offload import plan_layer_offload
+
+        offload = plan_layer_offload(plan.settings, gpu, args.gpu_weight_budget, **extra)
+        if not offload.feasible:
+            raise UsageError(f"no feasible layer-offload plan: {offload.problem}")
+        return offload
     offload = plan_offload(plan.settings, gpu, args.gpu_weight_budget, mode=args.offload, **extra)
     if not offload.feasible:
         raise UsageError(f"no feasible expert-offload plan: {offload.problem}")
@@ -111,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
     if offload_flags and not args.offload:
         raise UsageError(f"--{offload_flags[0].replace('_', '-')} needs --offload experts")
     if args.offload and args.gpu_weight_budget is None:
-        raise UsageError("--offload experts needs --gpu-weight-budget GB")
+        raise UsageError(f"--offload {args.offload} needs --gpu-weight-budget GB")
+    expert_only = [k for k in _OFFLOAD_OPTIONS[1:] if k != "pcie_gbs" and getattr(args, k) is not None]
+    if args.offload == "layers" and expert_only:
+        raise UsageError(f"--{expert_only[0].replace('_', '-')} applies to --offload experts only")
     if args.offload and (args.matrix or args.calibrate):
         raise UsageError("--offload plans one deployment; drop --matrix/--calibrate")
     if args.calibrate:
@@ -138,12 +150,22 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.plan.planner import make_plan
 
     plan = make_plan(_model(args), args.gpu, dp_attention=args.dp_attention, **options)
-    if args.offload:
+    layers = None  # --offload layers: a LayerOffloadPlan printed after the main plan
+    if args.offload == "layers":
+        layers = _with_offload(plan, args)
+    elif args.offload:
         plan = _with_offload(plan, args)
     if args.json:
-        sys.stdout.write(json.dumps(_clean(plan.to_dict()), indent=2) + "\n")
-    elif args.explain:
+        d = plan.to_dict() | ({"offload": layers.to_dict()} if layers is not None else {})
+        sys.stdout.write(json.dumps(_clean(d), indent=2) + "\n")
+        return 0
+    if args.explain:
         report.render_explain(plan, console)
     else:
         report.render_plan(plan, console)
+    if layers is not None:
+        from r1deploy.plan.offload import layer_offload_rows
+
+        title = f"Layer offload (1x {layers.gpu} + host memory, {layers.concurrency} concurrent)"
+        console.print(report._table(title, layer_offload_rows(layers.to_dict())))
     return 0

@@ -7,9 +7,13 @@ import json
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from r1deploy.errors import UsageError
 from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
+
+if TYPE_CHECKING:
+    from r1deploy.engine.config import OffloadConfig
 
 API_KEY_ENV = "R1DEPLOY_API_KEY"
 
@@ -36,12 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dummy: random weights at the model's real shape, no checkpoint needed")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=None,
                    help="fp8: float8_e4m3 KV cache (half the bytes of bf16; Llama/Qwen2 models)")
-    p.add_argument("--offload", choices=("experts",), default=None,
-                   help="keep a MoE model's experts in GPU slots / pinned host memory / the checkpoint on disk")
+    p.add_argument("--offload", choices=("experts", "layers"), default=None,
+                   help="experts: keep a MoE model's experts in GPU slots / pinned host memory / the checkpoint on "
+                        "disk; layers: keep the decoder layers beyond --gpu-weight-budget in pinned host memory and "
+                        "stream them through a ring of GPU slots (no CUDA graphs)")
     p.add_argument("--gpu-weight-budget", type=float, default=None, metavar="GB",
-                   help="with --offload experts: GPU memory for expert slots")
+                   help="with --offload experts: GPU memory for expert slots; with --offload layers: all weights "
+                        "on the GPU (non-layer weights, resident layers and the 2-slot ring)")
     p.add_argument("--host-weight-budget", type=float, default=None, metavar="GB",
-                   help="with --offload experts: pinned host memory for experts (default: all of them)")
+                   help="with --offload: pinned host memory for the offloaded weights (default: all of them; "
+                        "layers beyond it are memory-mapped from disk)")
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks over all nodes: one worker process per GPU (NCCL), or per CPU rank "
@@ -74,6 +82,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def offload_config(args: argparse.Namespace) -> OffloadConfig | None:
+    """--offload experts|layers with its budgets; UsageError for a budget without --offload or vice versa."""
+    from r1deploy.engine.config import OffloadConfig
+
+    if args.offload and args.gpu_weight_budget is None:
+        raise UsageError(f"--offload {args.offload} needs --gpu-weight-budget GB")
+    if (args.gpu_weight_budget is not None or args.host_weight_budget is not None) and not args.offload:
+        raise UsageError("--gpu-weight-budget and --host-weight-budget need --offload experts|layers")
+    if not args.offload:
+        return None
+    try:
+        return OffloadConfig(args.gpu_weight_budget, args.host_weight_budget, target=args.offload)
+    except ValueError as exc:
+        raise UsageError(f"--offload: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -90,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         from r1deploy.distributed.nodes import MultiNodeConfig
         from r1deploy.distributed.worker import precheck
-        from r1deploy.engine.config import OffloadConfig
-
         precheck(args.model, args.tp)  # a --tp that cannot split the model fails here, in one line
         parallel = {"tensor_parallel_size": args.tp, "nnodes": args.nnodes, "node_rank": args.node_rank,
                     "nproc_per_node": args.nproc_per_node, "master_addr": args.master_addr,
@@ -100,11 +122,7 @@ def run(args: argparse.Namespace) -> int:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:
             parallel["init_timeout_s"] = args.dist_init_timeout
-        if args.offload and args.gpu_weight_budget is None:
-            raise UsageError("--offload experts needs --gpu-weight-budget GB")
-        if (args.gpu_weight_budget is not None or args.host_weight_budget is not None) and not args.offload:
-            raise UsageError("--gpu-weight-budget and --host-weight-budget need --offload experts")
-        offload = OffloadConfig(args.gpu_weight_budget, args.host_weight_budget) if args.offload else None
+        offload = offload_config(args)
         config = EngineConfig(**engine_options, parallel=MultiNodeConfig(**parallel), offload=offload)
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,

@@ -73,7 +73,9 @@ def test_r1_on_one_h200_with_100gb_budget(capsys: pytest.CaptureFixture[str]) ->
     (["plan", "--offload", "experts"], "needs --gpu-weight-budget"),
     (["plan", "--offload", "experts", "--gpu-weight-budget", "100"], "no feasible expert-offload plan"),
     (["plan", "--offload", "experts", "--gpu-weight-budget", "-1", "--concurrency", "1"], "must be positive"),
-    (["plan", "--offload", "layers", "--gpu-weight-budget", "1"], "invalid choice"),
+    (["plan", "--offload", "attention", "--gpu-weight-budget", "1"], "invalid choice"),
+    (["plan", "--offload", "layers"], "--offload layers needs --gpu-weight-budget"),
+    (["plan", "--offload", "layers", "--gpu-weight-budget", "60", "--host-tflops", "2"], "experts only"),
 ])
 def test_offload_errors_one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     try:
