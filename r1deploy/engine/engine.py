@@ -21,7 +21,6 @@ from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.loader import LoadedModel, load_model
-from r1deploy.presets import r1_chat_template
 from r1deploy.sampling_params import SamplingParams
 
 
@@ -110,14 +109,11 @@ class LLMEngine:
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the model's chat template, ready for the assistant turn.
-        An R1-family checkpoint without one (converted, or a GGUF lacking it) gets R1's format from presets."""
-        fallback = r1_chat_template(self.model_config.architecture, self.loaded.name, self.tokenizer)
-        if self.tokenizer is None or not (self.tokenizer.chat_template or fallback):
+        """Token ids of a conversation through the model's chat template (R1's for an R1-family checkpoint that
+        has none: models/loader.LoadedModel), ready for the assistant turn."""
+        if self.tokenizer is None or not self.tokenizer.chat_template:
             raise ValueError("messages: this model has no chat template")
-        # chat_template=None keeps the tokenizer's own (r1_chat_template never overrides one).
-        text = self.tokenizer.apply_chat_template(messages, chat_template=fallback, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenize(text, add_special_tokens=False)
 
     def add_request(

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from r1deploy.config import ModelConfig, parse_dtype, read_hf_config
 from r1deploy.errors import UsageError
 from r1deploy.models.registry import model_class_for_config
-from r1deploy.presets import canonical_name, resolve_config_path
+from r1deploy.presets import canonical_name, r1_chat_template, resolve_config_path
 from r1deploy.quant.fp8_linear import building_fp8
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
@@ -56,6 +56,13 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None  # None for dummy weights without tokenizer files
     eos_token_ids: tuple[int, ...]
     name: str
+
+    def __post_init__(self) -> None:
+        # An R1-family checkpoint without a chat template (converted, or a GGUF lacking one) gets R1's format
+        # here, so every caller (server, generate, bench) finds it as tokenizer.chat_template.
+        fallback = r1_chat_template(self.config.architecture, self.name, self.tokenizer)
+        if fallback is not None:
+            self.tokenizer.chat_template = fallback
 
 
 def load_model(

@@ -55,7 +55,7 @@ R1_ROLE_TOKENS = ("<｜User｜>", "<｜Assistant｜>")
 
 
 @cache
-def _r1_template_text() -> str:
+def r1_template_text() -> str:
     return (PRESET_DIR / "r1_chat_template.jinja").read_text(encoding="utf-8")
 
 
@@ -76,4 +76,4 @@ def r1_chat_template(architecture: str, name: str, tokenizer: Any) -> str | None
     so a checkpoint's own template (or a non-R1 model's lack of one) is never overridden."""
     if tokenizer is None or tokenizer.chat_template or not is_r1_family(architecture, name, tokenizer):
         return None
-    return _r1_template_text()
+    return r1_template_text()

@@ -14,11 +14,11 @@ from server_harness import running_app, tiny_engine, wait_for_phase
 from sse_util import events
 from tiny import _save_tiny_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.engine import LLMEngine
-from r1deploy.presets import is_r1_family, r1_chat_template
+from r1deploy.presets import r1_template_text, is_r1_family, r1_chat_template
 from r1deploy.server.state import Phase
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -125,7 +125,9 @@ async def test_server_uses_r1_template_and_splits_reasoning(r1_dir: Path) -> Non
     async with running_app(r1_dir, load=lambda: forced_engine(r1_dir)) as running:
         await wait_for_phase(running.state, Phase.READY)
         engine = running.state.llm_engine
-        assert engine is not None and engine.tokenizer.chat_template is None  # so the fallback is in force
+        # The saved tokenizer has no template: the loader put ours in (so generate and bench see it too).
+        assert AutoTokenizer.from_pretrained(r1_dir).chat_template is None
+        assert engine is not None and engine.tokenizer.chat_template == r1_template_text()
         assert running.state.reasoning
         prompt = engine.chat_prompt_ids(CONVERSATION)
         assert prompt == engine.tokenizer.convert_tokens_to_ids(EXPECTED_TOKENS)
