@@ -104,6 +104,10 @@ def bench_scaled_mm(m: int, n: int, k: int) -> dict:
 
 
 MLA_VARIANTS = [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+# Wider head tiles: 128 heads at 16 rows each re-read every latent tile 8 times and run small mma tiles;
+# 64 rows is a wgmma-sized tile (the fp32 accumulator [64, 512] needs 8 warps).
+MLA_VARIANTS += [dict(block_h=bh, block_n=bn, num_warps=8, num_stages=st) for bh in (32, 64) for bn in (16, 32)
+                 for st in (1, 2)]
 
 
 def sweep_mla_decode(batch: int, context: int) -> dict:
