@@ -178,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
         if tp is not None and config.quantization_config is not None:
             from r1deploy.errors import UsageError
 
-            raise UsageError("tensor parallelism does not support quantised (AWQ) checkpoints yet")
+            raise UsageError("tensor parallelism does not support quantised (AWQ / GPTQ) checkpoints yet")
         self.model = LlamaModel(config, tp)
         if tp is None:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)

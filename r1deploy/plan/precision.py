@@ -48,7 +48,8 @@ class Precision:
             scales = math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK)
             return n + scales * FP8_SCALE_BYTES
         if self.int4:
-            groups = math.ceil(in_features / self.group_size)
+            # group_size -1 (GPTQ): one group spans the whole input row
+            groups = 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
             qweight = n / 2
             qzeros = groups * math.ceil(out_features / INT4_PACK) * 4
             scales = groups * out_features * HALF_BYTES
@@ -66,7 +67,7 @@ class Precision:
 
     def describe(self) -> str:
         w = {"fp8": "FP8 e4m3, 128x128 fp32 block scales", "awq": f"INT4 AWQ g{self.group_size}",
-             "gptq": f"INT4 GPTQ g{self.group_size}"}.get(self.weights, self.weights.upper())
+             "gptq": f"INT4 GPTQ {'per row' if self.group_size == -1 else f'g{self.group_size}'}"}.get(self.weights, self.weights.upper())
         return f"weights {w}; KV cache {self.kv_cache.upper()}"
 
 
@@ -78,7 +79,7 @@ def make_precision(weights: str | None, kv_cache: str, group_size: int | None, c
     if group_size is not None and fmt not in ("awq", "gptq"):
         raise UsageError("--group-size applies only to --weights awq or gptq")
     group = group_size or checkpoint_group or DEFAULT_GROUP_SIZE
-    if group not in VALID_GROUP_SIZES:
+    if group not in VALID_GROUP_SIZES and not (group == -1 and fmt == "gptq"):  # -1: GPTQ's one group per row
         raise UsageError(f"--group-size must be one of {', '.join(map(str, VALID_GROUP_SIZES))}")
     kv = kv_cache.lower()
     if kv not in KV_DTYPES:

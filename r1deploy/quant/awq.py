@@ -17,13 +17,16 @@ dequantisation then a cuBLAS GEMM for larger ones (prefill).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
 from r1deploy.layers.linear import quantized_parameter
+
+if TYPE_CHECKING:
+    from r1deploy.quant.gptq import GPTQConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds logical column AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits in nibble AWQ_REVERSE_ORDER[j]
@@ -46,7 +49,7 @@ class AWQConfig:
         """config.json's quantization_config (AutoAWQ also writes w_bit / q_group_size)."""
         method = str(raw.get("quant_method", "")).lower()
         if method != "awq":
-            raise UsageError(f"quantization method {method!r} is not supported (only 'awq')")
+            raise UsageError(f"quantization method {method!r} is not supported (only 'awq' and 'gptq')")
         bits = int(raw.get("bits", raw.get("w_bit", 4)))
         group_size = int(raw.get("group_size", raw.get("q_group_size", 128)))
         zero_point = bool(raw.get("zero_point", True))
@@ -69,8 +72,16 @@ class AWQConfig:
         return AWQLinearMethod(self)
 
 
-def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | None:
-    return None if not raw else AWQConfig.from_hf(raw)
+def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | GPTQConfig | None:
+    """config.json's quantization_config -> the config whose linear_method(prefix) quantises each linear:
+    AWQ, or GPTQ (quant/gptq.py: converted to AWQ's layout at load); None: unquantised."""
+    if not raw:
+        return None
+    if str(raw.get("quant_method", "")).lower() == "gptq":
+        from r1deploy.quant.gptq import GPTQConfig  # gptq.py builds on this module
+
+        return GPTQConfig.from_hf(raw)
+    return AWQConfig.from_hf(raw)
 
 
 class AWQLinearMethod:
