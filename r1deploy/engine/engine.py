@@ -1,7 +1,9 @@
-"""LLMEngine: the synchronous engine loop (add_request / abort / step) that servers drive.
+"""LLMEngine: the engine loop (add_request / abort / step) that servers drive.
 
 One step: Scheduler.schedule() -> ModelRunner.run() -> append sampled tokens, detokenise, check
-stop conditions -> RequestOutputs for every request that changed.
+stop conditions -> RequestOutputs for every request that changed. With async_scheduling (the default)
+step() launches step N+1, its sampled positions held by placeholder tokens filled on the GPU, before it
+reads step N's tokens back, so host work overlaps the GPU; outputs arrive one step() call later.
 """
 
 from __future__ import annotations
