@@ -7,9 +7,11 @@ preset name / config.json (configs only, so load_format="dummy").
 quantization: a checkpoint with block-scaled FP8 weights (quantization_config quant_method "fp8",
 DeepSeek-V3/R1) either keeps them in FP8 on the device ("fp8": quant/fp8_linear, half the bytes)
 or has them dequantised to the model dtype at load ("none"). "auto" keeps FP8 on a CUDA GPU of
-compute capability 8.9+ (the Triton FP8 GEMM's fp8 dots) without --offload experts, and dequantises
-everywhere else, so CPU runs keep their exact model-dtype arithmetic. "fp8" on the CPU runs the same
-FP8 parameters through the dequantise-per-call reference (tests use it).
+compute capability 8.9+ (the Triton FP8 GEMM's fp8 dots) and dequantises everywhere else, so CPU runs
+keep their exact model-dtype arithmetic. "fp8" on the CPU runs the same FP8 parameters through the
+dequantise-per-call reference (tests use it). With --offload experts the same choice decides the
+expert store's format: FP8 experts (weights + block scales, half of bf16's bytes in every tier, R1's
+~640 GB instead of 1.3 TB) next to FP8 non-expert linears, or everything in the model dtype.
 """
 
 from __future__ import annotations
@@ -85,11 +87,6 @@ def load_model(
         raise UsageError(f"unknown quantization {quantization!r}: use 'auto', 'fp8' or 'none'")
     if offload is not None and offload.target == "layers":
         return _load_streamed(model, dtype, torch.device(device), load_format, offload, quantization)
-    if offload is not None:
-        if quantization == "fp8":
-            raise UsageError("quantization='fp8' does not combine with --offload experts (the expert store holds "
-                             "the model dtype): use quantization='none'")
-        quantization = "none"
     device = torch.device(device)
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if model is None:
@@ -144,7 +141,7 @@ def _load_hf_dir(
     tp: TPGroup | None = None, offload: OffloadConfig | None = None, quantization: Quantization = "auto",
 ) -> LoadedModel:
     raw = read_hf_config(path)
-    store = None if offload is None else _expert_store(raw, path, dtype, device, offload)
+    store = None if offload is None else _expert_store(raw, path, dtype, device, offload, quantization)
     with building_with(store):  # experts built under a store get no resident copy
         built, config = build_model(raw, dtype, device, tp, quantization)
     if load_format == "dummy":
@@ -156,16 +153,20 @@ def _load_hf_dir(
 
 
 def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, device: torch.device,
-                  offload: OffloadConfig) -> TieredExpertStore:
+                  offload: OffloadConfig, quantization: Quantization = "none") -> TieredExpertStore:
+    """The store of --offload experts, FP8 exactly when build_model builds the model's FP8 linears
+    (an FP8 checkpoint with quantization "fp8", or "auto" on an sm_89+ GPU)."""
     config = model_class_for_config(raw).config_class.from_hf(raw)
     if not getattr(config, "n_routed_experts", 0):
         raise UsageError(f"--offload experts needs a MoE model; {path.name} has no routed experts")
     host = offload.host_weight_budget_gb
+    fp8_block = _fp8_block(config, quantization, device)
     return TieredExpertStore.for_model(
         config, dtype or default_dtype(config, device), device,
         gpu_budget_bytes=int(offload.gpu_weight_budget_gb * 1e9),
         host_budget_bytes=None if host is None else int(host * 1e9),
-        checkpoint_dir=path, policy=offload.policy, cpu_compute=offload.cpu_compute)
+        checkpoint_dir=path, policy=offload.policy, cpu_compute=offload.cpu_compute,
+        fp8=fp8_block is not None, **({"fp8_block": fp8_block} if fp8_block else {}))
 
 
 def _load_streamed(model: str | None, dtype: torch.dtype | str | None, device: torch.device,
