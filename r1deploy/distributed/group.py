@@ -35,6 +35,9 @@ class TPGroup:
     device: torch.device
     device_group: Any = None  # torch.distributed ProcessGroup; None only in single-rank unit tests
     control_group: Any = None
+    # --dp-attention (DeepSeek MLA only): every rank runs attention, dense MLPs and shared experts whole on its
+    # own sequences; only the routed experts are split (expert parallel) and see every rank's tokens.
+    dp_attention: bool = False
 
     @property
     def is_driver(self) -> bool:
@@ -51,6 +54,35 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x, group=self.device_group)
         return torch.cat(parts, dim=dim)
+
+    def all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every rank's x [counts[rank], ...] concatenated in rank order ([sum(counts), ...]): rows padded
+        to max(counts) for one all-gather, then cut back. Every rank passes the same counts; all zero: no
+        collective at all (every rank skips it alike)."""
+        most = max(counts)
+        if most == 0:
+            return x.new_empty((0, *x.shape[1:]))
+        padded = x.new_zeros((most, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.device_group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    def reduce_scatter_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [sum(counts), ...] holds every rank's rows in rank order (as all_gather_rows returns them);
+        sum x over ranks and give this rank its own counts[rank] rows. One reduce-scatter over segments
+        padded to max(counts)."""
+        most = max(counts)
+        if most == 0:
+            return x.new_empty((0, *x.shape[1:]))
+        padded = x.new_zeros((self.size, most, *x.shape[1:]))
+        start = 0
+        for rank, n in enumerate(counts):
+            padded[rank, :n] = x[start : start + n]
+            start += n
+        out = x.new_empty((most, *x.shape[1:]))
+        dist.reduce_scatter(out, list(padded.unbind(0)), group=self.device_group)
+        return out[: counts[self.rank]]
 
     def min_int(self, value: int) -> int:
         """The smallest value over ranks (KV pool sizing); also a barrier on the control group."""
@@ -95,7 +127,8 @@ def free_port(host: str) -> int:
 
 
 def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, device_type: str,
-               init_timeout_s: float = 300.0, local_rank: int | None = None) -> TPGroup:
+               init_timeout_s: float = 300.0, local_rank: int | None = None,
+               dp_attention: bool = False) -> TPGroup:
     """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups.
     local_rank: this rank's GPU on its node (default: rank, one node)."""
     if dist.is_initialized():
@@ -116,7 +149,7 @@ def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, dev
         leave_group()
         raise TensorParallelError(f"the tensor-parallel group ({size} ranks at {host}:{port}) did not form "
                                   f"within {init_timeout_s:g}s: {exc}") from exc
-    return TPGroup(rank, size, device, collectives, control)
+    return TPGroup(rank, size, device, collectives, control, dp_attention)
 
 
 def leave_group(timeout_s: float = 10.0) -> None:

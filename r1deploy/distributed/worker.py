@@ -61,8 +61,11 @@ class WorkerSpec:
     init_timeout_s: float
 
 
-def check_model_supports_tp(model_class: type, config: Any, tp: int) -> None:
-    """UsageError unless `model_class` has a tensor-parallel build and tp splits its heads and MLP."""
+def check_model_supports_tp(model_class: type, config: Any, tp: int, dp_attention: bool = False) -> None:
+    """UsageError unless `model_class` has a tensor-parallel build and tp splits its heads and MLP
+    (dp_attention: unless it is a DeepSeek MLA model whose routed experts tp splits)."""
+    if dp_attention and not getattr(model_class, "supports_dp_attention", False):
+        raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {model_class.__name__}")
     if tp == 1:
         return
     if "tp" not in inspect.signature(model_class.__init__).parameters:
@@ -70,19 +73,26 @@ def check_model_supports_tp(model_class: type, config: Any, tp: int) -> None:
                          f"not {model_class.__name__}")
     custom = getattr(model_class, "check_tensor_parallel", None)
     if custom is not None:  # DeepSeek: heads, dense / shared MLP widths and routed experts
-        custom(config, tp)
+        if dp_attention:
+            custom(config, tp, dp_attention=True)
+        else:
+            custom(config, tp)
         return
     check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
                           model_class.__name__)
 
 
-def precheck(model: str | None, tp: int) -> None:
-    """Validate tp against the model's config before any process starts (HF directories and presets;
-    GGUF files are checked when each rank builds its shard)."""
+def precheck(model: str | None, tp: int, dp_attention: bool = False) -> None:
+    """Validate tp (and --dp-attention) against the model's config before any process starts (HF directories
+    and presets; GGUF files are checked when each rank builds its shard)."""
     from r1deploy.presets import resolve_config_path
 
     if tp < 1:
         raise UsageError(f"--tp must be >= 1, got {tp}")
+    if dp_attention and tp < 2:
+        raise UsageError("--dp-attention needs --tp > 1 (attention runs data-parallel over the tensor-parallel ranks)")
+    if dp_attention and model is None:
+        raise UsageError("--dp-attention needs a DeepSeek (MLA) model, not the embedded Llama model")
     if model is None or tp == 1:
         return
     path = Path(model).expanduser()
@@ -90,7 +100,7 @@ def precheck(model: str | None, tp: int) -> None:
         return
     raw = read_hf_config(path if path.is_dir() else resolve_config_path(model))
     cls = model_class_for_config(raw)
-    check_model_supports_tp(cls, cls.config_class.from_hf(raw), tp)
+    check_model_supports_tp(cls, cls.config_class.from_hf(raw), tp, dp_attention)
 
 
 def build_runner(spec: WorkerSpec, tp: TPGroup) -> ModelRunner:
@@ -110,7 +120,8 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
-                        spec.init_timeout_s, local_rank=rank % spec.nproc_per_node)
+                        spec.init_timeout_s, local_rank=rank % spec.nproc_per_node,
+                        dp_attention=spec.engine_config.parallel.dp_attention)
         runner = build_runner(spec, tp)
         channel = runner.channel
         assert channel is not None
@@ -119,6 +130,9 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
                 message = channel.recv()
                 if message.op is Op.SHUTDOWN:
                     break
+                if message.is_data_parallel:  # --dp-attention: this rank's own sequences
+                    runner.execute_data_parallel(message)
+                    continue
                 batch = message.to_batch(runner.device)
                 runner.execute(batch, message.sample_rows.tolist(), runner.graph_step(batch.query_lens_cpu))
     except BaseException as exc:  # noqa: BLE001 - report on stderr, exit non-zero; rank 0 names this rank
@@ -158,7 +172,7 @@ class TPRuntime:
         processes = spawn_workers(spec, layout.ranks[1:])
         try:
             tp = init_group(0, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
-                            spec.init_timeout_s)
+                            spec.init_timeout_s, dp_attention=parallel.dp_attention)
             runner = build_runner(spec, tp)
         except BaseException as exc:
             dead = _dead(processes, wait_s=1.0)
@@ -214,7 +228,7 @@ def worker_spec(model: str | None, config: EngineConfig, dtype: Any, device: str
             raise UsageError(f"--tp {layout.world_size} needs {layout.nproc_per_node} GPUs {on}, found {found}")
     elif device_type != "cpu":
         raise UsageError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not {device_type}")
-    precheck(model, layout.world_size)
+    precheck(model, layout.world_size, parallel.dp_attention)
     if model is None:  # convert the embedded GGUF once, here, not in every rank at the same time
         from r1deploy.models.loader import embedded_model_dir
 

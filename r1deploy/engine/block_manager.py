@@ -57,6 +57,14 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
 
+    def can_allocate_for(self, request: Request, num_new_tokens: int) -> bool:
+        """Whether the pool that holds `request` can grow it by num_new_tokens."""
+        return self.can_allocate(self.blocks_needed(request, num_new_tokens))
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        """Whether freeing a's blocks gives room to b (one pool: always)."""
+        return True
+
     def match_prefix(self, request: Request) -> None:
         """At admission: reuse cached full blocks of the prompt. At least the prompt's last token is
         left to compute, because its logits are needed to sample the first output token."""
@@ -136,3 +144,94 @@ class BlockManager:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.num_prefix_hits / self.num_prefix_queries if self.num_prefix_queries else 0.0
+
+
+class DataParallelBlockManager:
+    """--dp-attention: one BlockManager per rank, each over that rank's own KV pool (block ids are local
+    to the rank). A request is assigned a rank when it is admitted with no blocks (a preempted request
+    may move) and stays there while it holds blocks: the rank with the fewest used blocks, net of the
+    prefix-cache hits it would have there (ties: the lowest rank). The scheduler's calls go to the
+    request's pool; the counters add up over the ranks."""
+
+    def __init__(self, num_ranks: int, num_blocks_per_rank: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pools = [BlockManager(num_blocks_per_rank, block_size, enable_prefix_caching) for _ in range(num_ranks)]
+        self._ranks: dict[int, tuple[Request, int]] = {}  # id(request) -> (request, rank) while it holds a rank
+
+    def rank_of(self, request: Request) -> int:
+        return self._ranks[id(request)][1]
+
+    def _pool(self, request: Request) -> BlockManager:
+        return self.pools[self.rank_of(request)]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(p.num_blocks for p in self.pools)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(p.num_free_blocks for p in self.pools)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return sum(p.num_used_blocks for p in self.pools)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for p in self.pools for b in p.blocks]
+
+    @property
+    def num_prefix_queries(self) -> int:
+        return sum(p.num_prefix_queries for p in self.pools)
+
+    @property
+    def num_prefix_hits(self) -> int:
+        return sum(p.num_prefix_hits for p in self.pools)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        queries = self.num_prefix_queries
+        return self.num_prefix_hits / queries if queries else 0.0
+
+    def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        return self.pools[0].blocks_needed(request, num_new_tokens)
+
+    def can_allocate_for(self, request: Request, num_new_tokens: int) -> bool:
+        return self._pool(request).can_allocate_for(request, num_new_tokens)
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        return self.rank_of(a) == self.rank_of(b)
+
+    def match_prefix(self, request: Request) -> None:
+        """At admission: choose the request's rank, then reuse that rank's cached prefix blocks."""
+        rank = min(range(len(self.pools)),
+                   key=lambda r: (self.pools[r].num_used_blocks - self._prefix_hits(self.pools[r], request), r))
+        self._ranks[id(request)] = (request, rank)
+        self.pools[rank].match_prefix(request)
+
+    def _prefix_hits(self, pool: BlockManager, request: Request) -> int:
+        """Full prompt blocks `pool` holds for request (what its match_prefix would reuse; nothing is taken)."""
+        if not self.enable_prefix_caching:
+            return 0
+        prompt, parent, hits = request.prompt_token_ids, None, 0
+        for i in range((len(prompt) - 1) // self.block_size):
+            tokens = tuple(prompt[i * self.block_size:(i + 1) * self.block_size])
+            parent = chain_hash(parent, tokens)
+            block_id = pool.hash_to_block.get(parent)
+            if block_id is None or pool.blocks[block_id].token_ids != tokens:
+                break
+            hits += 1
+        return hits
+
+    def allocate(self, request: Request, num_new_tokens: int) -> None:
+        self._pool(request).allocate(request, num_new_tokens)
+
+    def register_full_blocks(self, request: Request) -> None:
+        self._pool(request).register_full_blocks(request)
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks on its rank and its rank with them (it holds nothing now)."""
+        held = self._ranks.pop(id(request), None)
+        self.pools[0 if held is None else held[1]].free(request)

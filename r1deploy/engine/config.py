@@ -45,10 +45,16 @@ class ParallelConfig:
     master_port: int = 0  # 0: a free port, chosen at start-up
     timeout_s: float = 300.0  # a model collective that takes longer (a hung or dead rank) fails the engine
     init_timeout_s: float = 300.0  # every rank must join the rendezvous within this
+    # DeepSeek (MLA) only: attention runs data-parallel (each rank its own requests, whole heads, its own latent
+    # cache: tp x the KV capacity), routed experts stay expert-parallel over the ranks (docs/distributed.md)
+    dp_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.dp_attention and self.tensor_parallel_size < 2:
+            raise ValueError("--dp-attention needs --tp > 1 (attention runs data-parallel over the tensor-parallel "
+                             "ranks)")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be in [0, 65536), got {self.master_port}")
         if self.timeout_s <= 0 or self.init_timeout_s <= 0:

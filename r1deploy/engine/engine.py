@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1deploy.engine.block_manager import BlockManager
+from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from r1deploy.engine.model_runner import ModelRunner, PreviousSamples
@@ -83,8 +83,15 @@ class LLMEngine:
             self.runner = self.tp_runtime.runner
         else:
             self.runner = ModelRunner(self.loaded, self.config, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.pool.num_blocks, self.config.block_size,
-                                          self.config.enable_prefix_caching)
+        self.block_manager: BlockManager | DataParallelBlockManager
+        if getattr(self.runner, "dp_attention", False):  # --dp-attention: one pool per rank, its own requests
+            self.block_manager = DataParallelBlockManager(self.config.parallel.tensor_parallel_size,
+                                                          self.runner.pool.num_blocks, self.config.block_size,
+                                                          self.config.enable_prefix_caching)
+            self.runner.dp_rank_of = self.block_manager.rank_of
+        else:
+            self.block_manager = BlockManager(self.runner.pool.num_blocks, self.config.block_size,
+                                              self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -99,7 +106,15 @@ class LLMEngine:
 
     @property
     def kv_capacity_tokens(self) -> int:
+        """Tokens one rank's KV pool holds: the most one sequence can use (--dp-attention: per rank)."""
         return self.runner.pool.capacity_tokens(self.config.block_size)
+
+    @property
+    def kv_capacity_tokens_total(self) -> int:
+        """Tokens all KV pools hold together: --dp-attention gives each of the --tp ranks its own pool;
+        otherwise the (replicated or head-split) pool is one."""
+        ranks = self.config.parallel.tensor_parallel_size if getattr(self.runner, "dp_attention", False) else 1
+        return ranks * self.kv_capacity_tokens
 
     # --- requests -------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from r1deploy.models.loader import LoadedModel
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
+    from r1deploy.distributed.messages import StepMessage
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class ModelRunner:
             from r1deploy.distributed.messages import StepChannel
 
             self.channel = StepChannel(tp.control_group, send_timeout_s=config.parallel.timeout_s)
+        # --dp-attention: every rank runs its own sequences (its part of each step message) and holds only
+        # their latent cache; rank 0's engine tells which rank a request's blocks live on (dp_rank_of).
+        self.dp_attention = tp is not None and tp.dp_attention
+        self.dp_rank_of: Callable[[Request], int] | None = None
+        if self.dp_attention and not getattr(self.model, "supports_dp_attention", False):
+            raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {type(self.model).__name__}")
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -64,7 +72,9 @@ class ModelRunner:
         # Only models whose forward has no host-side, data-dependent shapes can be captured. Under tensor
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
         # too) and replays in lockstep: `graph_step` is a function of the step message alone.
-        if self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False):
+        # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
+        if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
+                and not self.dp_attention):
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
                                             config.block_size, self.device)
 
@@ -112,7 +122,10 @@ class ModelRunner:
         scratch = self._allocate_kv_caches(blocks)
         batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
                                    self.config.block_size, self.device)
-        hidden = self.model(batch, scratch)
+        if self.dp_attention:  # every rank profiles a full step of its own at once (the MoE exchange joins them)
+            hidden = self.model(batch, scratch, [num_tokens] * self.tp.size)
+        else:
+            hidden = self.model(batch, scratch)
         self.model.compute_logits(hidden[batch.logits_indices])
         del scratch
 
@@ -123,6 +136,9 @@ class ModelRunner:
         result stays on the device (nothing here waits for the GPU). With async scheduling, `previous`
         is the step still in flight: a chunk whose last token it sampled takes that token on the device."""
         chunks = step.chunks
+        if self.dp_attention:
+            logits, rows = self._run_data_parallel(chunks)
+            return None if logits is None else self._sample(logits, [chunks[i].request for i in rows], vocab_size)
         use_graph = self.graph_step([c.num_new_tokens for c in chunks])
         token_chunks, pending_index = self._token_chunks(chunks, previous)
         batch = ForwardBatch.build(
@@ -149,7 +165,9 @@ class ModelRunner:
         logits = self.execute(batch, rows, use_graph, pending)
         if logits is None:
             return None
-        sampled = [chunks[i].request for i in rows]
+        return self._sample(logits, [chunks[i].request for i in rows], vocab_size)
+
+    def _sample(self, logits: torch.Tensor, sampled: list[Request], vocab_size: int) -> SamplerOutput:
         sampling = SamplingBatch.build(
             [r.params for r in sampled],
             [r.prompt_token_ids for r in sampled],
@@ -161,6 +179,57 @@ class ModelRunner:
             num_output_tokens=[r.num_output_tokens + r.num_placeholders for r in sampled],
         )
         return self.sampler(logits, sampling)
+
+    def _run_data_parallel(self, chunks: tuple[ScheduledChunk, ...]) -> tuple[torch.Tensor | None, list[int]]:
+        """--dp-attention on rank 0: split the step by the rank each request lives on, send every rank its
+        part, run rank 0's own, and return the logits of the sampling chunks (rows: their indices into
+        chunks, in step order) that every rank's part contributed."""
+        from r1deploy.distributed.messages import StepMessage
+
+        assert self.tp is not None and self.channel is not None and self.dp_rank_of is not None
+        token_chunks, _ = self._token_chunks(chunks, None)
+        members: list[list[int]] = [[] for _ in range(self.tp.size)]  # chunk indices of each rank, in step order
+        for i, chunk in enumerate(chunks):
+            members[self.dp_rank_of(chunk.request)].append(i)
+        parts: list[tuple[ForwardBatch | None, list[int]]] = []
+        gathered_order: list[int] = []  # the chunk index of each row the ranks return, in rank order
+        for own in members:
+            if not own:
+                parts.append((None, []))
+                continue
+            batch = ForwardBatch.build([token_chunks[i] for i in own], [chunks[i].num_cached_before for i in own],
+                                       [chunks[i].request.block_table for i in own], self.config.block_size, "cpu")
+            rows = [j for j, i in enumerate(own) if chunks[i].samples]
+            parts.append((batch, rows))
+            gathered_order += [own[j] for j in rows]
+        message = StepMessage.of_parts(parts, self.config.block_size)
+        self.channel.send(message)
+        logits = self.execute_data_parallel(message)
+        rows = sorted(gathered_order)
+        if logits is None:
+            return None, rows
+        position = {chunk: k for k, chunk in enumerate(gathered_order)}
+        order = [position[i] for i in rows]
+        if order != list(range(len(order))):
+            logits = logits[torch.tensor(order, device=logits.device)]
+        return logits, rows
+
+    def execute_data_parallel(self, message: StepMessage) -> torch.Tensor | None:
+        """--dp-attention, on every rank: run this rank's part of the step (possibly no sequences: it still
+        joins every MoE exchange), then gather every rank's sampled rows' final hidden states, in rank order
+        (hidden states, not logits: hidden_size values a row instead of vocab). Rank 0 returns their logits
+        [R, vocab] fp32 (None when the step samples nothing); the other ranks return None."""
+        assert self.tp is not None
+        part = message.part(self.tp.rank)
+        batch = part.to_batch(self.device)
+        counts = message.dp_sizes[:, 0].tolist()
+        hidden = self.model(batch, self.kv_caches, counts)  # [T_rank, hidden]
+        rows = part.sample_rows.to(self.device)
+        own = hidden[batch.logits_indices[rows]]  # [R_rank, hidden]
+        gathered = self.tp.all_gather_rows(own, message.dp_sizes[:, 2].tolist())  # [R, hidden], rank order
+        if not self.tp.is_driver or gathered.shape[0] == 0:
+            return None
+        return self.model.compute_logits(gathered)
 
     @staticmethod
     def _token_chunks(chunks: tuple[ScheduledChunk, ...], previous: PreviousSamples | None

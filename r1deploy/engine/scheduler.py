@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from r1deploy.engine.block_manager import BlockManager
+from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.request import Request, RequestStatus
 
@@ -43,7 +43,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager | DataParallelBlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
@@ -69,8 +69,9 @@ class Scheduler:
             if request.ends_in_flight:
                 continue  # a step now would only be discarded
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
-                victim = self.running[-1]
+            while not self.block_manager.can_allocate_for(request, num_new):
+                # the newest running request whose blocks share the pool (--dp-attention: the rank) with request's
+                victim = next(r for r in reversed(self.running) if self.block_manager.same_pool(r, request))
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -91,7 +92,7 @@ class Scheduler:
             if not request.block_table:
                 self.block_manager.match_prefix(request)
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(self.block_manager.blocks_needed(request, num_new)):
+            if not self.block_manager.can_allocate_for(request, num_new):
                 self.block_manager.free(request)  # give back prefix hits; retry when blocks free up
                 request.num_cached_tokens = 0
                 break

@@ -156,14 +156,29 @@ class DeepseekExperts(nn.Module):
         return param
 
     def attach_store(self, store: TieredExpertStore, layer_idx: int) -> None:
+        """Serve the experts from the store. An FP8 store (store.fp8) keeps the checkpoint's FP8 weights
+        and block scales: the layer gets empty FP8 stacks and empty `*_scale_inv` siblings, so load_weights
+        keeps expert tensors in FP8 and routes them (scales included) into the store."""
         if self.num_local != self.num_experts:
             raise ValueError("expert offload does not combine with expert parallelism")
-        if self.fp8_block:
-            raise ValueError("FP8 experts do not combine with expert offload (the store holds the model dtype)")
-        if self.gate_up_proj.shape[0]:  # built resident: drop the stacks, the store holds the experts now
-            self.gate_up_proj = self._stack(0, *self.gate_up_proj.shape[1:], dtype=None)
-            self.down_proj = self._stack(0, *self.down_proj.shape[1:], dtype=None)
+        if self.fp8_block and not store.fp8:
+            raise ValueError("FP8 experts need an FP8 expert store (this one holds the model dtype)")
+        if self.fp8_block and tuple(self.fp8_block) != tuple(store.fp8_block):
+            raise ValueError(f"FP8 experts with {self.fp8_block} tiles, the store holds {store.fp8_block}")
         self.store, self.layer_idx = store, layer_idx
+        # Built resident or not: empty stacks (the store holds the experts), in the store's formats.
+        weight_dtype = store.weight_dtype if store.fp8 else None
+        self.gate_up_proj = self._stack(0, *self.gate_up_proj.shape[1:], dtype=weight_dtype)
+        self.down_proj = self._stack(0, *self.down_proj.shape[1:], dtype=weight_dtype)
+        if store.fp8:
+            self.fp8_block = tuple(store.fp8_block)
+            for name, shape in zip(("gate_up_proj_scale_inv", "down_proj_scale_inv"), store.scale_shapes, strict=True):
+                param = nn.Parameter(torch.empty(0, *shape, dtype=torch.float32), requires_grad=False)
+                which = name.removesuffix("_scale_inv")
+                param.weight_loader = (  # type: ignore[attr-defined]  # a stacked `experts.*_scale_inv` tensor
+                    lambda _param, loaded, shard_id=None, which=which: store.load_stacked(
+                        self.layer_idx, which, loaded, scale=True))
+                setattr(self, name, param)
 
     def owns(self, expert: int) -> bool:
         return self.first <= expert < self.first + self.num_local
@@ -183,7 +198,7 @@ class DeepseekExperts(nn.Module):
         `.weight_scale_inv`) into the stacks (global index; experts of other ranks must be skipped by
         the caller, see `owns`)."""
         if self.store is not None:
-            self.store.load_expert(self.layer_idx, expert, projection, loaded)
+            self.store.load_expert(self.layer_idx, expert, projection, loaded, scale=scale)
             return
         local = expert - self.first
         if not 0 <= local < self.num_local:
@@ -285,7 +300,10 @@ class DeepseekExperts(nn.Module):
             store.prefetch_next(self.layer_idx, x)
             slot_of = torch.zeros(self.num_experts, dtype=ids.dtype)
             slot_of[on_device] = torch.tensor(resident.slots, dtype=ids.dtype)
-            return fused_moe(x, resident.gate_up, resident.down, weights, slot_of.to(ids.device)[ids])
+            # FP8 store: the slot pools are FP8 with their block-scale pools; the kernel scales each tile.
+            return fused_moe(x, resident.gate_up, resident.down, weights, slot_of.to(ids.device)[ids],
+                             gate_up_scale=resident.gate_up_scale, down_scale=resident.down_scale,
+                             scale_block=tuple(store.fp8_block))
         sorted_x = x[token_of]
         out = torch.empty(sorted_x.shape, dtype=torch.float32, device=x.device)
         rounds = [on_device[i : i + slots] for i in range(0, len(on_device), slots)]
@@ -293,10 +311,11 @@ class DeepseekExperts(nn.Module):
             resident = store.get(self.layer_idx, chunk)
             if n == len(rounds) - 1:  # the last round's slots stay in use; prefetch around them
                 store.prefetch_next(self.layer_idx, x)
-            for expert, slot in zip(chunk, resident.slots, strict=True):
+            for index, expert in enumerate(chunk):
                 rows = slice(starts[expert], starts[expert] + counts[expert])
-                hidden = silu_and_mul(F.linear(sorted_x[rows], resident.gate_up[slot]))  # [n, I]
-                out[rows] = F.linear(hidden, resident.down[slot])  # [n, H]
+                gate_up, down = store.dequantized(resident, index, x.dtype)  # FP8: dequantised like expert_weights
+                hidden = silu_and_mul(F.linear(sorted_x[rows], gate_up))  # [n, I]
+                out[rows] = F.linear(hidden, down)  # [n, H]
         if not rounds:
             store.prefetch_next(self.layer_idx, x)
         for expert in on_host:
@@ -309,21 +328,41 @@ class DeepseekExperts(nn.Module):
 class DeepseekMoE(nn.Module):
     """tp: the router runs replicated, each rank adds its own experts' contributions for every token
     plus its slice of the shared experts, and one all-reduce sums the ranks (the all-gather /
-    reduce-scatter-free scheme for small batches: every rank already holds every token)."""
+    reduce-scatter-free scheme for small batches: every rank already holds every token).
+
+    tp.dp_attention: each rank holds only its own sequences' tokens. The block all-gathers them (every rank's
+    count is known from the step message), routes and runs this rank's experts on all of them, and a
+    reduce-scatter hands each rank the sum over ranks for its own tokens; the shared experts are whole on
+    every rank (replicated weights) and run on its own tokens only."""
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.tp = tp
+        self.dp_attention = tp is not None and tp.size > 1 and tp.dp_attention
         self.gate = DeepseekGate(config)
         self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp)
         self.shared_experts = (
-            DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, tp, reduce=False)
+            DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                        None if self.dp_attention else tp, reduce=False)
             if config.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+    def forward(self, x: torch.Tensor, dp_token_counts: list[int] | None = None) -> torch.Tensor:  # [T, hidden]
+        if self.dp_attention:
+            return self._forward_dp(x, dp_token_counts)
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
         # The shared experts sit outside the weighted sum (unscaled by routed_scaling_factor).
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out if self.tp is None else self.tp.all_reduce(out)
+
+    def _forward_dp(self, x: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+        """--dp-attention: x [counts[rank], hidden] is this rank's tokens; counts are every rank's."""
+        if counts is None or len(counts) != self.tp.size or x.shape[0] != counts[self.tp.rank]:
+            raise ValueError(f"data-parallel MoE: rank {self.tp.rank} has {x.shape[0]} tokens, step counts {counts}")
+        tokens = self.tp.all_gather_rows(x, counts)  # [sum(counts), hidden], rank order
+        weights, ids = self.gate(tokens)
+        routed = self.tp.reduce_scatter_rows(self.experts(tokens, weights, ids), counts)  # this rank's tokens
+        if self.shared_experts is not None and x.shape[0]:
+            routed = routed + self.shared_experts(x)
+        return routed

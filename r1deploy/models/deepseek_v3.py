@@ -43,26 +43,43 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known tensor this rank skips
 
 
+def _dp_attention(tp: TPGroup | None) -> bool:
+    return tp is not None and tp.size > 1 and tp.dp_attention
+
+
 class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None) -> None:
+        """Under --dp-attention (tp.dp_attention) attention and the dense MLP are whole on every rank (no tp);
+        the MoE block keeps its routed experts expert-parallel."""
         super().__init__()
+        local = None if _dp_attention(tp) else tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, tp)
+        self.self_attn = MLAttention(config, local)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (DeepseekMoE(config, tp) if config.is_moe_layer(layer_idx)
-                               else DeepseekMLP(config.hidden_size, config.intermediate_size, tp))
+                               else DeepseekMLP(config.hidden_size, config.intermediate_size, local))
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan,
+        dp_token_counts: list[int] | None = None,
     ) -> torch.Tensor:  # [T, hidden]
+        if dp_token_counts is None:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, plan)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        if not h.shape[0]:  # --dp-attention, no sequences on this rank this step: only join the MoE's exchange
+            if isinstance(self.mlp, DeepseekMoE):
+                self.mlp(h, dp_token_counts)
+            return h
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, plan)
+        if isinstance(self.mlp, DeepseekMoE):
+            return h + self.mlp(self.post_attention_layernorm(h), dp_token_counts)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class DeepseekModel(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        if tp is None:
+        if tp is None or _dp_attention(tp):  # data-parallel attention: each rank embeds its own tokens, whole table
             self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         else:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
@@ -70,35 +87,46 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor],
+                dp_token_counts: list[int] | None = None) -> torch.Tensor:
         h = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(batch.positions)  # [T, dr/2] each, shared by all layers
         plan = MLAPlan.build(batch)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv_cache, plan)
+            if dp_token_counts is None:
+                h = layer(h, cos, sin, kv_cache, plan)
+            else:
+                h = layer(h, cos, sin, kv_cache, plan, dp_token_counts)
+        if not h.shape[0]:  # --dp-attention: a rank without sequences (no kernel launch for zero rows)
+            return h
         return self.norm(h)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
     fp8_kv_cache = True  # layers/mla.py quantises the latent rows on write and dequantises them on read
+    supports_dp_attention = True  # MLA: --dp-attention (r1deploy.distributed)
 
     @property
     def cuda_graphs(self) -> bool:
         """Decode steps are capturable on CUDA (no host reads of lengths or routing: r1deploy.kernels),
         except with an offload store (experts: TieredExpertStore; whole layers, experts included:
-        weights/layer_stream.LayerStream), which decides copies on the host."""
-        return self.expert_store is None
+        weights/layer_stream.LayerStream), which decides copies on the host, and under --dp-attention
+        (per-rank token counts change every step)."""
+        return self.expert_store is None and not self.dp_attention
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
-        (rank r holds experts [r*E/N, (r+1)*E/N)), vocabulary split; the latent cache is replicated."""
+        (rank r holds experts [r*E/N, (r+1)*E/N)), vocabulary split; the latent cache is replicated.
+        tp.dp_attention: only the routed experts are split; everything else is whole on every rank, which runs
+        its own sequences (and holds only their latent cache)."""
         super().__init__()
         self.config = config
+        self.dp_attention = _dp_attention(tp)
         if tp is not None and tp.size > 1:
-            self.check_tensor_parallel(config, tp.size)
+            self.check_tensor_parallel(config, tp.size, self.dp_attention)
         self.model = DeepseekModel(config, tp)
-        if tp is None:
+        if tp is None or self.dp_attention:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
@@ -119,13 +147,19 @@ class DeepseekV3ForCausalLM(nn.Module):
                 store.register_gate(i, layer.mlp.gate)
 
     @staticmethod
-    def check_tensor_parallel(config: DeepseekConfig, tp: int) -> None:
-        """UsageError (one line) unless tp splits the heads, the dense and shared MLPs and the experts."""
+    def check_tensor_parallel(config: DeepseekConfig, tp: int, dp_attention: bool = False) -> None:
+        """UsageError (one line) unless tp splits the heads, the dense and shared MLPs and the experts
+        (dp_attention: only the experts are split)."""
         if tp < 1:
             raise UsageError(f"--tp must be >= 1, got {tp}")
         if tp == 1:
             return
         arch = config.architecture
+        if dp_attention:
+            if config.n_routed_experts % tp:
+                raise UsageError(f"--tp {tp} does not divide {arch}'s {config.n_routed_experts} routed experts "
+                                 "(expert parallelism gives every rank the same number)")
+            return
         if config.num_attention_heads % tp:
             raise UsageError(f"--tp {tp} does not divide {arch}'s {config.num_attention_heads} attention heads")
         if config.n_routed_experts % tp:
@@ -147,9 +181,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Cache bytes one token costs across all layers: dtype.itemsize per value, 1 in an FP8 cache."""
         return config.num_hidden_layers * config.kv_cache_dim * dtype.itemsize
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Hidden states [T, hidden] of this step's tokens; writes their latents into kv_caches."""
-        return self.model(batch, kv_caches)
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor],
+                dp_token_counts: list[int] | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of this step's tokens; writes their latents into kv_caches.
+        dp_token_counts (--dp-attention): every rank's token count this step, in rank order (batch is this
+        rank's own sub-batch, possibly empty); the MoE layers exchange tokens by them."""
+        if dp_token_counts is None:
+            return self.model(batch, kv_caches)
+        return self.model(batch, kv_caches, dp_token_counts)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] fp32
         return self.lm_head(hidden).float()

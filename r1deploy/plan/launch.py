@@ -62,14 +62,14 @@ def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
         sglang.append("--trust-remote-code")
 
     commands = {"vllm": " ".join(vllm), "sglang": " ".join(sglang)}
-    # r1deploy serve runs TP over one or more nodes, with MoE experts split over the TP ranks (EP = TP);
-    # DP-attention, PP and replicas are not implemented yet, and presets carry no weights (a local
-    # checkpoint directory is needed).
-    ours_fits = not dep["dp_attention"] and (not model["moe"] or ep == tp)
+    # r1deploy serve runs TP over one or more nodes, with MoE experts split over the TP ranks (EP = TP),
+    # optionally with data-parallel MLA attention (--dp-attention); PP and replicas are not implemented yet,
+    # and presets carry no weights (a local checkpoint directory is needed).
+    ours_fits = not model["moe"] or ep == tp
     if ours_fits and pp == 1 and dep["replicas"] == 1:
         ours = ["r1deploy serve /path/to/" + repo.split("/")[-1], f"--max-model-len {max_len}"]
         if tp > 1:
-            ours.insert(1, f"--tp {tp}")
+            ours.insert(1, f"--tp {tp}" + (" --dp-attention" if dep["dp_attention"] else ""))
         if nodes > 1:
             ours.insert(2, f"--nnodes {nodes} --node-rank 0 --master-addr {HEAD} --master-port {PORT}")
         if fp8_kv:

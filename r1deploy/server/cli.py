@@ -55,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tensor-parallel ranks over all nodes: one worker process per GPU (NCCL), or per CPU rank "
                         "(gloo); the ranks talk over loopback (one node) or --master-addr's network, which must "
                         "stay private (docs/distributed.md)")
+    p.add_argument("--dp-attention", action="store_true",
+                   help="with --tp N, DeepSeek (MLA) models: each rank runs attention for its own requests with whole "
+                        "heads and its own latent KV cache (N x the KV capacity); routed experts stay split over "
+                        "the ranks, tokens all-gathered around each MoE layer (no CUDA graphs)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks span (torchrun's meaning)")
     p.add_argument("--node-rank", type=int, default=0,
                    help="this node's index; node 0 runs rank 0 and the HTTP server, the others only their ranks "
@@ -114,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         from r1deploy.distributed.nodes import MultiNodeConfig
         from r1deploy.distributed.worker import precheck
-        precheck(args.model, args.tp)  # a --tp that cannot split the model fails here, in one line
+        precheck(args.model, args.tp, args.dp_attention)  # a --tp that cannot split the model fails here
         parallel = {"tensor_parallel_size": args.tp, "nnodes": args.nnodes, "node_rank": args.node_rank,
                     "nproc_per_node": args.nproc_per_node, "master_addr": args.master_addr,
-                    "master_port": args.master_port}
+                    "master_port": args.master_port, "dp_attention": args.dp_attention}
         if args.dist_timeout is not None:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:

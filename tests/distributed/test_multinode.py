@@ -96,4 +96,5 @@ def test_plan_prints_a_line_per_node() -> None:
     assert "--tp 16 --nnodes 2 --node-rank 0 --master-addr HEAD_NODE_IP --master-port 29500" in launch["r1deploy"]
     assert launch["r1deploy node 1"] == launch["r1deploy"].replace("--node-rank 0", "--node-rank 1")
     assert "--node-rank 1" in launch["sglang node 1"] and "ray start --address" in launch["vllm node 1"]
-    assert "r1deploy" not in plan_deployment("deepseek-r1", "h100")["launch"]  # DP-attention: not ours yet
+    dp = plan_deployment("deepseek-r1", "h100")["launch"]  # DP-attention over 2 nodes
+    assert "--tp 16 --dp-attention --nnodes 2 --node-rank 0" in dp["r1deploy"] and "--node-rank 1" in dp["r1deploy node 1"]

@@ -10,7 +10,7 @@ def test_r1_lines_carry_tp_ep_and_dp_attention() -> None:
     assert "vllm serve deepseek-ai/DeepSeek-R1 --tensor-parallel-size 8" in launch["vllm"]
     assert "--enable-expert-parallel" in launch["vllm"]
     assert "--enable-dp-attention --dp 8" in launch["sglang"] and "--ep-size 8" in launch["sglang"]
-    assert "r1deploy" not in launch  # MoE expert parallelism is not in r1deploy serve yet: no false promise
+    assert "r1deploy serve /path/to/DeepSeek-R1 --tp 8 --dp-attention" in launch["r1deploy"]
 
 
 def test_dense_model_gets_our_tp_line_and_fp8_kv() -> None:
