@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from r1deploy.layers.attention import KV_CACHE_DTYPES
 
-
 OFFLOAD_TARGETS = ("experts", "layers")
 
 

@@ -106,7 +106,7 @@ class ModelRunner:
         pool what is left of gpu_memory_utilization x total, after weights, peak and non-torch memory."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        free_before, total = torch.cuda.mem_get_info(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
         self._profile_run()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from r1deploy.layers.embedding import Embedding
 from r1deploy.errors import UsageError
+from r1deploy.layers.embedding import Embedding
 from r1deploy.layers.linear import Linear, default_weight_loader
 from r1deploy.layers.mla import MLAPlan, MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE

@@ -14,14 +14,19 @@ import torch
 from torch import nn
 
 from r1deploy.config import ModelConfig
-from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers import attention
+from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.attention import paged_attention
 from r1deploy.layers.embedding import Embedding
 from r1deploy.layers.linear import Linear, MergedLinear
-from r1deploy.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear, ShardSpec,
-                                      VocabParallelEmbedding)
 from r1deploy.layers.norm import RMSNorm
+from r1deploy.layers.parallel import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    ShardSpec,
+    VocabParallelEmbedding,
+)
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
 from r1deploy.quant.awq import quant_config_from_hf
 

@@ -51,8 +51,14 @@ from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog, GpuSpec
 from r1deploy.plan.memory import plan_memory
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
-from r1deploy.plan.roofline import (Efficiency, StageCost, calibration_family, decode_stage, prefill_stage,
-                                    stage_cost)
+from r1deploy.plan.roofline import (
+    Efficiency,
+    StageCost,
+    calibration_family,
+    decode_stage,
+    prefill_stage,
+    stage_cost,
+)
 from r1deploy.plan.serving import Performance, Workload, predict
 
 BENCH_SCHEMA = "r1deploy-bench/1"

@@ -37,7 +37,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _timed_ms(device, op, iters: int) -> list[float]:  # noqa: ANN001 - torch types, imported lazily
+def _timed_ms(device, op, iters: int) -> list[float]:
     """Milliseconds of each of `iters` calls of op()."""
     import torch
 
@@ -69,9 +69,9 @@ def _worker(rank: int, world_size: int, backend: str, port: int, sizes: list[int
         medians = []
         for size in sizes:
             buffer = torch.randn(max(size // 4, 1), device=device)  # never zeros: see the device notes
-            _timed_ms(device, lambda: dist.all_reduce(buffer), 3)  # warm-up: connections, NCCL channels
+            _timed_ms(device, lambda buffer=buffer: dist.all_reduce(buffer), 3)  # warm-up: connections, NCCL channels
             dist.barrier()  # start together, so the first timed call does not include a peer's lateness
-            medians.append(statistics.median(_timed_ms(device, lambda: dist.all_reduce(buffer), iters)) / 1e3)
+            medians.append(statistics.median(_timed_ms(device, lambda buffer=buffer: dist.all_reduce(buffer), iters)) / 1e3)
         if rank == 0:
             Path(out).write_text(json.dumps(medians))
     finally:

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from r1deploy.errors import UsageError
-from r1deploy.plan.launch import launch_commands
 from r1deploy.plan.catalog import Catalog, GpuSpec
 from r1deploy.plan.host_requirements import HostPlan, host_requirements
+from r1deploy.plan.launch import launch_commands
 from r1deploy.plan.memory import weights_bytes_total
 from r1deploy.plan.model_spec import load_model
 from r1deploy.plan.offload import OffloadPlan
