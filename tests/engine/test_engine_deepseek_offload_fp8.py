@@ -10,26 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from deepseek_support import TINY_V3, randomize_, read_checkpoint
+from deepseek_support import FP8_TILE, TINY_V3, randomize_, read_checkpoint, write_fp8_checkpoint
 
 from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
 from r1deploy.models.loader import load_model
-from r1deploy.quant.fp8_block import FP8_DTYPE, quantize_fp8_block
+from r1deploy.quant.fp8_block import FP8_DTYPE
 from r1deploy.sampling_params import SamplingParams
 
 PROMPTS = [[5, 9, 13, 40, 41, 3], [7] * 19, list(range(10, 43)), [3, 4]]
 NEW_TOKENS = 8
-BLOCK = (16, 16)  # several tiles per tiny weight, partial edge tiles in kv_a_proj_with_mqa (40 rows)
+BLOCK = FP8_TILE
 H, I = TINY_V3["hidden_size"], TINY_V3["moe_intermediate_size"]
 # One byte a weight plus fp32 scales: gate and up [ceil(32/16), ceil(64/16)] each, down [ceil(64/16), ceil(32/16)].
 FP8_EXPERT_BYTES = 3 * H * I + 4 * (2 * 2 * 4 + 4 * 2)
-_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # unquantised in R1's checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +37,8 @@ def fp8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_V3, attn_implementation="eager")).float().eval()
     randomize_(hf, seed=0)
     hf.save_pretrained(hf_dir, safe_serialization=True)
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in read_checkpoint(hf_dir):
-        if name.endswith(".weight") and tensor.dim() == 2 and not any(s in name for s in _NOT_FP8):
-            state[name], state[name + "_scale_inv"] = quantize_fp8_block(tensor, BLOCK)
-        else:
-            state[name] = tensor
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
-    config = json.loads((hf_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(BLOCK)}
-    (path / "config.json").write_text(json.dumps(config))
+    write_fp8_checkpoint(dict(read_checkpoint(hf_dir)), json.loads((hf_dir / "config.json").read_text()), path,
+                         BLOCK)
     return path
 
 

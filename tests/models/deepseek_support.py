@@ -3,17 +3,20 @@ to matter, and a paged-cache driver for our model."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
+from r1deploy.quant.fp8_block import dequantize_fp8_block, quantize_fp8_block
 
 TOL = 1e-4
 
@@ -92,3 +95,33 @@ class PagedDriver:
             self.allocate(table, cached + len(chunk))
         batch = ForwardBatch.build(chunks, num_cached, tables, self.block_size)
         return self.model.compute_logits(self.model(batch, self.kv_caches))
+
+
+# FP8 checkpoints in miniature. Small tiles, so the tiny shapes span several, with partial edge tiles
+# (kv_a_proj_with_mqa has 32 + 8 = 40 rows: 3 row tiles, the last 8 tall): R1's 576-row case.
+FP8_TILE = (16, 16)
+_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # unquantised in R1's checkpoint
+
+
+def is_fp8_weight(name: str, tensor: torch.Tensor) -> bool:
+    return name.endswith(".weight") and tensor.dim() == 2 and not any(s in name for s in _NOT_FP8)
+
+
+def write_fp8_checkpoint(tensors: dict[str, torch.Tensor], config: dict, fp8_dir: Path,
+                         block: tuple[int, int] = FP8_TILE) -> dict[str, torch.Tensor]:
+    """DeepSeek's format into fp8_dir: every 2-D linear weight as float8_e4m3fn + its `weight_scale_inv`,
+    config.json with the fp8 quantization_config. Returns the dequantised twin state (fp32)."""
+    fp8: dict[str, torch.Tensor] = {}
+    twin: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if is_fp8_weight(name, tensor):
+            q, scale_inv = quantize_fp8_block(tensor, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale_inv
+            twin[name] = dequantize_fp8_block(q, scale_inv, torch.float32, block)
+        else:
+            fp8[name] = twin[name] = tensor
+    save_file({k: v.contiguous() for k, v in fp8.items()}, str(fp8_dir / "model.safetensors"))
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": list(block)}
+    (fp8_dir / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    return twin

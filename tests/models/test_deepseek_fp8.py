@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from deepseek_support import TINY_V3, PagedDriver, load_ours, randomize_, read_checkpoint
+from deepseek_support import (
+    FP8_TILE,
+    TINY_V3,
+    PagedDriver,
+    load_ours,
+    randomize_,
+    read_checkpoint,
+    write_fp8_checkpoint,
+)
 from safetensors.torch import save_file
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
@@ -19,16 +27,9 @@ from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import OffloadConfig
 from r1deploy.errors import UsageError
 from r1deploy.models.loader import load_model
-from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
+from r1deploy.quant.fp8_block import FP8_DTYPE
 
-# Small tiles so the tiny shapes span several, with partial edge tiles (kv_a_proj_with_mqa has
-# 32 + 8 = 40 rows: 3 row tiles, the last 8 tall), the 576-row situation in miniature.
-BLOCK = [16, 16]
-_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # as in R1's checkpoint
-
-
-def is_fp8(name: str, tensor: torch.Tensor) -> bool:
-    return name.endswith(".weight") and tensor.dim() == 2 and not any(s in name for s in _NOT_FP8)
+BLOCK = list(FP8_TILE)
 
 
 def write_checkpoints(hf_dir: Path, fp8_dir: Path, twin_dir: Path, block: list[int] = BLOCK) -> None:
@@ -37,20 +38,9 @@ def write_checkpoints(hf_dir: Path, fp8_dir: Path, twin_dir: Path, block: list[i
     # An MTP layer at index num_hidden_layers, stored like the main layers; it must be skipped.
     tensors["model.layers.3.eh_proj.weight"] = torch.randn(64, 128)
     tensors["model.layers.3.self_attn.kv_a_proj_with_mqa.weight"] = torch.randn(40, 64)
-    fp8: dict[str, torch.Tensor] = {}
-    twin: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if is_fp8(name, tensor):
-            q, scale_inv = quantize_fp8_block(tensor, tuple(block))
-            fp8[name], fp8[name + "_scale_inv"] = q, scale_inv
-            twin[name] = dequantize_fp8_block(q, scale_inv, torch.float32, tuple(block))
-        else:
-            fp8[name] = twin[name] = tensor
-    for directory, state, extra in ((fp8_dir, fp8, {"quantization_config": {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}}),
-            (twin_dir, twin, {})):
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({**config, **extra}))
+    twin = write_fp8_checkpoint(tensors, config, fp8_dir, tuple(block))
+    save_file({k: v.contiguous() for k, v in twin.items()}, str(twin_dir / "model.safetensors"))
+    (twin_dir / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")

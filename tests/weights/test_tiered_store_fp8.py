@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from deepseek_support import TINY_V3, PagedDriver, randomize_, read_checkpoint
+from deepseek_support import FP8_TILE, TINY_V3, PagedDriver, randomize_, read_checkpoint, write_fp8_checkpoint
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
@@ -24,28 +24,12 @@ from r1deploy.models.loader import load_model
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
 from r1deploy.weights.tiered_store import TieredExpertStore, budget_slots
 
-BLOCK = (16, 16)  # TINY_V3: hidden 64, moe_intermediate 32 -> gate/up scales [2, 4], down [4, 2]
+BLOCK = FP8_TILE  # TINY_V3: hidden 64, moe_intermediate 32 -> gate/up scales [2, 4], down [4, 2]
 H, I = TINY_V3["hidden_size"], TINY_V3["moe_intermediate_size"]
 SCALE_BYTES = 4 * (2 * 2 * 4 + 4 * 2)
 FP8_EXPERT_BYTES = 3 * H * I + SCALE_BYTES  # one byte a weight, plus the fp32 tile scales
 MOE_LAYERS = 2
 ALL = MOE_LAYERS * TINY_V3["n_routed_experts"]
-_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")
-
-
-def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path) -> None:
-    """DeepSeek's format: every 2-D linear weight as float8_e4m3fn + its `weight_scale_inv`."""
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in read_checkpoint(hf_dir):
-        if name.endswith(".weight") and tensor.dim() == 2 and not any(s in name for s in _NOT_FP8):
-            state[name], state[name + "_scale_inv"] = quantize_fp8_block(tensor, BLOCK)
-        else:
-            state[name] = tensor
-    save_file({k: v.contiguous() for k, v in state.items()}, str(fp8_dir / "model.safetensors"))
-    config = json.loads((hf_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(BLOCK)}
-    (fp8_dir / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +38,8 @@ def fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     randomize_(hf, seed=9)
     hf_dir, fp8_dir = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("fp8")
     hf.save_pretrained(hf_dir)
-    write_fp8_checkpoint(hf_dir, fp8_dir)
+    write_fp8_checkpoint(dict(read_checkpoint(hf_dir)), json.loads((hf_dir / "config.json").read_text()), fp8_dir,
+                         BLOCK)
     return fp8_dir
 
 
