@@ -15,12 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from deepseek_support import TINY_V3, randomize_  # noqa: E402
+from deepseek_support import TINY_V3, randomize_
+from parallel_engines import engine, generate
 
-from r1deploy.engine.config import EngineConfig, ParallelConfig  # noqa: E402
-from r1deploy.engine.engine import LLMEngine  # noqa: E402
-from r1deploy.errors import UsageError  # noqa: E402
-from r1deploy.sampling_params import SamplingParams  # noqa: E402
+from r1deploy.errors import UsageError
 
 PROMPTS = [[5, 9, 13, 40, 41, 3], [7] * 19, list(range(10, 43)), [3, 4]]
 NEW_TOKENS = 8
@@ -85,30 +83,14 @@ def hf_greedy(model_dir: Path) -> list[list[int]]:
                                pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
 
 
-def engine(model_dir: Path, tp: int, **options: object) -> LLMEngine:
-    return LLMEngine(str(model_dir), config=EngineConfig(**options, parallel=ParallelConfig(tensor_parallel_size=tp)),
-                     device="cpu", dtype="float32")
-
-
-def generate(llm: LLMEngine) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
-    ids = [llm.add_request(p, params) for p in PROMPTS]
-    done = {}
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-    return [(list(done[i].token_ids), list(done[i].logprobs)) for i in ids]
-
-
 def test_tp2_expert_parallel_equals_tp1_and_transformers(model_dir: Path) -> None:
     single = engine(model_dir, 1, **CHUNKED)
-    expected = generate(single)
+    expected = generate(single, PROMPTS, NEW_TOKENS)
     assert [tokens for tokens, _ in expected] == hf_greedy(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     tp = engine(model_dir, 2, **CHUNKED)
     try:
-        got = generate(tp)
+        got = generate(tp, PROMPTS, NEW_TOKENS)
         model = tp.runner.model
         attn = model.model.layers[0].self_attn
         assert attn.num_heads == 2

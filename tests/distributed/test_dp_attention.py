@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_engines import engine, generate
 from test_tensor_parallel import save_tiny
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
@@ -44,22 +45,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def engine(model_dir: Path, tp: int, dp_attention: bool = False, **options: object) -> LLMEngine:
-    parallel = ParallelConfig(tensor_parallel_size=tp, dp_attention=dp_attention)
-    return LLMEngine(str(model_dir), config=EngineConfig(**options, parallel=parallel), device="cpu", dtype="float32")
-
-
-def generate(llm: LLMEngine, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
-    ids = [llm.add_request(p, params) for p in prompts]
-    done = {}
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-    return [(list(done[i].token_ids), list(done[i].logprobs)) for i in ids]
-
-
 def assert_same(got: list[tuple[list[int], list[float]]], expected: list[tuple[list[int], list[float]]]) -> None:
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, expected, strict=True):
         assert tokens == ref_tokens
@@ -68,7 +53,7 @@ def assert_same(got: list[tuple[list[int], list[float]]], expected: list[tuple[l
 
 def test_dp_attention_equals_tp1(model_dir: Path) -> None:
     single = engine(model_dir, 1, **CHUNKED)
-    expected = [generate(single, PROMPTS), generate(single, ALONE), generate(single, PREFIX)]
+    expected = [generate(single, prompts, NEW_TOKENS) for prompts in (PROMPTS, ALONE, PREFIX)]
     dp = engine(model_dir, 2, dp_attention=True, **CHUNKED)
     try:
         ranks: dict[int, set[int]] = {}  # rank -> the prompt lengths it ran
@@ -80,13 +65,13 @@ def test_dp_attention_equals_tp1(model_dir: Path) -> None:
             return rank
 
         dp.runner.dp_rank_of = recording
-        got = [generate(dp, PROMPTS)]
+        got = [generate(dp, PROMPTS, NEW_TOKENS)]
         assert set(ranks) == {0, 1}  # both ranks had requests of their own
         ranks.clear()
-        got.append(generate(dp, ALONE))
+        got.append(generate(dp, ALONE, NEW_TOKENS))
         assert set(ranks) == {0}  # rank 1 joined every step's collectives with zero tokens
         hits = dp.block_manager.num_prefix_hits
-        got.append(generate(dp, PREFIX))
+        got.append(generate(dp, PREFIX, NEW_TOKENS))
         assert dp.block_manager.num_prefix_hits == hits + 3  # on the rank that ran PROMPTS[2]
 
         model = dp.runner.model

@@ -125,3 +125,17 @@ def write_fp8_checkpoint(tensors: dict[str, torch.Tensor], config: dict, fp8_dir
                     "weight_block_size": list(block)}
     (fp8_dir / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
     return twin
+
+
+def run_steps(model: DeepseekV3ForCausalLM) -> list[torch.Tensor]:
+    """A batched prefill and three decode steps of three sequences (seeded): their logits."""
+    driver = PagedDriver(model)
+    generator = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, TINY_V3["vocab_size"], (n,), generator=generator).tolist() for n in (7, 3, 11)]
+    tables: list[list[int]] = [[] for _ in seqs]
+    outs = [driver.step(seqs, [0] * len(seqs), tables)]
+    for _ in range(3):
+        new = [[int(torch.randint(0, TINY_V3["vocab_size"], (1,), generator=generator))] for _ in seqs]
+        outs.append(driver.step(new, [len(s) for s in seqs], tables))
+        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
+    return outs

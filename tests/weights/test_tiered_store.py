@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from deepseek_support import TINY_V3, PagedDriver, load_ours, randomize_, read_checkpoint
+from deepseek_support import TINY_V3, load_ours, randomize_, read_checkpoint, run_steps
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
@@ -42,20 +42,6 @@ def offloaded(path: Path, **kwargs) -> DeepseekV3ForCausalLM:
         model = DeepseekV3ForCausalLM(config).eval()
     model.load_weights(read_checkpoint(path))
     return model
-
-
-def run_steps(model: DeepseekV3ForCausalLM) -> list[torch.Tensor]:
-    """A batched prefill and three decode steps."""
-    driver = PagedDriver(model)
-    generator = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, TINY_V3["vocab_size"], (n,), generator=generator).tolist() for n in (7, 3, 11)]
-    tables: list[list[int]] = [[] for _ in seqs]
-    outs = [driver.step(seqs, [0] * len(seqs), tables)]
-    for _ in range(3):
-        new = [[int(torch.randint(0, TINY_V3["vocab_size"], (1,), generator=generator))] for _ in seqs]
-        outs.append(driver.step(new, [len(s) for s in seqs], tables))
-        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
-    return outs
 
 
 MOE_LAYERS = 2  # TINY_V3: 3 layers, the first dense

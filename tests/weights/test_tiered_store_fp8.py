@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from deepseek_support import FP8_TILE, TINY_V3, PagedDriver, randomize_, read_checkpoint, write_fp8_checkpoint
+from deepseek_support import FP8_TILE, TINY_V3, randomize_, read_checkpoint, run_steps, write_fp8_checkpoint
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
@@ -45,20 +45,6 @@ def fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def slots_gb(n: int) -> float:
     return n * FP8_EXPERT_BYTES / 1e9
-
-
-def run_steps(model) -> list[torch.Tensor]:
-    """A batched prefill and three decode steps."""
-    driver = PagedDriver(model)
-    generator = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, TINY_V3["vocab_size"], (n,), generator=generator).tolist() for n in (7, 3, 11)]
-    tables: list[list[int]] = [[] for _ in seqs]
-    outs = [driver.step(seqs, [0] * len(seqs), tables)]
-    for _ in range(3):
-        new = [[int(torch.randint(0, TINY_V3["vocab_size"], (1,), generator=generator))] for _ in seqs]
-        outs.append(driver.step(new, [len(s) for s in seqs], tables))
-        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
-    return outs
 
 
 @pytest.fixture(scope="module")
