@@ -1,13 +1,14 @@
 """DeepSeek-R1 MoE layers at full width with the routed experts offloaded to pinned host memory (issue 9).
 
-A DeepSeek-R1-shaped model (the `r1` preset's config.json, bf16, no FP8 quantization_config) cut to one
-dense layer + N MoE layers, random weights (load_format="dummy"). Offloaded: every routed expert in pinned
-host memory (TieredExpertStore, `--offload experts`), a GPU slot budget of `--gpu-budget-layers` layers' worth
-of experts (default 1 of N), LRU, prefetch from the next layer's router. Resident: the same shape with
-everything on the GPU, with 1 MoE layer and with N MoE layers when they fit, so the per-MoE-layer cost is
-(t_N - t_1) / (N - 1) and the rest of a step (embedding, dense layer, lm_head) is t_1 minus one layer.
+A DeepSeek-R1-shaped model (the `r1` preset's config.json with its FP8 block quantization_config; `--bf16`
+drops it) cut to one dense layer + N MoE layers (default 16: ~180 GB of FP8 experts, more than one H200
+holds), random weights (load_format="dummy"). Offloaded: every routed expert in pinned host memory (FP8 +
+block scales, TieredExpertStore, `--offload experts`), a GPU slot budget of `--gpu-budget-layers` layers'
+worth of experts (default 4 of N), LRU, prefetch from the next layer's router. Resident: the same shape with
+everything on the GPU, with 1 MoE layer and with the most MoE layers (<= N) that fit, K, so the per-MoE-layer
+cost is (t_K - t_1) / (K - 1) and the rest of a step (embedding, dense layer, lm_head) is t_1 minus one layer.
 
-Per case and batch size (1 and 32, prompt 128, 128 / 64 new tokens, greedy, EOS ignored): prefill time,
+Per case and batch size (1 and 32, prompt 128, 64 / 16 new tokens, greedy, EOS ignored): prefill time,
 decode tok/s over the decode steps only, median step time, and over the decode steps the store's hits,
 misses, hit rate, bytes moved, evictions, prefetches and stall time. The offloaded engine steps eagerly
 (a store decides copies on the host, so the model declines CUDA graphs); the resident one is timed with
@@ -15,13 +16,14 @@ graphs (the engine's default) and, at batch 1, eager too, for a like-for-like pe
 each: the planner's expert-offload prediction (r1deploy.plan.offload.plan_offload, what `r1deploy plan
 --offload experts --gpu-weight-budget GB` prints). Writes JSON after every case; prints a table at the end.
 
-    python3 benchmarks/h200_offload.py --out $OUT/offload.json          # H200, ~4-5 minutes
+    python3 benchmarks/h200_offload.py --out $OUT/offload.json          # H200 with >= 240 GiB host RAM, ~5 min
     python3 benchmarks/h200_offload.py --smoke --out /tmp/offload.json  # tiny config on the CPU, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -58,21 +60,30 @@ SMOKE_CONFIG = {  # DeepSeek-V3 layout at toy width: runs on the CPU in seconds
 }
 
 
-def r1_config(moe_layers: int) -> dict[str, Any]:
-    """The r1 preset at full width: 1 dense + moe_layers MoE layers, bf16 (FP8 quantization_config dropped)."""
+def r1_config(moe_layers: int, fp8: bool = True) -> dict[str, Any]:
+    """The r1 preset at full width: 1 dense + moe_layers MoE layers; FP8 block weights unless fp8=False."""
     raw = json.loads(resolve_config_path("r1").read_text())
-    raw.pop("quantization_config", None)
+    if not fp8:
+        raw.pop("quantization_config", None)
     raw.update(num_hidden_layers=1 + moe_layers, first_k_dense_replace=1, num_nextn_predict_layers=0,
                torch_dtype="bfloat16")
     return raw
 
 
-def smoke_config(moe_layers: int) -> dict[str, Any]:
-    return dict(SMOKE_CONFIG, num_hidden_layers=1 + moe_layers)
+def smoke_config(moe_layers: int, fp8: bool = True) -> dict[str, Any]:
+    """FP8 at toy width: 16 x 16 scale blocks (the toy dims are below R1's 128)."""
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    return dict(SMOKE_CONFIG, num_hidden_layers=1 + moe_layers, **({"quantization_config": quant} if fp8 else {}))
 
 
 def expert_bytes(raw: dict[str, Any], dtype: torch.dtype) -> int:
-    return 3 * raw["hidden_size"] * raw["moe_intermediate_size"] * dtype.itemsize
+    """One routed expert's gate + up + down in the host tier: bf16 (dtype), or FP8 + fp32 block scales."""
+    h, i = raw["hidden_size"], raw["moe_intermediate_size"]
+    block = (raw.get("quantization_config") or {}).get("weight_block_size")
+    if not block:
+        return 3 * h * i * dtype.itemsize
+    tiles = 2 * math.ceil(i / block[0]) * math.ceil(h / block[1]) + math.ceil(h / block[0]) * math.ceil(i / block[1])
+    return 3 * h * i + 4 * tiles
 
 
 def write_config_dir(root: Path, name: str, raw: dict[str, Any]) -> Path:
@@ -185,8 +196,9 @@ def release(engine: LLMEngine | None) -> None:
         torch.cuda.empty_cache()
 
 
-def planner(config_path: Path, batches: list[tuple[int, int]], prompt_len: int, budget_gb: float) -> dict[str, Any]:
-    """plan_offload for this config on one H200 at each batch size (bf16 weights, uniform routing)."""
+def planner(config_path: Path, batches: list[tuple[int, int]], prompt_len: int, budget_gb: float,
+            fp8: bool) -> dict[str, Any]:
+    """plan_offload for this config on one H200 at each batch size (FP8 or bf16 weights, uniform routing)."""
     from r1deploy.plan.catalog import Catalog
     from r1deploy.plan.offload import plan_offload
     from r1deploy.plan.planner import build_settings
@@ -194,7 +206,7 @@ def planner(config_path: Path, batches: list[tuple[int, int]], prompt_len: int, 
     gpu = Catalog.load().get("h200")
     out = {}
     for bs, new in batches:
-        s = build_settings(str(config_path), weights="bf16", concurrency=bs, input_len=prompt_len, output_len=new)
+        s = build_settings(str(config_path), weights="fp8" if fp8 else "bf16", concurrency=bs, input_len=prompt_len, output_len=new)
         p = plan_offload(s, gpu, budget_gb)
         out[f"bs{bs}"] = {k: getattr(p, k) for k in (
             "decode_tokens_per_s", "hit_rate", "misses_per_step", "touched_per_layer", "expert_slots",
@@ -206,9 +218,11 @@ def planner(config_path: Path, batches: list[tuple[int, int]], prompt_len: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--moe-layers", type=int, default=4, help="MoE layers of the offloaded model (R1: 22.5 GB each)")
-    parser.add_argument("--gpu-budget-layers", type=float, default=1.0,
+    parser.add_argument("--moe-layers", type=int, default=16,
+                        help="MoE layers of the offloaded model (R1 experts: 11.3 GB each in FP8, 22.5 GB in bf16)")
+    parser.add_argument("--gpu-budget-layers", type=float, default=4.0,
                         help="GPU expert slots, in MoE layers' worth of experts")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights (drop the FP8 quantization_config)")
     parser.add_argument("--only", default="", help="comma list: resident,offload (default both)")
     parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU (checks the script)")
     args = parser.parse_args()
@@ -218,10 +232,12 @@ def main() -> None:
     device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     prompt_len = 16 if smoke else 128
-    batches = [(1, 8), (4, 4)] if smoke else [(1, 128), (32, 64)]
-    make = smoke_config if smoke else r1_config
+    # Few decode steps at batch 32: offloaded, each step touches most experts of every layer (GBs over PCIe).
+    batches = [(1, 8), (4, 4)] if smoke else [(1, 64), (32, 16)]
+    make = functools.partial(smoke_config if smoke else r1_config, fp8=not args.bf16)
     result: dict[str, Any] = header(sys.argv)
-    result.update(smoke=smoke, device=device, dtype=str(dtype).removeprefix("torch."), prompt_len=prompt_len,
+    result.update(smoke=smoke, device=device, dtype=str(dtype).removeprefix("torch."), fp8_weights=not args.bf16,
+                  prompt_len=prompt_len,
                   batches={f"bs{b}": n for b, n in batches}, **{f"start_{k}": v for k, v in host_memory().items()})
 
     def save() -> None:
@@ -259,11 +275,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="h200_offload_") as tmp:
         root = Path(tmp)
-        # Resident: 1 MoE layer, and N when their weights fit the GPU (per-layer cost from the difference).
+        # Resident: 1 MoE layer, and the most (<= N) whose weights fit the GPU (per-layer cost from the difference).
         if want("resident"):
             gpu_total = torch.cuda.mem_get_info()[1] if device == "cuda" else float("inf")
             non_expert = 8e9 if not smoke else 0  # embedding + lm_head 3.7 GB, dense layer 1.2 GB, 0.5 GB per MoE layer
-            layers = [1] + ([n] if n > 1 and n * per_layer + non_expert < GPU_SHARE * gpu_total else [])
+            fitting = max((k for k in range(1, n + 1) if k * per_layer + non_expert < GPU_SHARE * gpu_total), default=1)
+            layers = sorted({1, fitting})
             result["resident"] = {}
             for k in layers:
                 path = write_config_dir(root, f"resident_{k}", make(k))
@@ -275,7 +292,7 @@ def main() -> None:
                         "cuda_graphs": engine.runner.graphs is not None}
                 case.update(run_case(engine, batches, prompt_len, eager_too=True))
                 case["planner_all_resident"] = planner(path / "config.json", batches, prompt_len,
-                                                       k * per_layer / 1e9 + 1)
+                                                       k * per_layer / 1e9 + 1, fp8=not args.bf16)
                 result["resident"][f"moe{k}"] = case
                 release(engine)
                 del engine
@@ -304,7 +321,7 @@ def main() -> None:
             result["offload"] = case
             save()
             case.update(run_case(engine, batches, prompt_len, store=store))
-            case["planner"] = planner(path / "config.json", batches, prompt_len, budget_gb)
+            case["planner"] = planner(path / "config.json", batches, prompt_len, budget_gb, fp8=not args.bf16)
             case["peak_host_rss_GiB"] = host_memory()["host_rss_GiB"]
             release(engine)
             del engine, loaded, store
@@ -319,17 +336,18 @@ def summarize(result: dict[str, Any], batches: list[tuple[int, int]]) -> None:
     """Per-MoE-layer step time: resident from the 1- and N-layer difference; offloaded against that base."""
     res, off = result.get("resident") or {}, result.get("offload")
     n = result["moe_layers"]
+    k = max((case["moe_layers"] for case in res.values()), default=1)  # the deepest resident case
     per_layer: dict[str, Any] = {}
     for bs, _ in batches:
         for mode in ("", "_eager"):
             key = f"bs{bs}{mode}"
             one = (res.get("moe1") or {}).get(key)
-            many = (res.get(f"moe{n}") or {}).get(key) if n > 1 else None
+            many = (res.get(f"moe{k}") or {}).get(key) if k > 1 else None
             if not one:
                 continue
             row: dict[str, Any] = {}
             if many:
-                layer_ms = (many["median_step_ms"] - one["median_step_ms"]) / (n - 1)
+                layer_ms = (many["median_step_ms"] - one["median_step_ms"]) / (k - 1)
                 row.update(resident_layer_ms=layer_ms, base_ms=one["median_step_ms"] - layer_ms)
             o = (off or {}).get(f"bs{bs}")
             if o and many:
