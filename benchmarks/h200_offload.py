@@ -47,7 +47,7 @@ from r1deploy.sampling_params import SamplingParams
 
 GiB = 1 << 30
 HOST_SHARE = 0.75  # the expert host tier may take this share of the host RAM available at start
-GPU_SHARE = 0.8  # resident weights may take this share of the GPU
+GPU_SHARE = 0.65  # resident weights may take this share of the GPU (R1 MoE steps peak at ~15 GiB of activations)
 SMOKE_CONFIG = {  # DeepSeek-V3 layout at toy width: runs on the CPU in seconds
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "float32",
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
@@ -271,7 +271,7 @@ def main() -> None:
     result["gpu_weight_budget_gb"] = budget_gb
     engine_config = {"max_model_len": prompt_len + max(b[1] for b in batches) + 16,
                      "max_num_seqs": max(b[0] for b in batches),
-                     "max_num_batched_tokens": max(prompt_len * max(b[0] for b in batches), 256)}
+                     "max_num_batched_tokens": min(max(prompt_len * max(b[0] for b in batches), 256), 2048)}
 
     with tempfile.TemporaryDirectory(prefix="h200_offload_") as tmp:
         root = Path(tmp)
@@ -286,8 +286,15 @@ def main() -> None:
                 path = write_config_dir(root, f"resident_{k}", make(k))
                 print(f"resident: 1 dense + {k} MoE layers on the {device}", flush=True)
                 start = time.perf_counter()
-                engine = LLMEngine(str(path), config=EngineConfig(**engine_config), device=device,
-                                   dtype=dtype, load_format="dummy")
+                try:
+                    engine = LLMEngine(str(path), config=EngineConfig(**engine_config), device=device,
+                                       dtype=dtype, load_format="dummy")
+                except RuntimeError as exc:  # too deep for this GPU after all: recorded, the offloaded case goes on
+                    result["resident"][f"moe{k}"] = {"moe_layers": k, "error": str(exc)}
+                    print(f"  failed: {exc}", flush=True)
+                    release(None)
+                    save()
+                    continue
                 case = {"moe_layers": k, "startup_s": time.perf_counter() - start,
                         "cuda_graphs": engine.runner.graphs is not None}
                 case.update(run_case(engine, batches, prompt_len, eager_too=True))
@@ -336,7 +343,7 @@ def summarize(result: dict[str, Any], batches: list[tuple[int, int]]) -> None:
     """Per-MoE-layer step time: resident from the 1- and N-layer difference; offloaded against that base."""
     res, off = result.get("resident") or {}, result.get("offload")
     n = result["moe_layers"]
-    k = max((case["moe_layers"] for case in res.values()), default=1)  # the deepest resident case
+    k = max((case["moe_layers"] for case in res.values() if "error" not in case), default=1)  # the deepest run
     per_layer: dict[str, Any] = {}
     for bs, _ in batches:
         for mode in ("", "_eager"):

@@ -204,9 +204,11 @@ class LLMEngine:
         return True
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers and release the expert store's pinned memory, if any."""
+        """Stop the tensor-parallel workers, free the KV cache and graphs, and release the expert store's
+        pinned memory, if any."""
         if self.tp_runtime is not None:
             self.tp_runtime.shutdown()
+        self.runner.release()
         store = getattr(self.loaded.model, "expert_store", None)
         if store is not None:
             store.close()

@@ -78,6 +78,13 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
                                             config.block_size, self.device)
 
+    def release(self) -> None:
+        """Drop the KV cache and the captured graphs (and their memory pool) now, rather than whenever the
+        last reference to the runner goes: a process that builds a second engine around the same model
+        (a benchmark, a test) needs that memory back at once."""
+        self.graphs = None
+        self.kv_caches = []
+
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
         shape = self.model.kv_cache_shape(self.loaded.config, num_blocks, self.config.block_size)

@@ -10,6 +10,8 @@ logical columns 8c .. 8c + 7; column 8c + j sits in nibble (j // 2) + 4 * (j % 2
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,42 +27,50 @@ def _awq_shifts(n):
 
 
 @triton.jit
+def _awq_unpack(packed, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 [ROWS, BLOCK_N / 8] -> int32 [ROWS, BLOCK_N] of 0..15, logical column order: each packed word
+    is loaded once (not once per nibble) and split into its 8 columns in registers."""
+    shifts = _awq_shifts(tl.arange(0, 8))  # [8]
+    return tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (ROWS, BLOCK_N))
+
+
+@triton.jit
 def _awq_gemm_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [K, N / 8] int32
     qzeros_ptr,  # [K / G, N / 8] int32
     scales_ptr,  # [K / G, N] fp16
-    out_ptr,  # [M, N]
+    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1), else [M, N] in x's dtype
     M, N, K,
     stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Program (m, n, s) sums K tiles s, s + SPLIT_K, ...: decode's M is 1..32, so the grid is cut along K
+    as well, or a 3,584-wide output would keep only 28-56 of the 132 SMs streaming weights."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     ks = tl.arange(0, BLOCK_K)
-    rmask = rows < M
-    cmask = cols < N
-    packed_cols = cols // 8
-    shifts = _awq_shifts(cols)  # [N]
+    rmask, cmask = rows < M, cols < N
     n_packed = N // 8
+    pmask = packed_cols < n_packed
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
         kk = k0 + ks
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                    mask=rmask[:, None] & (kk < K)[None, :], other=0.0)  # [M, K]
-        wmask = (kk < K)[:, None] & cmask[None, :]
+                    mask=rmask[:, None], other=0.0)  # [M, K]; K is a multiple of BLOCK_K
         packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                         mask=wmask, other=0)  # [K, N]
+                         mask=pmask[None, :], other=0)  # [K, N / 8]
         g = k0 // GROUP
-        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=cmask, other=0)  # [N]
+        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=pmask, other=0)  # [N / 8]
         scales = tl.load(scales_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)  # [N]
-        q = (packed >> shifts[None, :]) & 0xF
-        z = (zeros >> shifts) & 0xF
+        q = _awq_unpack(packed, BLOCK_K, BLOCK_N)  # [K, N]
+        z = tl.reshape(_awq_unpack(zeros[None, :], 1, BLOCK_N), (BLOCK_N,))  # [N]
         w = ((q - z[None, :]).to(tl.float32) * scales[None, :]).to(x.dtype)  # [K, N], exact then one rounding
         acc += tl.dot(x, w, input_precision=PRECISION)
+    out_ptr += pid_k.to(tl.int64) * M * N
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -101,24 +111,36 @@ def awq_gemm(
     qzeros: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
+    split_k: int | None = None,  # None: chosen from the grid and the SM count (1 on the CPU)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """Fused dequantise-and-multiply, for small M (decode)."""
     k, n = _check(qweight, qzeros, scales, group_size)
     assert x.shape[-1] == k and x.stride(-1) == 1
     m = x.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_k = min(64, group_size)  # group sizes are multiples of 16; 64 and 128 take 64-deep tiles
     while group_size % block_k:
         block_k //= 2
     block_m = 16
-    block_n = 64 if x.is_cuda else 32
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _awq_gemm_kernel[grid](
-        x, qweight, qzeros, scales, out, m, n, k, x.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=3 if x.is_cuda else 1,
+    block_n = 128 if x.is_cuda else 32  # 128 columns: 64-byte rows of packed weights per load
+    grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    # Enough programs for about two per SM; each keeps at least 4 K tiles so the partial sums stay small.
+    if split_k is None:
+        split_k = max(1, min(triton.cdiv(2 * _sm_count(x.device), grid_mn), k // (4 * block_k))) if x.is_cuda else 1
+    if split_k > 1:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _awq_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
+        x, qweight, qzeros, scales, out, m, n, k, x.stride(0), n,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=4 if x.is_cuda else 1,
     )
-    return out
+    return out.sum(0).to(x.dtype) if split_k > 1 else out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def awq_dequantize(

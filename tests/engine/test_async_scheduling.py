@@ -209,3 +209,15 @@ def test_async_llm_engine_streams(tiny_model_dir: Path) -> None:
         return {o.request_id: o for o in outs}
 
     assert_same(asyncio.run(run_all()), expected, logprob_tol=1e-5)  # arrivals at other steps
+
+
+def test_shutdown_frees_the_kv_cache(tiny_model_dir: Path) -> None:
+    """A second engine built around the same model in one process needs the first one's cache back at once."""
+    import weakref
+
+    engine = engine_for(tiny_model_dir, True)
+    drive(engine, together([greedy(4)]))
+    cache = weakref.ref(engine.runner.kv_caches[0])
+    engine.shutdown()
+    assert engine.runner.kv_caches == [] and engine.runner.graphs is None
+    assert cache() is None  # nothing else held the cache tensors

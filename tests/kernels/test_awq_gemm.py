@@ -25,11 +25,12 @@ def _reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 
 @pytest.mark.parametrize(("group_size", "m", "k", "n"), [(128, 1, 256, 96), (64, 5, 192, 64), (64, 17, 128, 40)])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("split_k", [None, 2])  # 2: fp32 partial sums over K, summed after (decode on a GPU)
 def test_awq_gemm_matches_float64_reference(group_size: int, m: int, k: int, n: int, dtype: torch.dtype,
-                                            tol: float) -> None:
+                                            tol: float, split_k: int | None) -> None:
     qweight, qzeros, scales = _awq_weights(k, n, group_size, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
-    out = awq_gemm(x, qweight, qzeros, scales, group_size)
+    out = awq_gemm(x, qweight, qzeros, scales, group_size, split_k=split_k)
     assert out.dtype == dtype and out.shape == (m, n)
     assert rel_err(out.cpu(), _reference(x, qweight, qzeros, scales, group_size)) < tol
     assert rel_err(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < tol
