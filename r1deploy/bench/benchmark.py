@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> None:
     if args.url and args.engine is not None:
         raise UsageError("give --url (a server) or --engine (in-process), not both")
+    if args.url and (args.tp != 1 or args.dp_attention):
+        raise UsageError("--tp and --dp-attention split the in-process engine; for a server, start it with "
+                         "`r1deploy serve --tp N [--dp-attention]` and benchmark it with --url")
+    if args.tp < 1:
+        raise UsageError(f"--tp must be >= 1, got {args.tp}")
     if args.engine and args.model and args.engine != args.model:
         raise UsageError("--engine MODEL and --model name different models; give one")
     modes = [name for name, value in (("--batch/--repeat", args.batch or args.repeat),
@@ -180,10 +185,12 @@ def _plan_workload(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": concurrency}
 
 
-def _engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> Setup:
+def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> Setup:
+    """The in-process engine (on --tp ranks) behind a backend, with its prompt maker, telemetry and plan."""
     model = args.engine or args.model or None
     engine = load_engine(model, args.device, args.dtype, args.load_format, max_seqs, context_len,
-                         _plan_workload(args), offload=_offload_config(args))
+                         _plan_workload(args), offload=_offload_config(args), tp=args.tp,
+                         dp_attention=args.dp_attention)
     tok = engine.tokenizer
     text_workload = _workload_kind(args) in ("sharegpt", "reasoning")
     # Token-id prompts for synthetic workloads: exact lengths with or without a tokenizer.
@@ -194,9 +201,13 @@ def _engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) ->
     telemetry = Telemetry(args.telemetry_interval, memory=torch_memory_stats,
                           kv_blocks=lambda: float(engine.block_manager.num_used_blocks),
                           memory_reason="no CUDA allocator in this process (CPU run)")
-    plan = planlink.plan(model, **_plan_workload(args)) if model else None
+    # The plan at the run's layout, so planned-vs-measured (MBU, MFU) compares like with like.
+    layout = {"num_gpus": args.tp, "tp": args.tp, "dp_attention": args.dp_attention} if args.tp > 1 else {}
+    plan = planlink.plan(model, **_plan_workload(args), **layout) if model else None
     store = getattr(engine.loaded.model, "expert_store", None)
     description = f"in-process engine ({model or 'embedded model'}"
+    if args.tp > 1:
+        description += f", TP {args.tp}" + (" with DP attention" if args.dp_attention else "")
     if store is not None:
         description += f", experts offloaded: {store.num_gpu_slots} GPU slots"
     return Setup(backend, maker, telemetry, plan, description + ")", expert_store=store)
@@ -341,7 +352,7 @@ async def _main(args: argparse.Namespace) -> int:
     output_len = args.output_len or (1024 if args.workload == "reasoning" else DEFAULT_OUTPUT_LEN)
     context_len = (args.prefix_len if args.workload == "prefix" else 0) + args.input_len + output_len
     max_seqs = max(args.batch or 0, args.concurrency or 0, args.max_concurrency or 0, 256)
-    target = await _http_target(args) if args.url else _engine_target(args, context_len, max_seqs)
+    target = await _http_target(args) if args.url else engine_target(args, context_len, max_seqs)
     try:
         if args.duration:
             from r1deploy.bench.soak import soak

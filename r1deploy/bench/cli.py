@@ -21,6 +21,7 @@ examples:
   deepseek-benchmark --model r1 --batch 32 --seq 2048 --repeat 100 --url http://gpu-host:8000
   r1deploy bench --model r1-distill-qwen-1.5b --load-format dummy --batch 4 --seq 128 --repeat 3
   r1deploy bench --engine ./r1-4layers --load-format dummy --offload experts --gpu-weight-budget 20 --batch 1
+  r1deploy bench --model r1 --load-format dummy --tp 8 --dp-attention --concurrency 256 --input-len 1000 --output-len 1000
   r1deploy bench --model r1-distill-llama-70b --load-format dummy --offload layers --gpu-weight-budget 60 --batch 1
   r1deploy bench --url http://localhost:8000 --rate 4 --burstiness 0.5 --num-requests 200 --out runs/a
   r1deploy bench compare runs/a/report.json runs/b/report.json"""
@@ -71,6 +72,12 @@ def _add_target(p: argparse.ArgumentParser) -> None:
                    help="with --offload experts: GPU memory for expert slots; layers: all weights on the GPU")
     g.add_argument("--host-weight-budget", type=float, default=None, metavar="GB",
                    help="with --offload: pinned host memory for the offloaded weights (default: all of them)")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="in-process: split the model over N ranks, one worker process per GPU (NCCL; gloo on the "
+                        "CPU), as `r1deploy serve --tp N`; DeepSeek models hold E/N routed experts per rank")
+    g.add_argument("--dp-attention", action="store_true",
+                   help="in-process, with --tp N, DeepSeek (MLA) models: each rank runs attention for its own "
+                        "requests with its own latent KV cache (N x the KV capacity), as `serve --dp-attention`")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 

@@ -1,7 +1,9 @@
-"""What is measured: an HTTP server (--url) or the in-process engine (a preset, alias or path).
+"""What is measured: an HTTP server (--url) or the in-process engine (a preset, alias or path), on one
+device or split over --tp N ranks.
 
 Before loading anything in-process, check the model can run here: the engine's architectures, the
-weights against this machine's GPU or host memory, the context against the model's. When it
+weights against this machine's GPU or host memory (1/N of them per GPU under --tp N), the GPUs visible
+against N, the context against the model's. When it
 cannot, raise one UsageError that says why and what would work (from the planner), e.g.
 "deepseek-r1 ... needs 8x H200 (TP8, FP8)", instead of failing deep inside a loader.
 """
@@ -50,19 +52,22 @@ def model_facts(model: str, **workload: Any) -> ModelFacts | None:
     return ModelFacts(name, planlink.read_config(config_path), planlink.plan(model, **workload), not path.exists())
 
 
-def available_memory(device: str | None) -> tuple[int, str]:
-    """Bytes the engine could use, and where: one GPU's total memory, or the host's available RAM."""
+def available_memory(device: str | None) -> tuple[int, str, int]:
+    """Bytes the engine could use per rank, where, and the GPUs visible: one GPU's total memory, or the
+    host's available RAM (0 GPUs)."""
     import psutil
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
         _, total = torch.cuda.mem_get_info()
-        return int(total), f"GPU 0 ({torch.cuda.get_device_name(0)}, {total / GiB:.0f} GiB)"
-    return int(psutil.virtual_memory().available), "this machine (no GPU; host RAM available)"
+        return int(total), f"GPU 0 ({torch.cuda.get_device_name(0)}, {total / GiB:.0f} GiB)", torch.cuda.device_count()
+    return int(psutil.virtual_memory().available), "this machine (no GPU; host RAM available)", 0
 
 
-def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, offload: Any = None) -> None:
-    """offload: --offload experts|layers; the offloaded weights live in host memory, the GPU holds a budget."""
+def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, offload: Any = None,
+                    tp: int = 1) -> None:
+    """offload: --offload experts|layers; the offloaded weights live in host memory, the GPU holds a budget.
+    tp: --tp N, one rank per GPU, each holding about 1/N of the weights (CPU ranks share the host's RAM)."""
     config, name = facts.config, facts.name
     hint = planlink.deployment_hint(facts.plan)
     where_it_runs = (f"it needs {hint} (from `r1deploy plan`)" if hint
@@ -79,13 +84,22 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, off
                          f"runs {' and '.join(a.removesuffix('ForCausalLM') for a in supported)} models only; "
                          f"{advice}")
     weights = planlink.get(facts.plan, "memory.weights_bytes") or planlink.dense_weights_bytes(config)
-    memory, where = available_memory(device)
+    memory, where, gpus = available_memory(device)
+    if gpus and gpus < tp:
+        raise UsageError(f"--tp {tp} needs {tp} GPUs, {gpus} visible here (CUDA_VISIBLE_DEVICES?); "
+                         f"lower --tp to {gpus} or run on a machine with {tp} GPUs")
+    if gpus and weights:
+        # Heads and routed experts split over the ranks; the small replicated parts (norms, and with
+        # --dp-attention attention and the shared experts) come out of the weights share's slack.
+        weights //= tp
+        where = f"one of {tp} GPUs, {where}" if tp > 1 else where
     if offload is not None:
         if getattr(offload, "target", "experts") == "experts" and not config.get("n_routed_experts"):
             raise UsageError(f"--offload experts needs a MoE model; {name} has no routed experts")
         weights = None  # the store sizes itself from --gpu-weight-budget / --host-weight-budget
     if weights and weights > _WEIGHTS_SHARE * memory:
-        raise UsageError(f"{name} needs {weights / GiB:.1f} GiB for its weights, more than {where} can hold "
+        per = " per GPU" if gpus and tp > 1 else ""
+        raise UsageError(f"{name} needs {weights / GiB:.1f} GiB{per} for its weights, more than {where} can hold "
                          f"({memory / GiB:.1f} GiB); {advice}")
     max_len = config.get("max_position_embeddings")
     if isinstance(max_len, int) and context_len > max_len:
@@ -94,11 +108,13 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, off
 
 
 def load_engine(model: str | None, device: str | None, dtype: str | None, load_format: str,
-                max_num_seqs: int, context_len: int, workload: dict[str, Any], offload: Any = None) -> Any:
+                max_num_seqs: int, context_len: int, workload: dict[str, Any], offload: Any = None,
+                tp: int = 1, dp_attention: bool = False) -> Any:
     """An LLMEngine sized for the run; loader failures become one clear line. offload: an OffloadConfig
-    (--offload experts|layers)."""
+    (--offload experts|layers); tp, dp_attention: `serve --tp N [--dp-attention]`'s split, one process per rank."""
     try:
-        from r1deploy.engine.config import EngineConfig
+        from r1deploy.distributed.worker import precheck
+        from r1deploy.engine.config import EngineConfig, ParallelConfig
         from r1deploy.engine.engine import LLMEngine
     except ImportError as exc:
         raise UsageError(f"the in-process engine is not available in this install ({exc}); "
@@ -106,11 +122,16 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, load_f
     if model is not None:
         facts = model_facts(model, **workload)
         if facts is not None:
-            check_runs_here(facts, device, context_len, offload)
+            check_runs_here(facts, device, context_len, offload, tp)
             if facts.preset and load_format != "dummy":
                 raise UsageError(f"{facts.name} is a preset: it ships a config.json but no weights; pass "
                                  "--load-format dummy for random weights at its real shape, or a model directory")
-    config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload)
+    precheck(model, tp, dp_attention)  # a --tp that cannot split the model fails before any rank starts
+    try:
+        config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload,
+                              parallel=ParallelConfig(tensor_parallel_size=tp, dp_attention=dp_attention))
+    except ValueError as exc:  # e.g. --offload with --tp > 1
+        raise UsageError(str(exc)) from None
     try:
         if offload is not None and offload.target == "experts" and load_format == "dummy":
             return LLMEngine(model, config=config, device=device,
