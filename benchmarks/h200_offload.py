@@ -188,9 +188,9 @@ def _host_register_works() -> bool:
     return True
 
 
-def release(engine: LLMEngine | None) -> None:
-    if engine is not None:
-        engine.shutdown()
+def release() -> None:
+    """After the caller dropped its last reference to an engine: the engine sits in reference cycles, so
+    its weights are freed only by a collection, which must come before the next engine sizes its KV pool."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -292,7 +292,7 @@ def main() -> None:
                 except RuntimeError as exc:  # too deep for this GPU after all: recorded, the offloaded case goes on
                     result["resident"][f"moe{k}"] = {"moe_layers": k, "error": str(exc)}
                     print(f"  failed: {exc}", flush=True)
-                    release(None)
+                    release()
                     save()
                     continue
                 case = {"moe_layers": k, "startup_s": time.perf_counter() - start,
@@ -301,8 +301,9 @@ def main() -> None:
                 case["planner_all_resident"] = planner(path / "config.json", batches, prompt_len,
                                                        k * per_layer / 1e9 + 1, fp8=not args.bf16)
                 result["resident"][f"moe{k}"] = case
-                release(engine)
+                engine.shutdown()
                 del engine
+                release()
                 save()
 
         if want("offload"):
@@ -330,8 +331,9 @@ def main() -> None:
             case.update(run_case(engine, batches, prompt_len, store=store))
             case["planner"] = planner(path / "config.json", batches, prompt_len, budget_gb, fp8=not args.bf16)
             case["peak_host_rss_GiB"] = host_memory()["host_rss_GiB"]
-            release(engine)
+            engine.shutdown()
             del engine, loaded, store
+            release()
             save()
 
     summarize(result, batches)

@@ -33,6 +33,7 @@ prefill and 64 greedy decode steps on a bf16 cache, the same tokens teacher-forc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from h200_dense import random_prompts, timed_generate
@@ -53,6 +55,7 @@ from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.kernels.awq_gemm import awq_gemm_ref
 from r1deploy.models.loader import LoadedModel, build_model
 from r1deploy.presets import resolve_config_path
 from r1deploy.quant.awq import dequantize_awq, pack_awq
@@ -203,6 +206,50 @@ def greedy_tokens(llm: LLM, prompt: list[int], new: int) -> list[int]:
 def agreement(a: list[int], b: list[int]) -> dict[str, float]:
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return {"positionwise": sum(x == y for x, y in zip(a, b)) / max(len(a), 1), "prefix": first}
+
+
+def sweep_awq_decode(raw: dict[str, Any], dtype: torch.dtype, result: dict[str, Any]) -> None:
+    """The batch-1 AWQ kernels at this shape's four projections (qkv, o, gate_up, down) under each decode
+    tuning, against torch's bf16 x @ W.T at the same shapes; the fastest tuning becomes the kernels' default
+    for the engine runs that follow (recorded; a committed default comes from this sweep)."""
+    from r1deploy.kernels import awq_gemm as kernels
+
+    h, inter = raw["hidden_size"], raw["intermediate_size"]
+    heads, kv_heads = raw["num_attention_heads"], raw["num_key_value_heads"]
+    head = h // heads
+    shapes = {"qkv": (h, (heads + 2 * kv_heads) * head), "o": (h, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tensors = {}
+    for name, (k, n) in shapes.items():
+        words = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, device="cuda",
+                                             dtype=torch.int64).to(torch.int32)
+        tensors[name] = (torch.randn(1, k, device="cuda", dtype=dtype), words(k, n // 8),
+                         words(k // GROUP_SIZE, n // 8),
+                         torch.rand(k // GROUP_SIZE, n, device="cuda", generator=gen).half() * 0.01,
+                         torch.randn(n, k, device="cuda", dtype=dtype))
+    bf16_us = {name: 1e3 * do_bench(lambda t=t: t[0] @ t[4].T) for name, t in tensors.items()}
+    candidates = [kernels.AwqDecodeTuning(gemv_max_tokens=0)]  # the tensor-core tile kernel at one token
+    candidates += [kernels.AwqDecodeTuning(gemv_block_n=bn, gemv_num_warps=w, programs_per_sm=pps)
+                   for bn in (64, 128, 256) for w in (2, 4, 8) for pps in (2, 4, 8)]
+    rows = []
+    for tuning in candidates:
+        times = {}
+        for name, (x, qw, qz, sc, _) in tensors.items():
+            ref = awq_gemm_ref(x, qw, qz, sc, GROUP_SIZE)
+            out = kernels.awq_gemm(x, qw, qz, sc, GROUP_SIZE, tuning=tuning)
+            assert (out.float() - ref.float()).norm() <= 2e-2 * ref.float().norm(), (tuning, name)
+            times[name] = 1e3 * do_bench(lambda x=x, qw=qw, qz=qz, sc=sc, tuning=tuning:
+                                         kernels.awq_gemm(x, qw, qz, sc, GROUP_SIZE, tuning=tuning))
+        rows.append({"tuning": dataclasses.asdict(tuning), "us": times, "layer_us": sum(times.values())})
+    best = min(rows, key=lambda r: r["layer_us"])
+    kernels.DECODE_TUNING = kernels.AwqDecodeTuning(**best["tuning"])
+    bf16_layer = sum(bf16_us.values())
+    result["awq_decode_sweep"] = {"shapes_k_n": shapes, "bf16_us": bf16_us, "bf16_layer_us": bf16_layer,
+                                  "candidates": rows, "best": best,
+                                  "best_speedup_over_bf16_per_layer": bf16_layer / best["layer_us"]}
+    print(f"awq sweep: bf16 layer {bf16_layer:.1f} us; best AWQ layer {best['layer_us']:.1f} us "
+          f"({bf16_layer / best['layer_us']:.2f}x) with {best['tuning']}; tile kernel at M=1: "
+          f"{rows[0]['layer_us']:.1f} us", flush=True)
 
 
 def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, sizes: dict[str, int],
@@ -378,6 +425,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     start = time.perf_counter()
+    if want("awq") and device == "cuda":
+        sweep_awq_decode(raw, dtype, result)
+        save()
     if want("awq"):
         run_awq(raw, result["shape"], device, dtype, sizes, result)
         save()

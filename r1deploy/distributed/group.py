@@ -38,6 +38,9 @@ class TPGroup:
     # --dp-attention (DeepSeek MLA only): every rank runs attention, dense MLPs and shared experts whole on its
     # own sequences; only the routed experts are split (expert parallel) and see every rank's tokens.
     dp_attention: bool = False
+    # --moe-a2a (with dp_attention): the MoE sends each token only to the ranks holding its experts
+    # (all_to_all_rows) instead of all-gathering every token to every rank.
+    moe_all_to_all: bool = False
 
     @property
     def is_driver(self) -> bool:
@@ -84,6 +87,26 @@ class TPGroup:
         dist.reduce_scatter(out, list(padded.unbind(0)), group=self.device_group)
         return out[: counts[self.rank]]
 
+    def all_to_all_rows(self, x: torch.Tensor, send_counts: torch.Tensor,
+                        recv_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [P, ...]: the rows for rank 0, then rank 1, ...; send_counts [size, G] int64 on self.device:
+        how many rows go to each rank, in G consecutive groups (the MoE: one per local expert; G = 1 for a
+        plain split). Returns (received [sum(recv_counts), ...]: rank 0's rows for this rank, then rank 1's,
+        ...; recv_counts [size, G]: what each rank sent here, by group). The counts travel first (one small
+        all-to-all) unless recv_counts is given: a reply along the same routes reversed knows them."""
+        if recv_counts is None:
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.device_group)
+        sends, recvs = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
+        out = x.new_empty((sum(recvs), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recvs, sends, group=self.device_group)
+        return out, recv_counts
+
+    def broadcast_from_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """x in place, rank 0's values on every rank (device group: stream-ordered on CUDA, no host wait)."""
+        dist.broadcast(x, src=0, group=self.device_group)
+        return x
+
     def min_int(self, value: int) -> int:
         """The smallest value over ranks (KV pool sizing); also a barrier on the control group."""
         t = torch.tensor([value], dtype=torch.int64)
@@ -128,7 +151,7 @@ def free_port(host: str) -> int:
 
 def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, device_type: str,
                init_timeout_s: float = 300.0, local_rank: int | None = None,
-               dp_attention: bool = False) -> TPGroup:
+               dp_attention: bool = False, moe_all_to_all: bool = False) -> TPGroup:
     """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups.
     local_rank: this rank's GPU on its node (default: rank, one node)."""
     if dist.is_initialized():
@@ -149,7 +172,7 @@ def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, dev
         leave_group()
         raise TensorParallelError(f"the tensor-parallel group ({size} ranks at {host}:{port}) did not form "
                                   f"within {init_timeout_s:g}s: {exc}") from exc
-    return TPGroup(rank, size, device, collectives, control, dp_attention)
+    return TPGroup(rank, size, device, collectives, control, dp_attention, moe_all_to_all)
 
 
 def leave_group(timeout_s: float = 10.0) -> None:

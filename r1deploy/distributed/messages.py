@@ -1,7 +1,9 @@
 """Step messages from rank 0 to the workers: typed fields in a fixed int64 layout, over torch.distributed.
 
-A message is two broadcasts on the control group: a fixed 9-int64 header (magic, version, op and the
-sizes), then one int64 payload holding the step's tensors back to back. A data-parallel-attention step
+A message is two broadcasts on the control group: a fixed 10-int64 header (magic, version, op and the
+sizes), then one int64 payload holding the step's tensors back to back. With async scheduling a step
+also carries the [2, P] index of its pending tokens (PendingTokens): positions whose ids the previous
+step sampled, which every rank fills from its copy of those samples (broadcast by rank 0 on the device). A data-parallel-attention step
 (--dp-attention) carries one sub-batch per rank, concatenated in rank order, and a [D, 3] table of
 each part's (tokens, sequences, sampled rows); every rank receives all parts and runs its own. Nothing is pickled: the
 transport takes and returns only `StepMessage`s, and a receiver checks every size before it
@@ -21,9 +23,10 @@ import torch.distributed as dist
 from r1deploy.engine.batch import ForwardBatch
 
 MAGIC = 0x52314450  # "R1DP"
-VERSION = 2
-# magic, version, op, T tokens, B sequences, W block-table width, R sampled rows, block size, D data-parallel parts
-HEADER_LEN = 9
+VERSION = 3
+# magic, version, op, T tokens, B sequences, W block-table width, R sampled rows, block size, D data-parallel parts,
+# P pending tokens
+HEADER_LEN = 10
 _MAX_ELEMENTS = 1 << 31
 
 
@@ -46,6 +49,8 @@ class StepMessage:
     # --dp-attention: [D, 3] int64, each rank's (tokens, sequences, sampled rows), the parts concatenated in
     # rank order above (sample_rows index sequences within their part); [0, 3]: an ordinary step
     dp_sizes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.int64))
+    # async scheduling: [2, P] int64, (position in input_ids, row of the previous step's samples); [2, 0]: none
+    pending: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 0, dtype=torch.int64))
 
     @staticmethod
     def shutdown() -> StepMessage:
@@ -97,52 +102,58 @@ class StepMessage:
                            self.seq_lens[b0:b0 + b], self.sample_rows[r0:r0 + r], self.block_size)
 
     @staticmethod
-    def of_batch(batch: ForwardBatch, rows: list[int]) -> StepMessage:
-        """A step from a ForwardBatch built on the host."""
+    def of_batch(batch: ForwardBatch, rows: list[int], pending: list[list[int]] | None = None) -> StepMessage:
+        """A step from a ForwardBatch built on the host; pending: PendingTokens' [2, P] index, if any."""
         return StepMessage(
             Op.STEP, batch.input_ids.long(), batch.positions.long(), batch.slot_mapping.long(),
             batch.block_tables.long(), torch.tensor(batch.query_lens_cpu, dtype=torch.int64),
             torch.tensor(batch.seq_lens_cpu, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64),
             batch.block_size,
+            pending=torch.tensor(pending, dtype=torch.int64).view(2, -1) if pending else torch.zeros(2, 0,
+                                                                                                  dtype=torch.int64),
         )
 
     def header(self) -> torch.Tensor:
         b, w = self.block_tables.shape
         return torch.tensor([MAGIC, VERSION, int(self.op), self.input_ids.numel(), b, w, self.sample_rows.numel(),
-                             self.block_size, self.dp_sizes.shape[0]], dtype=torch.int64)
+                             self.block_size, self.dp_sizes.shape[0], self.pending.shape[1]], dtype=torch.int64)
 
     def payload(self) -> torch.Tensor:
         return torch.cat([self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
-                          self.query_lens, self.seq_lens, self.sample_rows, self.dp_sizes.flatten()]).to(torch.int64)
+                          self.query_lens, self.seq_lens, self.sample_rows, self.dp_sizes.flatten(),
+                          self.pending.flatten()]).to(torch.int64)
 
     @staticmethod
     def sizes(header: torch.Tensor) -> tuple[Op, int, int, int, int, int, int]:
-        """Validate a header: (op, T, B, W, R, block size, D)."""
+        """Validate a header: (op, T, B, W, R, block size, D, P)."""
         if header.dtype != torch.int64 or header.shape != (HEADER_LEN,):
             raise ValueError("step message: bad header layout")
-        magic, version, op, t, b, w, r, block_size, d = (int(v) for v in header.tolist())
+        magic, version, op, t, b, w, r, block_size, d, p = (int(v) for v in header.tolist())
         if magic != MAGIC or version != VERSION:
             raise ValueError(f"step message: bad magic/version {magic:#x}/{version}")
         if op not in Op.__members__.values():
             raise ValueError(f"step message: unknown op {op}")
-        if (min(t, b, w, r, block_size, d) < 0 or (r > b and not d) or d > 1 << 16
-                or b * w + 3 * t + 2 * b + r + 3 * d > _MAX_ELEMENTS):
+        if (min(t, b, w, r, block_size, d, p) < 0 or (r > b and not d) or d > 1 << 16 or p > t or (p and d)
+                or b * w + 3 * t + 2 * b + r + 3 * d + 2 * p > _MAX_ELEMENTS):
             raise ValueError("step message: sizes out of range")
-        return Op(op), t, b, w, r, block_size, d
+        return Op(op), t, b, w, r, block_size, d, p
 
     @staticmethod
     def payload_len(header: torch.Tensor) -> int:
-        _, t, b, w, r, _, d = StepMessage.sizes(header)
-        return 3 * t + b * w + 2 * b + r + 3 * d
+        _, t, b, w, r, _, d, p = StepMessage.sizes(header)
+        return 3 * t + b * w + 2 * b + r + 3 * d + 2 * p
 
     @staticmethod
     def unpack(header: torch.Tensor, payload: torch.Tensor) -> StepMessage:
-        op, t, b, w, r, block_size, d = StepMessage.sizes(header)
-        if payload.dtype != torch.int64 or payload.shape != (3 * t + b * w + 2 * b + r + 3 * d,):
+        op, t, b, w, r, block_size, d, p = StepMessage.sizes(header)
+        if payload.dtype != torch.int64 or payload.shape != (3 * t + b * w + 2 * b + r + 3 * d + 2 * p,):
             raise ValueError("step message: payload does not match its header")
-        parts = payload.split([t, t, t, b * w, b, b, r, 3 * d])
+        parts = payload.split([t, t, t, b * w, b, b, r, 3 * d, 2 * p])
         message = StepMessage(op, parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4], parts[5], parts[6],
-                              block_size, parts[7].view(d, 3))
+                              block_size, parts[7].view(d, 3), parts[8].view(2, p))
+        if p and not (0 <= int(message.pending[0].min()) and int(message.pending[0].max()) < t
+                      and 0 <= int(message.pending[1].min())):
+            raise ValueError("step message: pending-token index out of range")
         if op is Op.STEP and int(message.query_lens.sum()) != t:
             raise ValueError("step message: query lengths do not add up to the token count")
         if d:

@@ -36,7 +36,7 @@ from r1deploy.distributed.group import (
 from r1deploy.distributed.messages import Op, StepMessage
 from r1deploy.distributed.nodes import NodeLayout, bind_rank_network
 from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine.model_runner import ModelRunner, PreviousSamples
 from r1deploy.engine.scheduler import SchedulerOutput
 from r1deploy.errors import UsageError
 from r1deploy.layers.sampler import SamplerOutput
@@ -121,10 +121,12 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     try:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
                         spec.init_timeout_s, local_rank=rank % spec.nproc_per_node,
-                        dp_attention=spec.engine_config.parallel.dp_attention)
+                        dp_attention=spec.engine_config.parallel.dp_attention,
+                        moe_all_to_all=spec.engine_config.parallel.moe_all_to_all)
         runner = build_runner(spec, tp)
         channel = runner.channel
         assert channel is not None
+        previous_sampled = None  # the last sampling step's ids, broadcast by rank 0 (async scheduling)
         with torch.inference_mode():
             while True:
                 message = channel.recv()
@@ -133,8 +135,9 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
                 if message.is_data_parallel:  # --dp-attention: this rank's own sequences
                     runner.execute_data_parallel(message)
                     continue
-                batch = message.to_batch(runner.device)
-                runner.execute(batch, message.sample_rows.tolist(), runner.graph_step(batch.query_lens_cpu))
+                sampled = runner.worker_step(message, previous_sampled)
+                if sampled is not None:
+                    previous_sampled = sampled
     except BaseException as exc:  # noqa: BLE001 - report on stderr, exit non-zero; rank 0 names this rank
         print(f"r1deploy tensor-parallel worker {rank}: error: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
@@ -172,7 +175,8 @@ class TPRuntime:
         processes = spawn_workers(spec, layout.ranks[1:])
         try:
             tp = init_group(0, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
-                            spec.init_timeout_s, dp_attention=parallel.dp_attention)
+                            spec.init_timeout_s, dp_attention=parallel.dp_attention,
+                            moe_all_to_all=parallel.moe_all_to_all)
             runner = build_runner(spec, tp)
         except BaseException as exc:
             dead = _dead(processes, wait_s=1.0)
@@ -184,14 +188,15 @@ class TPRuntime:
             raise
         return TPRuntime(processes, runner, parallel.timeout_s)
 
-    def run(self, step: SchedulerOutput, vocab_size: int) -> SamplerOutput | None:
+    def run(self, step: SchedulerOutput, vocab_size: int, previous: PreviousSamples | None = None
+            ) -> SamplerOutput | None:
         if self.error is not None:
             raise TensorParallelError(self.error)
         dead = _dead(self.processes)
         if dead:
             self._fail(f"{dead}; the engine cannot run")
         try:
-            return self.runner.run(step, vocab_size)
+            return self.runner.run(step, vocab_size, previous)
         except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors come as several types
             dead = _dead(self.processes, wait_s=2.0)
             cause = dead or f"a collective failed or timed out after {self.timeout_s:g}s ({type(exc).__name__}: {exc})"

@@ -47,6 +47,9 @@ class ParallelConfig:
     # DeepSeek (MLA) only: attention runs data-parallel (each rank its own requests, whole heads, its own latent
     # cache: tp x the KV capacity), routed experts stay expert-parallel over the ranks (docs/distributed.md)
     dp_attention: bool = False
+    # With dp_attention: each MoE layer sends every token only to the ranks holding its routed experts and back
+    # (two all-to-alls) instead of all-gathering all tokens to every rank and reduce-scattering the sums.
+    moe_all_to_all: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -54,6 +57,9 @@ class ParallelConfig:
         if self.dp_attention and self.tensor_parallel_size < 2:
             raise ValueError("--dp-attention needs --tp > 1 (attention runs data-parallel over the tensor-parallel "
                              "ranks)")
+        if self.moe_all_to_all and not self.dp_attention:
+            raise ValueError("--moe-a2a needs --dp-attention (it exchanges the tokens that data-parallel attention "
+                             "keeps on their own rank)")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be in [0, 65536), got {self.master_port}")
         if self.timeout_s <= 0 or self.init_timeout_s <= 0:

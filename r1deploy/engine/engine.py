@@ -100,7 +100,9 @@ class LLMEngine:
         self.num_aborted = 0
         # Overlap the host's work with the GPU's (see step). Tensor parallel stays synchronous: the
         # workers would need the placeholder tokens, which only rank 0 samples.
-        self.async_scheduling = self.config.async_scheduling and self.tp_runtime is None
+        # Under TP the workers fill pending tokens from rank 0's broadcast samples; --dp-attention steps
+        # are split per rank on the host and stay synchronous.
+        self.async_scheduling = self.config.async_scheduling and not self.config.parallel.dp_attention
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
         self._stats = _StepStats()
 
@@ -265,7 +267,8 @@ class LLMEngine:
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""
         if self.tp_runtime is not None:
-            sampled = self.tp_runtime.run(step, self.model_config.vocab_size)
+            sampled = self.tp_runtime.run(step, self.model_config.vocab_size,
+                                          None if previous is None else previous.samples())
         else:
             sampled = self.runner.run(step, self.model_config.vocab_size,
                                       None if previous is None else previous.samples())

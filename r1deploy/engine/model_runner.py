@@ -57,6 +57,10 @@ class ModelRunner:
         # their latent cache; rank 0's engine tells which rank a request's blocks live on (dp_rank_of).
         self.dp_attention = tp is not None and tp.dp_attention
         self.dp_rank_of: Callable[[Request], int] | None = None
+        # Async scheduling under TP: rank 0 broadcasts each step's sampled ids on the device group, so every
+        # rank can fill the next step's pending tokens itself (the step message carries only their index).
+        self.share_samples = (tp is not None and tp.size > 1 and not (tp is not None and tp.dp_attention)
+                              and config.async_scheduling)
         if self.dp_attention and not getattr(self.model, "supports_dp_attention", False):
             raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {type(self.model).__name__}")
         param = next(self.model.parameters())
@@ -159,20 +163,37 @@ class ModelRunner:
         )
         pending = None
         if pending_index:
-            assert self.channel is None, "tensor-parallel steps are scheduled synchronously"
             on_gpu = self.device.type == "cuda"
             pending = PendingTokens(to_device(pending_index, torch.int64, self.device, on_gpu), previous.token_ids)
         rows = [i for i, c in enumerate(chunks) if c.samples]
         if self.channel is not None:
             from r1deploy.distributed.messages import StepMessage
 
-            message = StepMessage.of_batch(batch, rows)
+            message = StepMessage.of_batch(batch, rows, pending_index)
             self.channel.send(message)
             batch = message.to_batch(self.device)  # the very tensors every worker runs
         logits = self.execute(batch, rows, use_graph, pending)
         if logits is None:
             return None
-        return self._sample(logits, [chunks[i].request for i in rows], vocab_size)
+        sampled = self._sample(logits, [chunks[i].request for i in rows], vocab_size)
+        if self.share_samples:
+            self.tp.broadcast_from_driver(sampled.token_ids)  # the workers' copy, for the next step's pending ids
+        return sampled
+
+    def worker_step(self, message: StepMessage, previous_sampled: torch.Tensor | None) -> torch.Tensor | None:
+        """Ranks 1..N-1: run one ordinary step message in lockstep with rank 0. previous_sampled: the ids
+        the last sampling step broadcast (async scheduling); returns this step's, or None if it sampled none."""
+        batch = message.to_batch(self.device)
+        pending = None
+        if message.pending.numel():
+            if previous_sampled is None or int(message.pending[1].max()) >= previous_sampled.numel():
+                raise ValueError("step message: pending tokens refer to samples this rank does not have")
+            pending = PendingTokens(message.pending.to(self.device, non_blocking=True), previous_sampled)
+        rows = message.sample_rows.tolist()
+        self.execute(batch, rows, self.graph_step(batch.query_lens_cpu), pending)
+        if not (self.share_samples and rows):
+            return None
+        return self.tp.broadcast_from_driver(torch.empty(len(rows), dtype=torch.int64, device=self.device))
 
     def _sample(self, logits: torch.Tensor, sampled: list[Request], vocab_size: int) -> SamplerOutput:
         sampling = SamplingBatch.build(

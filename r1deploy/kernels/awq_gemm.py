@@ -11,6 +11,7 @@ logical columns 8c .. 8c + 7; column 8c + j sits in nibble (j // 2) + 4 * (j % 2
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -76,6 +77,46 @@ def _awq_gemm_kernel(
 
 
 @triton.jit
+def _awq_gemv_kernel(
+    x_ptr,  # [M, K], M <= GEMV_MAX_TOKENS
+    qweight_ptr,  # [K, N / 8] int32
+    qzeros_ptr,  # [K / G, N / 8] int32
+    scales_ptr,  # [K / G, N] fp16
+    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1), else [M, N] in x's dtype
+    M, N, K,
+    stride_xm,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One token row per program, on the CUDA cores: at one to a few tokens a tensor-core tile would be
+    mostly padding and its B operand a shared-memory round trip per K tile. The packed words stay
+    [K, N / 8] and each is split into its 8 columns along a third axis, so nothing is reshaped until the
+    one store at the end."""
+    m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    PACKED: tl.constexpr = BLOCK_N // 8
+    packed_cols = pid_n * PACKED + tl.arange(0, PACKED)  # [P]
+    n_packed = N // 8
+    pmask = packed_cols < n_packed
+    shifts = _awq_shifts(tl.arange(0, 8))  # [8]
+    cols = packed_cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # [P, 8] logical columns
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([PACKED, 8], tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
+        kk = k0 + ks
+        x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)  # [K]
+        packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
+                         mask=pmask[None, :], other=0)  # [K, P]
+        g = k0 // GROUP
+        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=pmask, other=0)  # [P]
+        scales = tl.load(scales_ptr + g * N + cols, mask=pmask[:, None], other=0.0).to(tl.float32)  # [P, 8]
+        q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [K, P, 8]
+        z = (zeros[:, None] >> shifts[None, :]) & 0xF  # [P, 8]
+        w = (q - z[None, :, :]).to(tl.float32) * scales[None, :, :]  # exact: as dequantised, before rounding
+        acc += tl.sum(w * x[:, None, None], axis=0)
+    out_ptr += pid_k.to(tl.int64) * M * N
+    tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None])
+
+
+@triton.jit
 def _awq_dequant_kernel(
     qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,  # out [K, N]
     N, K,
@@ -105,6 +146,20 @@ def _check(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, gr
     return k, n
 
 
+@dataclass(frozen=True)
+class AwqDecodeTuning:
+    """Launch shape of the decode kernels on a GPU (benchmarks/h200_quant.py sweeps these on the H200)."""
+
+    gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
+    gemv_block_n: int = 128
+    gemv_num_warps: int = 4
+    tile_block_n: int = 128  # 128 columns: 64-byte rows of packed weights per load
+    programs_per_sm: int = 2  # the K split aims at this many programs per SM
+
+
+DECODE_TUNING = AwqDecodeTuning()
+
+
 def awq_gemm(
     x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,
@@ -112,29 +167,45 @@ def awq_gemm(
     scales: torch.Tensor,
     group_size: int,
     split_k: int | None = None,  # None: chosen from the grid and the SM count (1 on the CPU)
+    tuning: AwqDecodeTuning | None = None,  # None: DECODE_TUNING
 ) -> torch.Tensor:  # [M, N] in x's dtype
-    """Fused dequantise-and-multiply, for small M (decode)."""
+    """Fused dequantise-and-multiply, for small M (decode): the GEMV kernel up to
+    tuning.gemv_max_tokens rows, the tensor-core tile kernel above."""
     k, n = _check(qweight, qzeros, scales, group_size)
     assert x.shape[-1] == k and x.stride(-1) == 1
+    tuning = tuning or DECODE_TUNING
     m = x.shape[0]
     block_k = min(64, group_size)  # group sizes are multiples of 16; 64 and 128 take 64-deep tiles
     while group_size % block_k:
         block_k //= 2
-    block_m = 16
-    block_n = 128 if x.is_cuda else 32  # 128 columns: 64-byte rows of packed weights per load
+    gemv = m <= tuning.gemv_max_tokens
+    if x.is_cuda:
+        block_m, block_n = (1, tuning.gemv_block_n) if gemv else (16, tuning.tile_block_n)
+    else:
+        block_m, block_n = (1, 32) if gemv else (16, 32)
     grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # Enough programs for about two per SM; each keeps at least 4 K tiles so the partial sums stay small.
-    if split_k is None:
-        split_k = max(1, min(triton.cdiv(2 * _sm_count(x.device), grid_mn), k // (4 * block_k))) if x.is_cuda else 1
+    if split_k is None:  # each program keeps at least 4 K tiles so the partial sums stay small
+        split_k = 1
+        if x.is_cuda:
+            split_k = max(1, min(triton.cdiv(tuning.programs_per_sm * _sm_count(x.device), grid_mn),
+                                 k // (4 * block_k)))
     if split_k > 1:
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _awq_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        x, qweight, qzeros, scales, out, m, n, k, x.stride(0), n,
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=4 if x.is_cuda else 1,
-    )
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    if gemv:
+        _awq_gemv_kernel[grid](
+            x, qweight, qzeros, scales, out, m, n, k, x.stride(0),
+            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            num_warps=tuning.gemv_num_warps if x.is_cuda else 1, num_stages=4 if x.is_cuda else 1,
+        )
+    else:
+        _awq_gemm_kernel[grid](
+            x, qweight, qzeros, scales, out, m, n, k, x.stride(0), n,
+            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=4 if x.is_cuda else 1,
+        )
     return out.sum(0).to(x.dtype) if split_k > 1 else out
 
 

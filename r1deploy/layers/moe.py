@@ -240,16 +240,11 @@ class DeepseekExperts(nn.Module):
             return self._forward_offloaded(x, weights, ids)
         sharded = self.num_local != self.num_experts
         if x.is_cuda:
-            from r1deploy.kernels.fused_moe import fused_moe  # triton only where there is a GPU
             if sharded:  # other ranks' pairs weigh 0 (computed on local expert 0, then dropped)
                 owned = (ids >= self.first) & (ids < self.first + self.num_local)
                 weights = weights.masked_fill(~owned, 0.0)
                 ids = torch.where(owned, ids - self.first, 0)
-            fp8 = self.fp8_block is not None
-            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
-                             gate_up_scale=self.gate_up_proj_scale_inv if fp8 else None,
-                             down_scale=self.down_proj_scale_inv if fp8 else None,
-                             scale_block=self.fp8_block or (128, 128))
+            return self._fused(x, weights, ids)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()  # [T*k]
         flat_weights = weights.flatten()
@@ -259,21 +254,51 @@ class DeepseekExperts(nn.Module):
             flat_ids, flat_weights, pair_token = flat_ids[keep] - self.first, flat_weights[keep], pair_token[keep]
         order = flat_ids.argsort(stable=True)  # token-expert pairs grouped by expert
         token_of = pair_token[order]  # [P]
-        counts = torch.bincount(flat_ids, minlength=self.num_local).tolist()  # one host sync per layer
-        sorted_x = x[token_of]  # [P, H]
-        out = torch.empty(sorted_x.shape, dtype=torch.float32, device=x.device)
+        out = self._run_sorted(x[token_of], flat_ids[order])  # [P, H] fp32
+        out *= flat_weights[order, None]
+        # Sum each token's k contributions in fp32, round once.
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+
+    def forward_pairs(
+        self,
+        x: torch.Tensor,  # [P, H] one row per token-expert pair (--moe-a2a: the pairs other ranks sent here)
+        local_ids: torch.Tensor,  # [P] int64 local expert of each row, in [0, num_local)
+    ) -> torch.Tensor:  # [P, H] in x's dtype: each row's expert output, unweighted
+        """The routing weights stay with the token's own rank, which weighs and sums its pairs in fp32 (the
+        arithmetic of forward: down rounded to the dtype, then times the fp32 weight)."""
+        if x.is_cuda:  # one pair per row: top-k of 1 with weight 1 returns the rounded down output as is
+            ones = torch.ones(local_ids.shape[0], 1, dtype=torch.float32, device=x.device)
+            return self._fused(x, ones, local_ids[:, None])
+        order = local_ids.argsort(stable=True)  # rows grouped by expert
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out[order] = self._run_sorted(x[order], local_ids[order]).to(x.dtype)
+        return out
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The Triton kernel on local expert ids [T, k] (weights [T, k] fp32): [T, H] in x's dtype."""
+        from r1deploy.kernels.fused_moe import fused_moe  # triton only where there is a GPU
+
+        fp8 = self.fp8_block is not None
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
+                         gate_up_scale=self.gate_up_proj_scale_inv if fp8 else None,
+                         down_scale=self.down_proj_scale_inv if fp8 else None,
+                         scale_block=self.fp8_block or (128, 128))
+
+    def _run_sorted(self, sorted_x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """The CPU path's expert GEMMs: rows sorted_x [P, H] grouped by local expert sorted_ids [P]; one GEMM
+        pair per busy expert. Returns the unweighted outputs [P, H] in fp32 (each rounded to x's dtype first)."""
+        counts = torch.bincount(sorted_ids, minlength=self.num_local).tolist()  # one host sync per layer
+        out = torch.empty(sorted_x.shape, dtype=torch.float32, device=sorted_x.device)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:  # idle experts cost nothing
                 continue
             rows = slice(start, start + count)
-            gate_up, down = self.expert_weights(expert, x.dtype)
+            gate_up, down = self.expert_weights(expert, sorted_x.dtype)
             hidden = silu_and_mul(F.linear(sorted_x[rows], gate_up))  # [n, I]
             out[rows] = F.linear(hidden, down)  # [n, H]
             start += count
-        out *= flat_weights[order, None]
-        # Sum each token's k contributions in fp32, round once.
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+        return out
 
     def _forward_offloaded(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The CPU path's arithmetic with weights from the store's slots (bit-identical on CPU). Busy
@@ -333,12 +358,18 @@ class DeepseekMoE(nn.Module):
     tp.dp_attention: each rank holds only its own sequences' tokens. The block all-gathers them (every rank's
     count is known from the step message), routes and runs this rank's experts on all of them, and a
     reduce-scatter hands each rank the sum over ranks for its own tokens; the shared experts are whole on
-    every rank (replicated weights) and run on its own tokens only."""
+    every rank (replicated weights) and run on its own tokens only.
+
+    tp.moe_all_to_all (with dp_attention, --moe-a2a): each rank routes its own tokens and sends each
+    token-expert pair only to the rank holding that expert (all-to-all), which runs it and sends the output
+    back (all-to-all); the token's rank weighs and sums its k outputs. Per rank the bytes and expert rows
+    scale with its own tokens x k, not with every rank's tokens."""
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.dp_attention = tp is not None and tp.size > 1 and tp.dp_attention
+        self.all_to_all = self.dp_attention and tp.moe_all_to_all
         self.gate = DeepseekGate(config)
         self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp)
         self.shared_experts = (
@@ -348,7 +379,16 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, dp_token_counts: list[int] | None = None) -> torch.Tensor:  # [T, hidden]
         if self.dp_attention:
-            return self._forward_dp(x, dp_token_counts)
+            if (dp_token_counts is None or len(dp_token_counts) != self.tp.size
+                    or x.shape[0] != dp_token_counts[self.tp.rank]):
+                raise ValueError(f"data-parallel MoE: rank {self.tp.rank} has {x.shape[0]} tokens, "
+                                 f"step counts {dp_token_counts}")
+            if not sum(dp_token_counts):  # every rank knows: no collective at all
+                return x
+            routed = self._routed_all_to_all(x) if self.all_to_all else self._routed_dp(x, dp_token_counts)
+            if self.shared_experts is not None and x.shape[0]:
+                routed = routed + self.shared_experts(x)
+            return routed
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
         # The shared experts sit outside the weighted sum (unscaled by routed_scaling_factor).
@@ -356,13 +396,28 @@ class DeepseekMoE(nn.Module):
             out = out + self.shared_experts(x)
         return out if self.tp is None else self.tp.all_reduce(out)
 
-    def _forward_dp(self, x: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    def _routed_dp(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """--dp-attention: x [counts[rank], hidden] is this rank's tokens; counts are every rank's."""
-        if counts is None or len(counts) != self.tp.size or x.shape[0] != counts[self.tp.rank]:
-            raise ValueError(f"data-parallel MoE: rank {self.tp.rank} has {x.shape[0]} tokens, step counts {counts}")
         tokens = self.tp.all_gather_rows(x, counts)  # [sum(counts), hidden], rank order
         weights, ids = self.gate(tokens)
-        routed = self.tp.reduce_scatter_rows(self.experts(tokens, weights, ids), counts)  # this rank's tokens
-        if self.shared_experts is not None and x.shape[0]:
-            routed = routed + self.shared_experts(x)
-        return routed
+        return self.tp.reduce_scatter_rows(self.experts(tokens, weights, ids), counts)  # this rank's tokens
+
+    def _routed_all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """--moe-a2a: the routed experts' weighted sum for this rank's tokens x [T, hidden] (T may be 0)."""
+        tp, experts = self.tp, self.experts
+        weights, ids = self.gate(x)  # [T, k] each, this rank's tokens only
+        flat_ids = ids.flatten()  # [T*k]
+        # Pairs sorted by global expert = by (owning rank, local expert): the send buffer's layout.
+        order = flat_ids.argsort(stable=True)
+        token_of = order // ids.shape[1]  # [T*k] the token of each sorted pair
+        per_expert = torch.bincount(flat_ids, minlength=experts.num_experts).view(tp.size, experts.num_local)
+        # received [R, hidden]: rank 0's pairs for this rank, then rank 1's, ..., each grouped by local expert;
+        # recv_counts [size, num_local] tells each row's local expert.
+        received, recv_counts = tp.all_to_all_rows(x[token_of], per_expert)
+        local_ids = torch.arange(experts.num_local, device=x.device).repeat(tp.size)
+        local_ids = local_ids.repeat_interleave(recv_counts.flatten())  # [R]
+        # Outputs back along the reversed routes: [T*k, hidden] in the sorted pairs' order.
+        out, _ = tp.all_to_all_rows(experts.forward_pairs(received, local_ids), recv_counts, per_expert)
+        out = out.float() * weights.flatten()[order, None]
+        # Sum each token's k contributions in fp32, round once (as DeepseekExperts.forward).
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)

@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --tp N, DeepSeek (MLA) models: each rank runs attention for its own requests with whole "
                         "heads and its own latent KV cache (N x the KV capacity); routed experts stay split over "
                         "the ranks, tokens all-gathered around each MoE layer (no CUDA graphs)")
+    p.add_argument("--moe-a2a", action="store_true",
+                   help="with --dp-attention: each MoE layer sends every token only to the ranks holding its "
+                        "routed experts and back (two all-to-alls, DeepEP-style) instead of all-gathering all tokens "
+                        "to every rank and reduce-scattering the sums: fewer bytes and less expert work per rank, "
+                        "the faster one at large batches (prefill, busy decode); the default all-gather needs no "
+                        "count exchange and suits a few tokens per rank (benchmarks/h200_ep.py measures both)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks span (torchrun's meaning)")
     p.add_argument("--node-rank", type=int, default=0,
                    help="this node's index; node 0 runs rank 0 and the HTTP server, the others only their ranks "
@@ -121,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         precheck(args.model, args.tp, args.dp_attention)  # a --tp that cannot split the model fails here
         parallel = {"tensor_parallel_size": args.tp, "nnodes": args.nnodes, "node_rank": args.node_rank,
                     "nproc_per_node": args.nproc_per_node, "master_addr": args.master_addr,
-                    "master_port": args.master_port, "dp_attention": args.dp_attention}
+                    "master_port": args.master_port, "dp_attention": args.dp_attention,
+                    "moe_all_to_all": args.moe_a2a}
         if args.dist_timeout is not None:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:

@@ -9,8 +9,9 @@ from r1deploy.engine.engine import LLMEngine
 from r1deploy.sampling_params import SamplingParams
 
 
-def engine(model_dir: Path, tp: int, dp_attention: bool = False, **options: object) -> LLMEngine:
-    parallel = ParallelConfig(tensor_parallel_size=tp, dp_attention=dp_attention)
+def engine(model_dir: Path, tp: int, dp_attention: bool = False, moe_all_to_all: bool = False,
+           **options: object) -> LLMEngine:
+    parallel = ParallelConfig(tensor_parallel_size=tp, dp_attention=dp_attention, moe_all_to_all=moe_all_to_all)
     return LLMEngine(str(model_dir), config=EngineConfig(**options, parallel=parallel), device="cpu", dtype="float32")
 
 

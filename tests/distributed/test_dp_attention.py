@@ -1,8 +1,9 @@
 """--dp-attention on the CPU (gloo, 2 ranks, a tiny random DeepSeek-V3 in fp32): each rank runs whole MLA heads
 over its own requests and its own latent cache, the routed experts stay split and see every rank's tokens.
 Greedy tokens and logprobs equal TP = 1 (chunked prefill, requests of different lengths on both ranks, a step
-where one rank has no sequences, a prefix-cache hit); the KV capacity per rank; the usage errors; the typed
-step message's per-rank parts; the block manager's per-rank pools."""
+where one rank has no sequences, a prefix-cache hit), with the MoE exchange by all-gather / reduce-scatter and
+by all-to-all (--moe-a2a); the KV capacity per rank; the usage errors; the typed step message's per-rank parts;
+the block manager's per-rank pools."""
 
 from __future__ import annotations
 
@@ -51,10 +52,15 @@ def assert_same(got: list[tuple[list[int], list[float]]], expected: list[tuple[l
         assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-5
 
 
-def test_dp_attention_equals_tp1(model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def expected(model_dir: Path) -> list[list[tuple[list[int], list[float]]]]:
     single = engine(model_dir, 1, **CHUNKED)
-    expected = [generate(single, prompts, NEW_TOKENS) for prompts in (PROMPTS, ALONE, PREFIX)]
-    dp = engine(model_dir, 2, dp_attention=True, **CHUNKED)
+    return [generate(single, prompts, NEW_TOKENS) for prompts in (PROMPTS, ALONE, PREFIX)]
+
+
+@pytest.mark.parametrize("moe_all_to_all", [False, True], ids=["allgather", "a2a"])
+def test_dp_attention_equals_tp1(model_dir: Path, expected: list, moe_all_to_all: bool) -> None:
+    dp = engine(model_dir, 2, dp_attention=True, moe_all_to_all=moe_all_to_all, **CHUNKED)
     try:
         ranks: dict[int, set[int]] = {}  # rank -> the prompt lengths it ran
         rank_of = dp.runner.dp_rank_of
@@ -80,6 +86,7 @@ def test_dp_attention_equals_tp1(model_dir: Path) -> None:
         assert attn.kv_b_proj.weight.shape == (4 * (16 + 16), 32) and attn.o_proj.weight.shape == (64, 4 * 16)
         assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (256, 64)  # dense MLP whole
         moe = model.model.layers[1].mlp
+        assert moe.all_to_all == moe_all_to_all
         assert moe.experts.gate_up_proj.shape == (4, 64, 64)  # routed experts split: 4 of 8
         assert moe.shared_experts.gate_up_proj.weight.shape == (64, 64)  # shared experts whole
         assert model.lm_head.weight.shape == (256, 64) and model.model.embed_tokens.weight.shape == (256, 64)
@@ -138,9 +145,14 @@ def test_usage_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
     with pytest.raises(ValueError, match="--dp-attention needs --tp > 1"):
         ParallelConfig(dp_attention=True)
+    with pytest.raises(ValueError, match="--moe-a2a needs --dp-attention"):
+        ParallelConfig(tensor_parallel_size=2, moe_all_to_all=True)
     assert main(["serve", str(model_dir), "--dp-attention", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--dp-attention needs --tp > 1" in err
+    assert main(["serve", str(model_dir), "--tp", "2", "--moe-a2a", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--moe-a2a needs --dp-attention" in err
     llama = save_tiny(tmp_path / "llama", "llama")
     capsys.readouterr()
     with pytest.raises(UsageError, match="needs a DeepSeek \\(MLA\\) model, not LlamaForCausalLM"):

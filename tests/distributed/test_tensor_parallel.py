@@ -86,8 +86,12 @@ def test_tp2_equals_tp1_and_transformers_under_chunking_and_preemption(tiny: Pat
     expected = generate(single)
     assert [tokens for tokens, _, _ in expected] == hf_greedy(tiny)
     tp = engine(tiny, 2, **STRESS)
+    sent = []  # step messages that carried pending tokens: async scheduling ran under TP
+    send = tp.runner.channel.send
+    tp.runner.channel.send = lambda message: (sent.append(message.pending.shape[1]), send(message))[1]
     try:
         got = generate(tp)
+        assert tp.async_scheduling and sum(n > 0 for n in sent) > NEW_TOKENS // 2
         assert tp.scheduler.num_preemptions > 0
         assert tp.block_manager.num_free_blocks == tp.block_manager.num_blocks
         # Each rank holds half the q heads and its own KV heads (Llama's one KV head is replicated).
@@ -151,6 +155,13 @@ def test_step_messages_are_typed_tensors_never_pickle() -> None:
         assert torch.equal(getattr(back, field), getattr(batch, field)), field
     assert (back.query_lens_cpu, back.seq_lens_cpu, back.block_size) == (batch.query_lens_cpu, batch.seq_lens_cpu, 4)
     assert StepMessage.unpack(StepMessage.shutdown().header(), torch.zeros(0, dtype=torch.int64)).op is Op.SHUTDOWN
+    # Async scheduling: the pending-token index travels too, and an index past the step's tokens is refused.
+    with_pending = StepMessage.of_batch(batch, [0, 1], [[2, 3], [0, 1]])
+    back = StepMessage.unpack(with_pending.header(), with_pending.payload())
+    assert back.pending.tolist() == [[2, 3], [0, 1]]
+    with pytest.raises(ValueError, match="pending"):
+        beyond = StepMessage.of_batch(batch, [0, 1], [[4], [0]])
+        StepMessage.unpack(beyond.header(), beyond.payload())
     # The transport refuses anything but a StepMessage, and its module never (un)pickles objects.
     with pytest.raises(TypeError):
         StepChannel(group=None).send({"op": 1})  # type: ignore[arg-type]
