@@ -148,13 +148,14 @@ def _check(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, gr
 
 @dataclass(frozen=True)
 class AwqDecodeTuning:
-    """Launch shape of the decode kernels on a GPU (benchmarks/h200_quant.py sweeps these on the H200)."""
+    """Launch shape of the decode kernels on a GPU. The defaults are the fastest of benchmarks/h200_quant.py's
+    sweep on the H200 at the R1-Distill-Qwen-7B projections (benchmarks/results/h200_quant_awq.json)."""
 
     gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
-    gemv_block_n: int = 128
+    gemv_block_n: int = 64
     gemv_num_warps: int = 4
     tile_block_n: int = 128  # 128 columns: 64-byte rows of packed weights per load
-    programs_per_sm: int = 2  # the K split aims at this many programs per SM
+    programs_per_sm: int = 4  # the K split aims at this many programs per SM
 
 
 DECODE_TUNING = AwqDecodeTuning()

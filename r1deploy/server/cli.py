@@ -62,9 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--moe-a2a", action="store_true",
                    help="with --dp-attention: each MoE layer sends every token only to the ranks holding its "
                         "routed experts and back (two all-to-alls, DeepEP-style) instead of all-gathering all tokens "
-                        "to every rank and reduce-scattering the sums: fewer bytes and less expert work per rank, "
-                        "the faster one at large batches (prefill, busy decode); the default all-gather needs no "
-                        "count exchange and suits a few tokens per rank (benchmarks/h200_ep.py measures both)")
+                        "to every rank and reduce-scattering the sums: fewer bytes and less expert work per rank. "
+                        "On two H200s (R1 MoE block, FP8) it was slower up to 128 tokens per rank (3.3 vs 2.7 ms "
+                        "at 1) and even with all-gather at 512 (7.1 vs 7.2 ms); it is meant for more ranks and "
+                        "larger batches (benchmarks/results/h200_ep.json)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks span (torchrun's meaning)")
     p.add_argument("--node-rank", type=int, default=0,
                    help="this node's index; node 0 runs rank 0 and the HTTP server, the others only their ranks "
