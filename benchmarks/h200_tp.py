@@ -7,7 +7,9 @@ Sections (--only, comma list; default all):
              beside the bandwidth the planner assumes (catalog NVLink x intra-node link efficiency + latency)
   tp7b       r1-distill-qwen-7b at TP=1 and TP=2: batch-1 decode (prompt 128, 256 new tokens, greedy, EOS
              ignored; target TP=2 >= 1.6x TP=1) and the W1 offline workload (256 requests, prompts
-             random.Random(0).randint(100, 1024), 512 new tokens); startup time, CUDA graphs used or not
+             random.Random(0).randint(100, 1024), 512 new tokens); startup time, CUDA graphs used or not,
+             which all-reduce the TP engine used; with --no-custom-all-reduce also TP=2 with NCCL only
+             ("tp2_nccl": every all-reduce on NCCL, none on symmetric memory) for comparison
   tp70b      r1-distill-llama-70b at TP=2: batch-1 decode against the two-card roofline (2 x 4.23 TB/s over
              the weight bytes) and W1 cut to --tp70b-requests requests (the first ones of W1's list)
 Each engine configuration runs in its own process group (a clean GPU, and a hang or crash is killed
@@ -69,14 +71,17 @@ def run_config(cfg: dict, out: Path) -> None:
     def save() -> None:
         out.write_text(json.dumps(result))
 
-    parallel = ParallelConfig(tensor_parallel_size=cfg["tp"])
+    parallel = ParallelConfig(tensor_parallel_size=cfg["tp"],
+                              custom_all_reduce=cfg["custom_all_reduce"])  # False: NCCL only (tp2_nccl)
     config = EngineConfig(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, parallel=parallel)
     start = time.perf_counter()
     engine = LLMEngine(cfg["engine_model"], config=config, device=cfg["device"], load_format="dummy")
     result["startup_s"] = time.perf_counter() - start
     try:
         graphs = engine.runner.graphs  # rank 0's; every rank captures the same buckets
+        tp = engine.runner.tp  # rank 0's group; every rank chose the same all-reduce
         result.update(cuda_graphs=graphs is not None, graph_buckets=len(graphs.buckets) if graphs else 0,
+                      all_reduce=tp.all_reduce_backend if tp is not None else None,
                       kv_capacity_tokens=engine.kv_capacity_tokens,
                       rank0_weights_GB=sum(p.numel() * p.element_size()
                                            for p in engine.loaded.model.parameters()) / 1e9)
@@ -136,15 +141,19 @@ def planned(model: str, tp: int, concurrency: int, input_len: int, output_len: i
             "weights_bytes": plan["memory"]["weights_bytes"]}
 
 
-def engine_section(model: str, tps: list[int], requests: int, args: argparse.Namespace, timeout_s: float) -> dict:
+def engine_section(model: str, tps: list[int], requests: int, args: argparse.Namespace, timeout_s: float,
+                   nccl_only: bool = False) -> dict:
+    """One run per TP size (keys tp1, tp2, ...); nccl_only: TP=2 once more with custom_all_reduce=False."""
     lengths = [random.Random(0).randint(100, 1024) for _ in range(W1_REQUESTS)][:requests]
     mean_prompt = round(sum(lengths) / len(lengths))
     new_tokens = 16 if args.smoke else W1_NEW_TOKENS
     bs1_new = 16 if args.smoke else BS1_NEW_TOKENS
     section: dict = {}
-    for tp in tps:
+    runs = [(f"tp{tp}", tp, True) for tp in tps] + ([("tp2_nccl", 2, False)] if nccl_only else [])
+    for key, tp, custom in runs:
         cfg = {"model": model, "engine_model": args.tiny_dir or model, "tp": tp, "device": args.device,
-               "requests": requests, "new_tokens": new_tokens, "bs1_new_tokens": bs1_new}
+               "requests": requests, "new_tokens": new_tokens, "bs1_new_tokens": bs1_new,
+               "custom_all_reduce": custom}
         result = run_isolated(cfg, timeout_s)
         bs1 = planned(model, tp, 1, BS1_PROMPT, BS1_NEW_TOKENS)
         result["planner_bs1_tok_s"] = bs1["output_tok_s"]
@@ -154,12 +163,15 @@ def engine_section(model: str, tps: list[int], requests: int, args: argparse.Nam
             result["decode_bs1_pct_of_roofline"] = 100 * result["decode_bs1_tok_s"] / result["bs1_roofline_tok_s"]
         # W1 is a closed batch, not a steady state: the planner sees it as `requests` in flight, mean prompt.
         result["planner_offline_out_tok_s"] = planned(model, tp, requests, mean_prompt, W1_NEW_TOKENS)["output_tok_s"]
-        section[f"tp{tp}"] = result
+        section[key] = result
     if {1, 2} <= set(tps) and all("decode_bs1_tok_s" in section[k] for k in ("tp1", "tp2")):
         speedup = section["tp2"]["decode_bs1_tok_s"] / section["tp1"]["decode_bs1_tok_s"]
         section["tp2_vs_tp1_decode_bs1"] = speedup
         section["tp2_vs_tp1_target"] = TP2_SPEEDUP_TARGET
         section["tp2_vs_tp1_meets_target"] = speedup >= TP2_SPEEDUP_TARGET
+    if all("decode_bs1_tok_s" in section.get(k, {}) for k in ("tp2", "tp2_nccl")):
+        section["tp2_vs_tp2_nccl_decode_bs1"] = (section["tp2"]["decode_bs1_tok_s"]
+                                                 / section["tp2_nccl"]["decode_bs1_tok_s"])
     if requests < W1_REQUESTS:
         section["note"] = (f"offline: the first {requests} of W1's {W1_REQUESTS} requests (to keep the section "
                            "within its time budget); not directly comparable with a full W1 figure")
@@ -206,6 +218,7 @@ def table(result: dict) -> str:
                 continue
             get = lambda k: f"{r[k]:.4g}" if k in r else "-"  # noqa: E731
             lines.append(f"{name} {key}: startup {get('startup_s')} s, graphs {r.get('cuda_graphs', '-')}, "
+                         f"all-reduce {r.get('all_reduce', '-')}, "
                          f"bs1 {get('decode_bs1_tok_s')} tok/s (planner {get('planner_bs1_tok_s')}, roofline "
                          f"{get('bs1_roofline_tok_s')}), step {get('decode_bs1_median_step_ms')} ms, offline "
                          f"{get('offline_out_tok_s')} tok/s (planner {get('planner_offline_out_tok_s')})"
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp70b-requests", type=int, default=128,
                         help="requests of the 70B offline run (W1 has 256; fewer keep the section near 4 minutes)")
+    parser.add_argument("--no-custom-all-reduce", action="store_true",
+                        help="tp7b: also run TP=2 with every all-reduce on NCCL (tp2_nccl), to compare")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny Llama: checks the script, not speed")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's configuration (run_isolated)
     args = parser.parse_args()
@@ -253,7 +268,7 @@ def main() -> None:
             save()
         if "tp7b" in only:
             result["tp7b"] = engine_section("r1-distill-qwen-7b", [1, 2], 8 if args.smoke else W1_REQUESTS, args,
-                                            timeout_s=180)
+                                            timeout_s=180, nccl_only=args.no_custom_all_reduce)
             save()
         if "tp70b" in only:
             result["tp70b"] = engine_section("r1-distill-llama-70b", [2], 8 if args.smoke else args.tp70b_requests,

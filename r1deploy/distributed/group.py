@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from r1deploy.distributed.custom_all_reduce import SymmetricMemoryAllReduce, create_custom_all_reduce
 from r1deploy.errors import UsageError
 
 # Workers block on the control group between steps, however long the server stays idle.
@@ -41,13 +42,26 @@ class TPGroup:
     # --moe-a2a (with dp_attention): the MoE sends each token only to the ranks holding its experts
     # (all_to_all_rows) instead of all-gathering every token to every rank.
     moe_all_to_all: bool = False
+    # Small all-reduces (decode) over torch's symmetric memory instead of NCCL; None: NCCL (or gloo) only
+    # (off CUDA, --disable-custom-all-reduce, or symmetric memory unavailable: create_custom_all_reduce).
+    symm_all_reduce: SymmetricMemoryAllReduce | None = None
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
+    @property
+    def all_reduce_backend(self) -> str:
+        """Which all-reduce the model's layers get (benchmarks record it)."""
+        if self.symm_all_reduce is not None:
+            return self.symm_all_reduce.describe()
+        return "gloo" if self.device.type == "cpu" else "NCCL"
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over ranks, in place."""
+        """Sum x over ranks, in place. Every rank takes the same branch: can_run depends only on x's shape,
+        dtype and layout, the same on every rank at a given call."""
+        if self.symm_all_reduce is not None and self.symm_all_reduce.can_run(x):
+            return x.copy_(self.symm_all_reduce.all_reduce(x))
         dist.all_reduce(x, group=self.device_group)
         return x
 
@@ -151,9 +165,11 @@ def free_port(host: str) -> int:
 
 def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, device_type: str,
                init_timeout_s: float = 300.0, local_rank: int | None = None,
-               dp_attention: bool = False, moe_all_to_all: bool = False) -> TPGroup:
+               dp_attention: bool = False, moe_all_to_all: bool = False,
+               custom_all_reduce: bool = True) -> TPGroup:
     """Join the rendezvous at tcp://addr:port as `rank` (within init_timeout_s) and build both groups.
-    local_rank: this rank's GPU on its node (default: rank, one node)."""
+    local_rank: this rank's GPU on its node (default: rank, one node). custom_all_reduce: small
+    all-reduces over symmetric memory where it works (r1deploy.distributed.custom_all_reduce)."""
     if dist.is_initialized():
         raise TensorParallelError("a torch.distributed group already exists in this process: "
                                   "run one tensor-parallel engine per process")
@@ -172,7 +188,8 @@ def init_group(rank: int, size: int, addr: str, port: int, timeout_s: float, dev
         leave_group()
         raise TensorParallelError(f"the tensor-parallel group ({size} ranks at {host}:{port}) did not form "
                                   f"within {init_timeout_s:g}s: {exc}") from exc
-    return TPGroup(rank, size, device, collectives, control, dp_attention, moe_all_to_all)
+    symm = create_custom_all_reduce(rank, size, device, collectives, control, enabled=custom_all_reduce)
+    return TPGroup(rank, size, device, collectives, control, dp_attention, moe_all_to_all, symm)
 
 
 def leave_group(timeout_s: float = 10.0) -> None:

@@ -122,7 +122,8 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
                         spec.init_timeout_s, local_rank=rank % spec.nproc_per_node,
                         dp_attention=spec.engine_config.parallel.dp_attention,
-                        moe_all_to_all=spec.engine_config.parallel.moe_all_to_all)
+                        moe_all_to_all=spec.engine_config.parallel.moe_all_to_all,
+                        custom_all_reduce=spec.engine_config.parallel.custom_all_reduce)
         runner = build_runner(spec, tp)
         channel = runner.channel
         assert channel is not None
@@ -176,7 +177,7 @@ class TPRuntime:
         try:
             tp = init_group(0, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
                             spec.init_timeout_s, dp_attention=parallel.dp_attention,
-                            moe_all_to_all=parallel.moe_all_to_all)
+                            moe_all_to_all=parallel.moe_all_to_all, custom_all_reduce=parallel.custom_all_reduce)
             runner = build_runner(spec, tp)
         except BaseException as exc:
             dead = _dead(processes, wait_s=1.0)

@@ -50,6 +50,10 @@ class ParallelConfig:
     # With dp_attention: each MoE layer sends every token only to the ranks holding its routed experts and back
     # (two all-to-alls) instead of all-gathering all tokens to every rank and reduce-scattering the sums.
     moe_all_to_all: bool = False
+    # On CUDA, all-reduces up to 1 MiB (decode) over torch's symmetric memory (one-shot, P2P) instead of NCCL
+    # where the ranks can (r1deploy.distributed.custom_all_reduce); False: NCCL only (vLLM's
+    # --disable-custom-all-reduce).
+    custom_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -90,7 +90,8 @@ def _awq_gemv_kernel(
     """One token row per program, on the CUDA cores: at one to a few tokens a tensor-core tile would be
     mostly padding and its B operand a shared-memory round trip per K tile. The packed words stay
     [K, N / 8] and each is split into its 8 columns along a third axis, so nothing is reshaped until the
-    one store at the end."""
+    one store at the end; products accumulate per element (a [K, N / 8, 8] accumulator) and are summed
+    over K once, after the loop, so no K tile needs a cross-warp reduction."""
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     PACKED: tl.constexpr = BLOCK_N // 8
     packed_cols = pid_n * PACKED + tl.arange(0, PACKED)  # [P]
@@ -99,7 +100,7 @@ def _awq_gemv_kernel(
     shifts = _awq_shifts(tl.arange(0, 8))  # [8]
     cols = packed_cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # [P, 8] logical columns
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([PACKED, 8], tl.float32)
+    acc = tl.zeros([BLOCK_K, PACKED, 8], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
         kk = k0 + ks
         x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)  # [K]
@@ -111,9 +112,9 @@ def _awq_gemv_kernel(
         q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [K, P, 8]
         z = (zeros[:, None] >> shifts[None, :]) & 0xF  # [P, 8]
         w = (q - z[None, :, :]).to(tl.float32) * scales[None, :, :]  # exact: as dequantised, before rounding
-        acc += tl.sum(w * x[:, None, None], axis=0)
+        acc += w * x[:, None, None]
     out_ptr += pid_k.to(tl.int64) * M * N
-    tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None])
+    tl.store(out_ptr + m * N + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=pmask[:, None])
 
 
 @triton.jit
@@ -153,6 +154,7 @@ class AwqDecodeTuning:
 
     gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
     gemv_block_n: int = 64
+    gemv_block_k: int = 64  # at most the group size (it must divide it)
     gemv_num_warps: int = 4
     tile_block_n: int = 128  # 128 columns: 64-byte rows of packed weights per load
     programs_per_sm: int = 4  # the K split aims at this many programs per SM
@@ -180,6 +182,8 @@ def awq_gemm(
     while group_size % block_k:
         block_k //= 2
     gemv = m <= tuning.gemv_max_tokens
+    if gemv and x.is_cuda:
+        block_k = min(block_k, tuning.gemv_block_k)
     if x.is_cuda:
         block_m, block_n = (1, tuning.gemv_block_n) if gemv else (16, tuning.tile_block_n)
     else:
