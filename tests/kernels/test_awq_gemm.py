@@ -43,3 +43,14 @@ def test_awq_dequantize_is_bit_exact(group_size: int, dtype: torch.dtype) -> Non
     out = awq_dequantize(qweight, qzeros, scales, group_size, dtype)
     ref = dequantize_awq(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size, torch.float64).to(dtype)
     assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_awq_gemv_with_and_without_prefetch(prefetch: bool) -> None:
+    """The one-token kernel over several K tiles per program, its next tile loaded ahead or not."""
+    from r1deploy.kernels.awq_gemm import AwqDecodeTuning
+
+    qweight, qzeros, scales = _awq_weights(512, 64, 128, seed=7)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out = awq_gemm(x, qweight, qzeros, scales, 128, split_k=2, tuning=AwqDecodeTuning(gemv_prefetch=prefetch))
+    assert rel_err(out.cpu(), _reference(x, qweight, qzeros, scales, 128)) < 1e-6
