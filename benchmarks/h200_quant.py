@@ -229,10 +229,8 @@ def sweep_awq_decode(raw: dict[str, Any], dtype: torch.dtype, result: dict[str, 
                          torch.randn(n, k, device="cuda", dtype=dtype))
     bf16_us = {name: 1e3 * do_bench(lambda t=t: t[0] @ t[4].T) for name, t in tensors.items()}
     candidates = [kernels.AwqDecodeTuning(gemv_max_tokens=0)]  # the tensor-core tile kernel at one token
-    candidates += [kernels.AwqDecodeTuning(gemv_block_n=bn, gemv_block_k=bk, gemv_num_warps=w, programs_per_sm=pps,
-                                           gemv_prefetch=prefetch)
-                   for bn in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for pps in (2, 4)
-                   for prefetch in (True, False)]
+    candidates += [kernels.AwqDecodeTuning(gemv_block_n=bn, gemv_block_k=bk, gemv_num_warps=w, programs_per_sm=pps)
+                   for bn in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for pps in (2, 4)]
     rows = []
     for tuning in candidates:
         times = {}

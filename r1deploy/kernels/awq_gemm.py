@@ -86,7 +86,6 @@ def _awq_gemv_kernel(
     M, N, K,
     stride_xm,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """One token row per program, on the CUDA cores: at one to a few tokens a tensor-core tile would be
     mostly padding and its B operand a shared-memory round trip per K tile. The packed words stay
@@ -102,22 +101,10 @@ def _awq_gemv_kernel(
     cols = packed_cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # [P, 8] logical columns
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K, PACKED, 8], tl.float32)
-    stride_k: tl.constexpr = SPLIT_K * BLOCK_K
-    # The weight tile of the next iteration is requested before this one is unpacked (by hand: Triton
-    # pipelines only loads that feed tl.dot), so each program has two tiles in flight, not one.
-    first = pid_k * BLOCK_K + ks
-    next_packed = tl.load(qweight_ptr + first[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                          mask=pmask[None, :] & (first < K)[:, None], other=0)  # [K, P]
-    for k0 in range(pid_k * BLOCK_K, K, stride_k):  # BLOCK_K divides GROUP: one group per K tile
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
         kk = k0 + ks
-        if PREFETCH:
-            packed = next_packed
-            ahead = kk + stride_k
-            next_packed = tl.load(qweight_ptr + ahead[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                                  mask=pmask[None, :] & (ahead < K)[:, None], other=0)
-        else:
-            packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                             mask=pmask[None, :], other=0)
+        packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
+                         mask=pmask[None, :], other=0)  # [K, P]
         x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)  # [K]
         g = k0 // GROUP
         zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=pmask, other=0)  # [P]
@@ -166,11 +153,10 @@ class AwqDecodeTuning:
     sweep on the H200 at the R1-Distill-Qwen-7B projections (benchmarks/results/h200_quant_awq.json)."""
 
     gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
-    gemv_block_n: int = 64
-    gemv_block_k: int = 64  # at most the group size (it must divide it)
+    gemv_block_n: int = 256  # 128-byte rows of packed weights per load
+    gemv_block_k: int = 32  # at most the group size (it must divide it)
     gemv_num_warps: int = 4
-    gemv_prefetch: bool = True  # load the next weight tile before unpacking this one
-    tile_block_n: int = 128  # 128 columns: 64-byte rows of packed weights per load
+    tile_block_n: int = 128
     programs_per_sm: int = 4  # the K split aims at this many programs per SM
 
 
@@ -216,7 +202,7 @@ def awq_gemm(
     if gemv:
         _awq_gemv_kernel[grid](
             x, qweight, qzeros, scales, out, m, n, k, x.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH=tuning.gemv_prefetch,
+            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
             num_warps=tuning.gemv_num_warps if x.is_cuda else 1, num_stages=4 if x.is_cuda else 1,
         )
     else:

@@ -45,12 +45,13 @@ def test_awq_dequantize_is_bit_exact(group_size: int, dtype: torch.dtype) -> Non
     assert torch.equal(out.cpu(), ref)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_awq_gemv_with_and_without_prefetch(prefetch: bool) -> None:
-    """The one-token kernel over several K tiles per program, its next tile loaded ahead or not."""
-    from r1deploy.kernels.awq_gemm import AwqDecodeTuning
 
-    qweight, qzeros, scales = _awq_weights(512, 64, 128, seed=7)
+def test_awq_gemv_over_several_k_tiles_per_program() -> None:
+    """The one-token kernel with a K split of 2 and several K tiles per program (the GPU tuning's tile
+    shape applies on CUDA; here the launcher's CPU shape)."""
+    from r1deploy.kernels.awq_gemm import DECODE_TUNING
+
+    qweight, qzeros, scales = _awq_weights(512, 256, 128, seed=7)
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    out = awq_gemm(x, qweight, qzeros, scales, 128, split_k=2, tuning=AwqDecodeTuning(gemv_prefetch=prefetch))
+    out = awq_gemm(x, qweight, qzeros, scales, 128, split_k=2, tuning=DECODE_TUNING)
     assert rel_err(out.cpu(), _reference(x, qweight, qzeros, scales, 128)) < 1e-6
