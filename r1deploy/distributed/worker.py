@@ -118,6 +118,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     # also exits when rank 0's connection closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runner = None
     try:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
                         spec.init_timeout_s, local_rank=rank % spec.nproc_per_node,
@@ -144,6 +145,8 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
               flush=True)
         sys.exit(1)
     finally:
+        if runner is not None:
+            runner.release()  # captured graphs hold NCCL work: drop them before the communicators go
         leave_group()
 
 

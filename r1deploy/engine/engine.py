@@ -208,9 +208,9 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, free the KV cache and graphs, and release the expert store's
         pinned memory, if any."""
+        self.runner.release()  # first: captured graphs hold NCCL work that would stall the group's teardown
         if self.tp_runtime is not None:
             self.tp_runtime.shutdown()
-        self.runner.release()
         store = getattr(self.loaded.model, "expert_store", None)
         if store is not None:
             store.close()

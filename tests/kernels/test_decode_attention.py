@@ -7,19 +7,25 @@ import torch
 from kernel_inputs import DEVICE, REAL, SMALL, paged_cache, rel_err
 
 from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
+from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _check(seq_lens: list[int], shape: dict, dtype: torch.dtype, partition: int, table_width: int | None,
-           tol: float) -> None:
+           tol: float, fp8_scales: tuple[float, float] | None = None) -> None:
+    """fp8_scales (k_scale, v_scale): the cache holds FP8 K / k_scale and V / v_scale, as the engine writes it."""
     cache, tables = paged_cache(seq_lens, shape["num_kv_heads"], shape["head_dim"], shape["block_size"], dtype,
                                 table_width=table_width)
+    scales = {}
+    if fp8_scales is not None:
+        cache = torch.stack([quantize_kv(cache[i] * 3, s, FP8_KV_DTYPE) for i, s in enumerate(fp8_scales)])
+        scales = {"k_scale": fp8_scales[0], "v_scale": fp8_scales[1]}
     q = torch.randn(len(seq_lens), shape["num_heads"], shape["head_dim"], device=DEVICE).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = shape["head_dim"] ** -0.5
-    out = decode_attention(q, cache, tables, lens, scale, partition_size=partition)
-    ref = decode_attention_ref(q.double(), cache.double(), tables, lens, scale)
+    out = decode_attention(q, cache, tables, lens, scale, partition_size=partition, **scales)
+    ref = decode_attention_ref(q.double(), cache if scales else cache.double(), tables, lens, scale, **scales)
     assert rel_err(out, ref) < tol
     assert bool((out[lens == 0] == 0).all())  # graph-padding rows come out as zeros, not NaN
 
@@ -36,6 +42,19 @@ def test_decode_small(dtype: torch.dtype, tol: float) -> None:
 @pytest.mark.parametrize("seq_lens", [[4096], [1, 17, 300, 2048, 4095, 513, 0, 64]])
 def test_decode_real(seq_lens: list[int]) -> None:
     _check(seq_lens, REAL, torch.bfloat16, partition=256, table_width=4096 // 16, tol=1e-2)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_fp8_cache(dtype: torch.dtype, tol: float) -> None:
+    """An FP8 cache with per-layer scales: the kernel against the reference reading the same bytes."""
+    _check([37, 1, 0, 8], SMALL, dtype, partition=8, table_width=12, tol=tol, fp8_scales=(0.5, 0.25))
+
+
+@pytest.mark.gpu
+@cuda
+def test_decode_fp8_cache_real() -> None:
+    _check([1, 17, 300, 2048, 4095, 513, 0, 64], REAL, torch.bfloat16, partition=256, table_width=4096 // 16,
+           tol=1e-2, fp8_scales=(1.0, 1.0))
 
 
 @pytest.mark.gpu
