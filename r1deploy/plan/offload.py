@@ -8,9 +8,10 @@ Per decode step of B sequences (README "Planner method", expert offload):
   touched per MoE layer T = E x (1 - (1 - k/E)^B)           (roofline.experts_touched, uniform routing)
   hit rate h = min(1, slots / (E x L_moe))                  (LRU, independent uniform routing)
   misses = T x L_moe x (1 - h)
-  per miss: copy = expert bytes / PCIe (one direction)
+  per miss: copy = expert bytes / PCIe (one direction, x PCIE_COPY_EFFICIENCY unless --pcie-gbs is given)
             host = max(2 x params x B k / T / host FLOP/s, expert bytes / host BW) + activations over PCIe
-            the cheaper of the two
+            which one follows the engine's cpu_compute: "never" (its default) copy, "always" host,
+            "auto" the cheaper of the two
   step = GPU roofline step + step overhead + misses x per-miss - min(overlap x misses x per-miss, GPU step)
   decode tokens/s = B / step
 
@@ -44,6 +45,10 @@ OFFLOAD_MODES = ("experts", "layers")
 LAYER_SLOTS = 2  # the runtime ring (OffloadConfig.num_slots)
 DEFAULT_HOST_BANDWIDTH_GBS = 200.0  # host DRAM actually streamed by the CPU (e.g. 8-12 DDR5 channels)
 DEFAULT_HOST_TFLOPS = 2.0  # CPU BF16/INT8 matmul throughput for small-batch expert GEMMs (AMX-class host)
+# Pinned host-to-GPU expert copies during decode moved 40.6 GB/s over an H200's PCIe Gen5 x16 (64 GB/s one
+# direction in the catalog): R1 FP8 experts, 44 MB each (benchmarks/results/h200_r1_offload.json).
+PCIE_COPY_EFFICIENCY = 0.63
+CPU_COMPUTE_MODES = ("never", "always", "auto")  # the engine's OffloadConfig.cpu_compute
 HOST_RAM_EXTRA_BYTES = 16 * GiB + 6 * GiB  # OS + engine (host.py's per-node and per-GPU allowances)
 _NON_EXPERT = ("attention", "dense_mlp", "shared_experts", "router", "norm", "embedding", "lm_head")
 
@@ -93,7 +98,8 @@ class OffloadPlan:
 
 def plan_offload(s: Settings, gpu: GpuSpec, gpu_weight_budget_gb: float, *, mode: str = "experts",
                  host_bandwidth_gbs: float = DEFAULT_HOST_BANDWIDTH_GBS, pcie_gbs: float | None = None,
-                 host_tflops: float = DEFAULT_HOST_TFLOPS, prefetch_overlap: float = 0.0) -> OffloadPlan:
+                 host_tflops: float = DEFAULT_HOST_TFLOPS, prefetch_overlap: float = 0.0,
+                 cpu_compute: str = "never") -> OffloadPlan:
     m, w = s.model, s.workload
     if mode not in OFFLOAD_MODES or mode == "layers":  # layers: plan_layer_offload
         raise UsageError(f"--offload {mode!r}: supported here: experts")
@@ -109,6 +115,8 @@ def plan_offload(s: Settings, gpu: GpuSpec, gpu_weight_budget_gb: float, *, mode
         raise UsageError("--pcie-gbs must be positive")
     if not 0 <= prefetch_overlap <= 1:
         raise UsageError("--prefetch-overlap must be in [0, 1]")
+    if cpu_compute not in CPU_COMPUTE_MODES:
+        raise UsageError(f"--cpu-compute must be one of {', '.join(CPU_COMPUTE_MODES)}, got {cpu_compute!r}")
 
     layout = Layout(1, 1, 1, 1, False, s.gpus_per_node)
     n_experts = m.n_routed_experts * m.num_moe_layers
@@ -136,15 +144,18 @@ def plan_offload(s: Settings, gpu: GpuSpec, gpu_weight_budget_gb: float, *, mode
     touched = m.n_routed_experts * experts_touched(m, b)
     hit = min(1.0, slots / n_experts)
     misses = touched * m.num_moe_layers * (1 - hit)
-    pcie = (pcie_gbs if pcie_gbs is not None else gpu.pcie_gb_s / 2) * GB
+    pcie = (pcie_gbs if pcie_gbs is not None else gpu.pcie_gb_s / 2 * PCIE_COPY_EFFICIENCY) * GB
     host_bw, host_flops = host_bandwidth_gbs * GB, host_tflops * 1e12
     copy_s = each / pcie
     tokens_per_expert = b * m.num_experts_per_tok / touched
     params_each = m.routed_expert_params / n_experts
     act_bytes = 2 * tokens_per_expert * m.hidden_size * ACT_BYTES  # hidden states there and back
     host_s = max(2 * params_each * tokens_per_expert / host_flops, each / host_bw) + act_bytes / pcie
-    path = "pcie_copy" if copy_s <= host_s else "host_compute"
-    per_miss = min(copy_s, host_s)
+    if cpu_compute == "auto":
+        path = "pcie_copy" if copy_s <= host_s else "host_compute"
+    else:
+        path = "host_compute" if cpu_compute == "always" else "pcie_copy"
+    per_miss = copy_s if path == "pcie_copy" else host_s
     gpu_step = decode_stage(stage_cost(m, s.precision, layout, gpu, s.eff), b, w.mean_context).total_s
     miss_s = misses * per_miss
     step = gpu_step + s.eff.step_overhead_s + miss_s - min(prefetch_overlap * miss_s, gpu_step)
