@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import zlib
 from typing import Any
 
 import torch
@@ -81,9 +82,12 @@ def _create(rank: int, size: int, device: torch.device, device_group: Any,
     # Only peer access is used, never NVLink multicast, which shared hosts must not use (and which fails
     # the rendezvous on GPUs without it). Before the first symmetric allocation, where torch reads it.
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    ranks: list[Any] = [None] * size
-    dist.all_gather_object(ranks, (socket.gethostname(), device.index, _local_problem()), group=control_group)
-    why = _group_problem(ranks)
+    local = _local_problem()
+    # Each rank's (host, GPU index, usable here) as int64s on the control group: no objects cross ranks.
+    mine = torch.tensor([zlib.crc32(socket.gethostname().encode()), device.index, local is None], dtype=torch.int64)
+    table = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(table, mine, group=control_group)
+    why = local or _group_problem([tuple(int(v) for v in row.tolist()) for row in table])
     fast = None
     if why is None:  # the same on every rank: all of them rendezvous, or none
         try:
@@ -113,12 +117,12 @@ def _local_problem() -> str | None:
     return None
 
 
-def _group_problem(ranks: list[tuple[str, int, str | None]]) -> str | None:
-    """Why the group (each rank's host, GPU index, local problem) cannot use symmetric memory, or None. Every
-    rank checks every pair of GPUs, so all of them reach the same verdict."""
-    for rank, (_, _, problem) in enumerate(ranks):
-        if problem is not None:
-            return f"rank {rank}: {problem}"
+def _group_problem(ranks: list[tuple[int, int, int]]) -> str | None:
+    """Why the group (each rank's host hash, GPU index, usable flag) cannot use symmetric memory, or None.
+    Every rank checks every pair of GPUs, so all of them reach the same verdict."""
+    for rank, (_, _, usable) in enumerate(ranks):
+        if not usable:
+            return f"rank {rank} has no symmetric-memory one-shot all-reduce"
     if len({host for host, _, _ in ranks}) > 1:
         return "the ranks span several nodes"
     gpus = [index for _, index, _ in ranks]

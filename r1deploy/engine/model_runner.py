@@ -59,8 +59,7 @@ class ModelRunner:
         self.dp_rank_of: Callable[[Request], int] | None = None
         # Async scheduling under TP: rank 0 broadcasts each step's sampled ids on the device group, so every
         # rank can fill the next step's pending tokens itself (the step message carries only their index).
-        self.share_samples = (tp is not None and tp.size > 1 and not (tp is not None and tp.dp_attention)
-                              and config.async_scheduling)
+        self.share_samples = tp is not None and tp.size > 1 and not self.dp_attention and config.async_scheduling
         if self.dp_attention and not getattr(self.model, "supports_dp_attention", False):
             raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {type(self.model).__name__}")
         param = next(self.model.parameters())

@@ -105,3 +105,11 @@ def _cuda_rank(rank: int, port: int) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_matches_nccl_on_two_gpus() -> None:
     mp.spawn(_cuda_rank, args=(free_port("127.0.0.1"),), nprocs=2)
+
+
+def test_group_verdict_from_the_gathered_integers() -> None:
+    """Each rank's (host hash, GPU index, usable) goes round as int64s; one unusable rank or two hosts means NCCL."""
+    from r1deploy.distributed.custom_all_reduce import _group_problem
+
+    assert "rank 1" in _group_problem([(7, 0, 1), (7, 1, 0)])
+    assert "several nodes" in _group_problem([(7, 0, 1), (8, 0, 1)])
