@@ -1,11 +1,16 @@
-"""AWQ INT4 (AutoAWQ GEMM format) matmuls: y = x @ W, W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n].
+"""AWQ INT4 matmuls on the repacked layout: y = x @ W.T + b, W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g].
 
-`awq_gemm` dequantises in registers and multiplies (decode: the weights, a quarter of fp16's bytes,
-are read once per 16-token tile); `awq_dequantize` writes W in the activation dtype for a cuBLAS GEMM
-(prefill, where the matmul is compute-bound). Packing: int32 column c of qweight / qzeros holds
-logical columns 8c .. 8c + 7; column 8c + j sits in nibble (j // 2) + 4 * (j % 2) (AutoAWQ's
-[0, 2, 4, 6, 1, 3, 5, 7] order). The torch references are r1deploy.quant.awq.dequantize_awq and
-`awq_gemm_ref` here.
+Layout (quant/awq.repack_awq, made once after loading): weight_packed int32 [N, K / 8] holds each row's
+inputs in chunks of one group (W = g / 8 words); word j of chunk c holds input c g + i W + j in nibble i.
+So a chunk is 64 contiguous bytes of one row (g = 128), nibble i of its W words covers W consecutive
+inputs (x for it is one contiguous load), and one scale / zero (weight_scales fp16, weight_zeros uint8,
+both [N, K / g]) applies to the chunk's whole partial sum.
+
+`awq_gemm` multiplies without writing W (decode): a CUDA-core GEMV for a few token rows, a tensor-core
+tile kernel above that. Both convert a nibble with the fp32 bit trick ((word >> 4i) & 0xF) | 0x4B000000
+== 2^23 + q, minus (2^23 + z) == q - z exactly: no int-to-float instruction, whose throughput would
+bound the kernel. `awq_dequantize` writes W in the activation dtype for a cuBLAS GEMM (prefill).
+The torch references are quant/awq.dequantize_awq_packed and `awq_gemm_ref` here.
 """
 
 from __future__ import annotations
@@ -19,131 +24,169 @@ import triton.language as tl
 
 from r1deploy.kernels._common import dot_precision
 
-
-@triton.jit
-def _awq_shifts(n):
-    """Bit offset of logical column n inside its packed int32 (AutoAWQ's order)."""
-    j = n % 8
-    return ((j // 2) + (j % 2) * 4) * 4
+_MAGIC = tl.constexpr(8388608.0)  # 2^23: a float whose low mantissa bits are the OR-ed integer
+_MAGIC_BITS = tl.constexpr(0x4B000000)  # 2^23's bits
 
 
 @triton.jit
-def _awq_unpack(packed, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int32 [ROWS, BLOCK_N / 8] -> int32 [ROWS, BLOCK_N] of 0..15, logical column order: each packed word
-    is loaded once (not once per nibble) and split into its 8 columns in registers."""
-    shifts = _awq_shifts(tl.arange(0, 8))  # [8]
-    return tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (ROWS, BLOCK_N))
+def _nibble_minus_zero(packed, i: tl.constexpr, magic_zero):
+    """q - z in fp32 for nibble i of every word; magic_zero is 2^23 + z, broadcastable to packed."""
+    return (((packed >> (4 * i)) & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - magic_zero
 
 
 @triton.jit
-def _awq_gemm_kernel(
-    x_ptr,  # [M, K]
-    qweight_ptr,  # [K, N / 8] int32
-    qzeros_ptr,  # [K / G, N / 8] int32
-    scales_ptr,  # [K / G, N] fp16
-    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1), else [M, N] in x's dtype
-    M, N, K,
-    stride_xm, stride_om,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Program (m, n, s) sums K tiles s, s + SPLIT_K, ...: decode's M is 1..32, so the grid is cut along K
-    as well, or a 3,584-wide output would keep only 28-56 of the 132 SMs streaming weights."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    ks = tl.arange(0, BLOCK_K)
-    rmask, cmask = rows < M, cols < N
-    n_packed = N // 8
-    pmask = packed_cols < n_packed
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
-        kk = k0 + ks
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                    mask=rmask[:, None], other=0.0)  # [M, K]; K is a multiple of BLOCK_K
-        packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                         mask=pmask[None, :], other=0)  # [K, N / 8]
-        g = k0 // GROUP
-        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=pmask, other=0)  # [N / 8]
-        scales = tl.load(scales_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)  # [N]
-        q = _awq_unpack(packed, BLOCK_K, BLOCK_N)  # [K, N]
-        z = tl.reshape(_awq_unpack(zeros[None, :], 1, BLOCK_N), (BLOCK_N,))  # [N]
-        w = ((q - z[None, :]).to(tl.float32) * scales[None, :]).to(x.dtype)  # [K, N], exact then one rounding
-        acc += tl.dot(x, w, input_precision=PRECISION)
-    out_ptr += pid_k.to(tl.int64) * M * N
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+def _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * N + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr,  # [M, K], M <= GEMV_MAX_TOKENS
-    qweight_ptr,  # [K, N / 8] int32
-    qzeros_ptr,  # [K / G, N / 8] int32
-    scales_ptr,  # [K / G, N] fp16
-    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1), else [M, N] in x's dtype
-    M, N, K,
-    stride_xm,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr,  # [M, K]
+    packed_ptr,  # [N, K / 8] int32
+    zeros_ptr,  # [N, K / G] uint8
+    scales_ptr,  # [N, K / G] fp16
+    bias_ptr,  # [N] or a dummy
+    out_ptr,  # [M, N] in x's dtype
+    partial_ptr,  # [SPLIT_K, M, N] fp32 (SPLIT_K > 1)
+    counter_ptr,  # [M * cdiv(N, BLOCK_N)] int32 zeros (SEMAPHORE): programs of a tile that have finished
+    M, N, K, stride_xm, groups_per_split,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SEMAPHORE: tl.constexpr,
 ):
-    """One token row per program, on the CUDA cores: at one to a few tokens a tensor-core tile would be
-    mostly padding and its B operand a shared-memory round trip per K tile. The packed words stay
-    [K, N / 8] and each is split into its 8 columns along a third axis, so nothing is reshaped until the
-    one store at the end; products accumulate per element (a [K, N / 8, 8] accumulator) and are summed
-    over K once, after the loop, so no K tile needs a cross-warp reduction."""
+    """Program (m, n tile, s): BLOCK_N output rows of token m over groups [s, s + 1) * groups_per_split.
+    Decode's M is 1..4, so the grid is cut along K too, or a 3,584-row output would keep only a few dozen
+    programs streaming weights. Per row and word the 8 nibble products accumulate in fp32 ([BLOCK_N, W]
+    partial sums), each chunk's are scaled once, and the words are summed once at the end.
+    SEMAPHORE: the last program of a tile to finish sums the SPLIT_K fp32 partials (in split order, so the
+    result is deterministic), adds the bias and stores; else the launcher sums them."""
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    PACKED: tl.constexpr = BLOCK_N // 8
-    packed_cols = pid_n * PACKED + tl.arange(0, PACKED)  # [P]
-    n_packed = N // 8
-    pmask = packed_cols < n_packed
-    shifts = _awq_shifts(tl.arange(0, 8))  # [8]
-    cols = packed_cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # [P, 8] logical columns
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_K, PACKED, 8], tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):  # BLOCK_K divides GROUP: one group per K tile
-        kk = k0 + ks
-        packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + packed_cols[None, :],
-                         mask=pmask[None, :], other=0)  # [K, P]
-        x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)  # [K]
-        g = k0 // GROUP
-        zeros = tl.load(qzeros_ptr + g * n_packed + packed_cols, mask=pmask, other=0)  # [P]
-        scales = tl.load(scales_ptr + g * N + cols, mask=pmask[:, None], other=0.0).to(tl.float32)  # [P, 8]
-        q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [K, P, 8]
-        z = (zeros[:, None] >> shifts[None, :]) & 0xF  # [P, 8]
-        w = (q - z[None, :, :]).to(tl.float32) * scales[None, :, :]  # exact: as dequantised, before rounding
-        acc += w * x[:, None, None]
-    out_ptr += pid_k.to(tl.int64) * M * N
-    tl.store(out_ptr + m * N + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=pmask[:, None])
+    WORDS: tl.constexpr = GROUP // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    words = tl.arange(0, WORDS)
+    n_groups = K // GROUP
+    row_words = packed_ptr + rows[:, None].to(tl.int64) * (K // 8) + words[None, :]  # [BLOCK_N, W]
+    acc = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    first = pid_k * groups_per_split
+    for g in range(first, tl.minimum(first + groups_per_split, n_groups)):
+        packed = tl.load(row_words + g * WORDS, mask=rmask[:, None], other=0)
+        scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
+        magic_zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.float32) + _MAGIC
+        x_chunk = x_ptr + m * stride_xm + g * GROUP + words  # nibble i's inputs: x_chunk + i * W
+        part = _nibble_minus_zero(packed, 0, magic_zero[:, None]) * tl.load(x_chunk).to(tl.float32)[None, :]
+        for i in tl.static_range(1, 8):
+            x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
+            part += _nibble_minus_zero(packed, i, magic_zero[:, None]) * x_i[None, :]
+        acc += part * scale[:, None]
+    total = tl.sum(acc, axis=1)  # [BLOCK_N]
+    if SPLIT_K == 1:
+        _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS)
+    else:
+        tl.store(partial_ptr + (pid_k * M + m).to(tl.int64) * N + rows, total, mask=rmask)
+        if SEMAPHORE:
+            tl.debug_barrier()  # every thread's partial is written before the tile's count moves
+            tile = counter_ptr + m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_N], tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(partial_ptr + (s * M + m).to(tl.int64) * N + rows, mask=rmask, other=0.0,
+                                     cache_modifier=".cg")
+                _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS)
+                tl.atomic_xchg(tile, 0)  # ready for the next launch (CUDA-graph replays included)
+
+
+@triton.jit
+def _awq_tile_kernel(
+    x_ptr,  # [M, K]
+    packed_ptr, zeros_ptr, scales_ptr, bias_ptr,  # as _awq_gemv_kernel
+    out_ptr,  # [M, N] in x's dtype (SPLIT_K == 1)
+    partial_ptr,  # [SPLIT_K, M, N] fp32 (SPLIT_K > 1)
+    M, N, K, stride_xm, groups_per_split,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Tensor cores for 5..32 token rows: each chunk unpacks to a [BLOCK_N, g] tile in input order
+    (nibble-major [BLOCK_N, 8, W] is exactly that order), dequantised in fp32, rounded once to x's dtype."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    WORDS: tl.constexpr = GROUP // 8
+    tokens = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask, rmask = tokens < M, rows < N
+    words = tl.arange(0, WORDS)
+    shifts = 4 * tl.arange(0, 8)
+    n_groups = K // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    first = pid_k * groups_per_split
+    for g in range(first, tl.minimum(first + groups_per_split, n_groups)):
+        packed = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 8) + g * WORDS + words[None, :],
+                         mask=rmask[:, None], other=0)  # [BLOCK_N, W]
+        scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.int32)
+        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_N, GROUP))
+        x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_xm + g * GROUP + tl.arange(0, GROUP)[None, :],
+                    mask=tmask[:, None], other=0.0)  # [BLOCK_M, G]
+        w = ((q - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)  # [BLOCK_N, G]
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    out_rows = tokens[:, None].to(tl.int64) * N + rows[None, :]
+    mask = tmask[:, None] & rmask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + out_rows, acc, mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr,  # [SPLIT_K, M * N] fp32
+    bias_ptr,  # [N] or a dummy
+    out_ptr,  # [M * N]
+    total_size, N,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total_size
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT_K):
+        total += tl.load(partial_ptr + s * total_size + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _awq_dequant_kernel(
-    qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,  # out [K, N]
+    packed_ptr, zeros_ptr, scales_ptr,
+    out_ptr,  # [N, K]
     N, K,
-    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (kk < K)[:, None] & (cols < N)[None, :]
-    n_packed = N // 8
-    shifts = _awq_shifts(cols)
-    packed = tl.load(qweight_ptr + kk[:, None].to(tl.int64) * n_packed + (cols // 8)[None, :], mask=mask, other=0)
-    g = kk // GROUP
-    zeros = tl.load(qzeros_ptr + g[:, None] * n_packed + (cols // 8)[None, :], mask=mask, other=0)
-    scales = tl.load(scales_ptr + g[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    q = (packed >> shifts[None, :]) & 0xF
-    z = (zeros >> shifts[None, :]) & 0xF
-    w = (q - z).to(tl.float32) * scales
-    tl.store(out_ptr + kk[:, None].to(tl.int64) * N + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    """Program (n tile, group): one chunk of BLOCK_N rows, exact in fp32, then one rounding."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    rmask = rows < N
+    WORDS: tl.constexpr = GROUP // 8
+    n_groups = K // GROUP
+    packed = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 8) + g * WORDS + tl.arange(0, WORDS)[None, :],
+                     mask=rmask[:, None], other=0)
+    scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.int32)
+    shifts = 4 * tl.arange(0, 8)
+    q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_N, GROUP))
+    w = (q - zero[:, None]).to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + g * GROUP + tl.arange(0, GROUP)[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-def _check(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int]:
-    k, n = qweight.shape[0], qweight.shape[1] * 8
-    assert qweight.dtype == torch.int32 and qzeros.dtype == torch.int32
-    assert qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()
-    assert k % group_size == 0 and tuple(qzeros.shape) == (k // group_size, n // 8)
-    assert tuple(scales.shape) == (k // group_size, n)
+def _check(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int]:
+    n, k = packed.shape[0], packed.shape[1] * 8
+    assert packed.dtype == torch.int32 and zeros.dtype == torch.uint8 and scales.dtype == torch.float16
+    assert packed.is_contiguous() and zeros.is_contiguous() and scales.is_contiguous()
+    assert group_size % 16 == 0 and k % group_size == 0
+    assert tuple(zeros.shape) == tuple(scales.shape) == (n, k // group_size)
     return k, n
 
 
@@ -153,65 +196,75 @@ class AwqDecodeTuning:
     sweep on the H200 at the R1-Distill-Qwen-7B projections (benchmarks/results/h200_quant_awq.json)."""
 
     gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
-    gemv_block_n: int = 256  # 128-byte rows of packed weights per load
-    gemv_block_k: int = 32  # at most the group size (it must divide it)
+    gemv_block_n: int = 64  # output rows per program
     gemv_num_warps: int = 4
-    tile_block_n: int = 128
-    programs_per_sm: int = 4  # the K split aims at this many programs per SM
+    programs_per_sm: int = 8  # the K split aims at this many programs per SM
+    semaphore: bool = True  # split-K partials summed by the tile's last program, not by a second kernel
+    tile_block_n: int = 64
 
 
 DECODE_TUNING = AwqDecodeTuning()
+_COUNTERS = 1 << 16  # per device: enough for 4 tokens x 16,384 row tiles
+
+
+@functools.cache
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed once; each semaphore launch leaves its counters at zero again."""
+    return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
 
 
 def awq_gemm(
     x: torch.Tensor,  # [M, K]
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
+    packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,  # quant/awq.repack_awq's layout
     group_size: int,
+    bias: torch.Tensor | None = None,  # [N]
     split_k: int | None = None,  # None: chosen from the grid and the SM count (1 on the CPU)
     tuning: AwqDecodeTuning | None = None,  # None: DECODE_TUNING
 ) -> torch.Tensor:  # [M, N] in x's dtype
-    """Fused dequantise-and-multiply, for small M (decode): the GEMV kernel up to
-    tuning.gemv_max_tokens rows, the tensor-core tile kernel above."""
-    k, n = _check(qweight, qzeros, scales, group_size)
+    """Fused dequantise-and-multiply for small M (decode): the GEMV kernel up to tuning.gemv_max_tokens
+    rows, the tensor-core tile kernel above."""
+    k, n = _check(packed, zeros, scales, group_size)
     assert x.shape[-1] == k and x.stride(-1) == 1
     tuning = tuning or DECODE_TUNING
     m = x.shape[0]
-    block_k = min(64, group_size)  # group sizes are multiples of 16; 64 and 128 take 64-deep tiles
-    while group_size % block_k:
-        block_k //= 2
     gemv = m <= tuning.gemv_max_tokens
-    if gemv and x.is_cuda:
-        block_k = min(block_k, tuning.gemv_block_k)
     if x.is_cuda:
         block_m, block_n = (1, tuning.gemv_block_n) if gemv else (16, tuning.tile_block_n)
     else:
-        block_m, block_n = (1, 32) if gemv else (16, 32)
+        block_m, block_n = (1, 16) if gemv else (16, 16)
+    n_groups = k // group_size
     grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:  # each program keeps at least 4 K tiles so the partial sums stay small
+    if split_k is None:
         split_k = 1
-        if x.is_cuda:
-            split_k = max(1, min(triton.cdiv(tuning.programs_per_sm * _sm_count(x.device), grid_mn),
-                                 k // (4 * block_k)))
-    if split_k > 1:
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if x.is_cuda:  # each program keeps at least 2 groups
+            split_k = max(1, min(triton.cdiv(tuning.programs_per_sm * _sm_count(x.device), grid_mn), n_groups // 2))
+    groups_per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else out
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    semaphore = False
     if gemv:
+        semaphore = split_k > 1 and tuning.semaphore and grid[0] * grid[1] <= _COUNTERS
+        counters = _counters(x.device) if semaphore else out
         _awq_gemv_kernel[grid](
-            x, qweight, qzeros, scales, out, m, n, k, x.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            num_warps=tuning.gemv_num_warps if x.is_cuda else 1, num_stages=4 if x.is_cuda else 1,
+            x, packed, zeros, scales, bias_arg, out, partial, counters, m, n, k, x.stride(0), groups_per_split,
+            GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=has_bias, SEMAPHORE=semaphore,
+            num_warps=tuning.gemv_num_warps if x.is_cuda else 1,
         )
     else:
-        _awq_gemm_kernel[grid](
-            x, qweight, qzeros, scales, out, m, n, k, x.stride(0), n,
-            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=4 if x.is_cuda else 1,
+        _awq_tile_kernel[grid](
+            x, packed, zeros, scales, bias_arg, out, partial, m, n, k, x.stride(0), groups_per_split,
+            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=has_bias,
+            PRECISION=dot_precision(x.dtype), num_warps=4, num_stages=3 if x.is_cuda else 1,
         )
-    return out.sum(0).to(x.dtype) if split_k > 1 else out
+    if split_k > 1 and not semaphore:
+        block = 1024
+        _sum_partials_kernel[(triton.cdiv(m * n, block),)](
+            partial, bias_arg, out, m * n, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+    return out
 
 
 @functools.cache
@@ -220,22 +273,23 @@ def _sm_count(device: torch.device) -> int:
 
 
 def awq_dequantize(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
-) -> torch.Tensor:  # [K, N] in dtype
-    """W for a dense GEMM (prefill)."""
-    k, n = _check(qweight, qzeros, scales, group_size)
-    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
-    block_k, block_n = 32, 64
-    _awq_dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-        qweight, qzeros, scales, out, n, k, GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+    packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:  # [N, K] in dtype
+    """W for a dense GEMM (prefill): y = x @ W.T."""
+    k, n = _check(packed, zeros, scales, group_size)
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    block_n = 32
+    _awq_dequant_kernel[(triton.cdiv(n, block_n), k // group_size)](
+        packed, zeros, scales, out, n, k, GROUP=group_size, BLOCK_N=block_n, num_warps=4,
     )
     return out
 
 
 def awq_gemm_ref(
-    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+    x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch: dequantise (exact, then x's dtype) and matmul."""
-    from r1deploy.quant.awq import dequantize_awq
+    """Plain PyTorch: dequantise (exact, then x's dtype) and multiply."""
+    from r1deploy.quant.awq import dequantize_awq_packed
 
-    return x @ dequantize_awq(qweight, qzeros, scales, group_size, x.dtype)
+    return torch.nn.functional.linear(x, dequantize_awq_packed(packed, zeros, scales, group_size, x.dtype), bias)

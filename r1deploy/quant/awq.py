@@ -9,9 +9,15 @@ Format (per linear, `in` x `out` with group size g):
 
 `AWQLinearMethod` is the QuantMethod a Linear is built with: create_weights registers these three
 parameters (with `output_dim` / `pack_factor` so a merged layer's loader narrows its shard along the
-packed output columns), apply runs the matmul. On the CPU: dequantise (exactly, in fp32) then matmul;
-on CUDA: the Triton dequantise-and-multiply kernel for small batches (decode) and a Triton
-dequantisation then a cuBLAS GEMM for larger ones (prefill).
+packed output columns). Once every shard is in, process_weights_after_loading (weights.load_weights calls
+it) repacks them for the kernels, row-major along the input dim (`repack_awq`):
+  weight_packed int32 [out, in / 8]  each row's inputs in chunks of one group of g (W = g / 8 words per
+                                     chunk); word j of chunk c holds input c g + i W + j in nibble i
+  weight_zeros  uint8 [out, in / g], weight_scales fp16 [out, in / g]
+so decode streams every row's words contiguously and applies one scale and zero per row and group. apply
+runs the matmul: on the CPU dequantise (exactly, in fp32) then matmul; on CUDA the Triton
+dequantise-and-multiply kernels for small batches (decode) and a Triton dequantisation then a cuBLAS
+GEMM for larger ones (prefill).
 """
 
 from __future__ import annotations
@@ -102,21 +108,35 @@ class AWQLinearMethod:
                                       pack_factor=1)
         layer.weight = None  # what forward would use unquantised; tied-embedding code checks it
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Checkpoint layout -> the kernels' (the module docstring); the checkpoint tensors are dropped."""
+        packed, zeros, scales = repack_awq(layer.qweight, layer.qzeros, layer.scales, self.config.group_size)
+        del layer.qweight, layer.qzeros, layer.scales
+        for name, tensor in (("weight_packed", packed), ("weight_zeros", zeros), ("weight_scales", scales)):
+            layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
+        return dequantize_awq_packed(layer.weight_packed, layer.weight_zeros, layer.weight_scales,
+                                     self.config.group_size, dtype)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not hasattr(layer, "weight_packed"):
+            raise RuntimeError("AWQ layer used before process_weights_after_loading (weights.load_weights calls it)")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         g = self.config.group_size
-        if x.is_cuda:
-            from r1deploy.kernels.awq_gemm import awq_dequantize, awq_gemm
+        bias = None if bias is None else bias.to(x.dtype)
+        if x.is_cuda and x2.shape[0] <= FUSED_MAX_TOKENS:
+            from r1deploy.kernels.awq_gemm import awq_gemm
 
-            if x2.shape[0] <= FUSED_MAX_TOKENS:
-                out = awq_gemm(x2, layer.qweight, layer.qzeros, layer.scales, g)
-            else:
-                out = x2 @ awq_dequantize(layer.qweight, layer.qzeros, layer.scales, g, x.dtype)
+            out = awq_gemm(x2, layer.weight_packed, layer.weight_zeros, layer.weight_scales, g, bias)
+        elif x.is_cuda:
+            from r1deploy.kernels.awq_gemm import awq_dequantize
+
+            weight = awq_dequantize(layer.weight_packed, layer.weight_zeros, layer.weight_scales, g, x.dtype)
+            out = torch.nn.functional.linear(x2, weight, bias)
         else:
-            out = x2 @ dequantize_awq(layer.qweight, layer.qzeros, layer.scales, g, x.dtype)
-        if bias is not None:
-            out = out + bias
+            out = torch.nn.functional.linear(x2, self.dequantized_weight(layer, x.dtype), bias)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
@@ -129,11 +149,50 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
     """int [R, C] of 0..15 -> int32 [R, C / 8] in AutoAWQ's order (the inverse of unpack_awq)."""
     rows, cols = values.shape
-    grouped = values.to(torch.int64).view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_ORDER)]
-    packed = torch.zeros(rows, cols // PACK_FACTOR, dtype=torch.int64, device=values.device)
+    return pack_nibbles(values.view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_ORDER)])
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """int [..., 8] of 0..15 -> int32 [...]: value i in bits 4i .. 4i + 3."""
+    packed = torch.zeros(values.shape[:-1], dtype=torch.int64, device=values.device)
     for i in range(PACK_FACTOR):
-        packed |= grouped[:, :, i] << (4 * i)
+        packed |= values[..., i].to(torch.int64) << (4 * i)
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement: the top nibble sets the sign
+
+
+def repack_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checkpoint tensors (module docstring) -> (weight_packed int32 [out, in / 8], weight_zeros uint8
+    [out, in / g], weight_scales fp16 [out, in / g]), the kernels' layout."""
+    q = unpack_awq(qweight).t()  # [out, in]
+    out_features, in_features = q.shape
+    words = group_size // PACK_FACTOR
+    # input c g + i W + j -> [c, i, j]; word j of chunk c takes nibble i from [c, i, j]
+    chunks = q.reshape(out_features, in_features // group_size, PACK_FACTOR, words).transpose(2, 3)
+    packed = pack_nibbles(chunks).reshape(out_features, in_features // PACK_FACTOR)
+    zeros = unpack_awq(qzeros).t().to(torch.uint8)
+    return packed.contiguous(), zeros.contiguous(), scales.t().contiguous()
+
+
+def unpack_awq_packed(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """weight_packed int32 [out, in / 8] -> int32 [out, in] of 0..15 in input order (repack_awq's inverse)."""
+    out_features, in_words = packed.shape
+    words = group_size // PACK_FACTOR
+    shifts = 4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=packed.device)
+    chunks = packed.view(out_features, in_words // words, 1, words)
+    return ((chunks >> shifts[:, None]) & 0xF).reshape(out_features, in_words * PACK_FACTOR)
+
+
+def dequantize_awq_packed(
+    packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [out, in]
+    """The repacked layout's W, exact in fp32 then one rounding (as dequantize_awq)."""
+    q = unpack_awq_packed(packed, group_size)
+    z = zeros.to(torch.int32).repeat_interleave(group_size, dim=1)
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    return ((q - z).float() * s).to(dtype)
 
 
 def dequantize_awq(

@@ -128,6 +128,9 @@ class GPTQLinearMethod:
             layer.input_perm = perm
         self.g_idx_loaded = True
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.awq.process_weights_after_loading(layer)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.input_perm is not None:
             x = x.index_select(-1, layer.input_perm)

@@ -49,6 +49,16 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise WeightLoadError(f"checkpoint is missing {len(missing)} parameters: {shown}")
+    process_weights_after_loading(model)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each quantised layer turn its checkpoint tensors into its kernels' layout (AWQ / GPTQ repack),
+    now that every shard of a merged layer is in."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
 
 
 def _target(name: str, mapping: dict[str, tuple[str, str]]) -> tuple[str, str | None]:

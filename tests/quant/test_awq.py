@@ -19,7 +19,15 @@ from r1deploy.engine.batch import ForwardBatch
 from r1deploy.errors import UsageError
 from r1deploy.layers.attention import allocate_kv_caches
 from r1deploy.models.loader import load_model
-from r1deploy.quant.awq import AWQConfig, dequantize_awq, pack_awq, unpack_awq
+from r1deploy.quant.awq import (
+    AWQConfig,
+    dequantize_awq,
+    dequantize_awq_packed,
+    pack_awq,
+    repack_awq,
+    unpack_awq,
+    unpack_awq_packed,
+)
 
 QUANTISED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,6 +49,25 @@ def test_pack_unpack_round_trip_matches_autoawq(group_size: int) -> None:
     # Quantisation error is at most half a step per element (plus the fp16 rounding of the scale).
     step = scales.float().repeat_interleave(group_size, 0)
     assert bool(((ref.float() - weight.t()).abs() <= 0.5 * step * 1.01 + 1e-6).all())
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_repack_for_the_kernels_keeps_every_weight(group_size: int) -> None:
+    """Checkpoint layout -> the kernels' ([out, in / 8] words, nibble i of word j of a group's chunk = input
+    i * g / 8 + j): the same W bit for bit, and the documented nibble positions."""
+    gen = torch.Generator().manual_seed(group_size)
+    intweight = torch.randint(0, 16, (256, 24), generator=gen, dtype=torch.int32)  # [in, out]
+    zeros = torch.randint(0, 16, (256 // group_size, 24), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(256 // group_size, 24, generator=gen) * 0.02).half()
+    packed, zeros_t, scales_t = repack_awq(pack_awq(intweight), pack_awq(zeros), scales, group_size)
+    assert packed.shape == (24, 32) and zeros_t.dtype == torch.uint8 and scales_t.shape == (24, 256 // group_size)
+    assert torch.equal(unpack_awq_packed(packed, group_size), intweight.t())
+    words = group_size // 8
+    n, c, i, j = 5, 1, 6, 3  # output 5, chunk 1, nibble 6, word 3 -> input c g + i W + j
+    assert (int(packed[n, c * words + j]) >> (4 * i)) & 0xF == int(intweight[c * group_size + i * words + j, n])
+    for dtype in (torch.float64, torch.float16):
+        assert torch.equal(dequantize_awq_packed(packed, zeros_t, scales_t, group_size, dtype).t(),
+                           dequantize_awq(pack_awq(intweight), pack_awq(zeros), scales, group_size, dtype))
 
 
 def test_config_validation() -> None:
@@ -128,7 +155,7 @@ def test_tiny_awq_checkpoint_matches_dequantised_twin(case: str, tmp_path: Path)
     hf, twin, awq_dir, _ = _write_awq_checkpoint(case, tmp_path)
     loaded = load_model(str(awq_dir))
     qkv = loaded.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.weight is None and qkv.qweight.dtype == torch.int32  # really quantised, merged q/k/v
+    assert qkv.weight is None and qkv.weight_packed.dtype == torch.int32  # really quantised, merged q/k/v
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4)]
     ours, seqs = _our_logits(loaded.model, loaded.config, prompts)
     with torch.no_grad():
@@ -148,5 +175,7 @@ def test_unquantised_layers_keep_their_dtype_and_lm_head(tmp_path: Path) -> None
     loaded = load_model(str(awq_dir))
     names = dict(loaded.model.named_parameters())
     assert "lm_head.weight" in names and names["lm_head.weight"].dtype == torch.float32
-    assert names["model.layers.1.mlp.gate_up_proj.qweight"].shape == (64, 2 * 128 // 8)
-    assert names["model.layers.1.mlp.down_proj.scales"].shape == (128 // 64, 64)
+    # repacked after loading: [out, in / 8] words, [out, in / g] scales and zeros
+    assert names["model.layers.1.mlp.gate_up_proj.weight_packed"].shape == (2 * 128, 64 // 8)
+    assert names["model.layers.1.mlp.down_proj.weight_scales"].shape == (64, 128 // 64)
+    assert "model.layers.1.mlp.down_proj.qweight" not in names  # the checkpoint layout is not kept too

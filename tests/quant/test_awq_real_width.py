@@ -37,6 +37,7 @@ def test_merged_qkv_at_7b_width_matches_float64_dequant() -> None:
         layer.bias.weight_loader(layer.bias, bias, shard_id)
         deq.append(reference_dequant(*autoawq_quantize(weight, GROUP), GROUP))  # [in, width], no packing
         biases.append(bias.double())
+    layer.quant_method.process_weights_after_loading(layer)
     x = torch.randn(16, 3584, generator=gen)
     want = x.double() @ torch.cat(deq, 1) + torch.cat(biases)
     got = layer(x)
@@ -51,6 +52,7 @@ def test_down_proj_148_groups_matches_float64_dequant() -> None:
     weight = torch.randn(64, 18944, generator=gen) * 0.02
     for name, tensor in awq_checkpoint_tensors(weight, GROUP).items():
         getattr(layer, name).weight_loader(getattr(layer, name), tensor)
+    layer.quant_method.process_weights_after_loading(layer)
     x = torch.randn(8, 18944, generator=gen)
     want = x.double() @ reference_dequant(*autoawq_quantize(weight, GROUP), GROUP)
     assert _rel(layer(x), want) < 1e-5

@@ -18,7 +18,7 @@ from test_awq import QUANTISED, _make_hf, _our_logits
 from r1deploy.errors import UsageError
 from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.models.loader import load_model
-from r1deploy.quant.awq import AWQConfig, dequantize_awq, quant_config_from_hf
+from r1deploy.quant.awq import AWQConfig, quant_config_from_hf
 from r1deploy.quant.gptq import GPTQConfig, unpack_gptq
 from r1deploy.weights import WeightLoadError
 
@@ -36,9 +36,8 @@ def _load(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], shard_id: st
 
 
 def _layer_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The layer's dequantised W [in, out] in the checkpoint's channel order, float64."""
-    w = dequantize_awq(layer.qweight, layer.qzeros, layer.scales, layer.quant_method.awq.config.group_size,
-                       torch.float64)
+    """The (loaded and processed) layer's dequantised W [in, out] in the checkpoint's channel order, float64."""
+    w = layer.quant_method.awq.dequantized_weight(layer, torch.float64).t()
     return w if layer.input_perm is None else w[torch.argsort(layer.input_perm)]
 
 
@@ -61,6 +60,7 @@ def test_linear_matches_float64_reference(group_size: int, act_order: bool, sym:
     layer = Linear(256, 96, bias=True, quant_method=GPTQConfig.from_hf(_config(group_size, sym, v2)).linear_method())
     bias = torch.randn(96, generator=gen)
     _load(layer, {**tensors, "bias": bias})
+    layer.quant_method.process_weights_after_loading(layer)
     ref = gptq_reference_dequant(intweight, zeros, scales, g_idx)  # [in, out]
     assert torch.equal(_layer_weight(layer), ref)  # the conversion loses nothing
     assert (layer.input_perm is not None) == (act_order and group_size != -1)  # one group needs no reorder
@@ -93,6 +93,7 @@ def test_merged_act_order_shards_in_any_load_order(g_idx_first: bool) -> None:
         _load(layer, {"bias": biases[-1]}, shard_id)
         deq.append(gptq_reference_dequant(*gptq_quantize(weight, 64, order)))
     assert layer.input_perm is not None
+    layer.quant_method.process_weights_after_loading(layer)
     assert torch.equal(_layer_weight(layer), torch.cat(deq, 1))
     x = torch.randn(4, 128, generator=gen)
     want = x.double() @ torch.cat(deq, 1) + torch.cat(biases).double()
@@ -172,7 +173,7 @@ def test_tiny_gptq_checkpoint_matches_dequantised_twin(case: str, tmp_path: Path
     hf, twin, gptq_dir = _write_gptq_checkpoint(case, tmp_path)
     loaded = load_model(str(gptq_dir))
     qkv = loaded.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.weight is None and qkv.qweight.dtype == torch.int32  # really quantised, merged q/k/v
+    assert qkv.weight is None and qkv.weight_packed.dtype == torch.int32  # really quantised, merged q/k/v
     assert (qkv.input_perm is not None) == (GPTQ_CASES[case][2] and GPTQ_CASES[case][1] != -1)
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4)]
     ours, seqs = _our_logits(loaded.model, loaded.config, prompts)
