@@ -251,8 +251,13 @@ def sweep_awq_decode(raw: dict[str, Any], dtype: torch.dtype, result: dict[str, 
         return {"tuning": dataclasses.asdict(tuning), "us": times, "layer_us": sum(times.values())}
 
     rows = [measure(kernels.AwqDecodeTuning(gemv_max_tokens=0))]  # the tensor-core tile kernel at one token
-    rows += [measure(kernels.AwqDecodeTuning(gemv_block_n=bn, gemv_num_warps=w, programs_per_sm=pps))
-             for bn in (16, 32, 64, 128) for w in (2, 4, 8) for pps in (4, 8, 16)]
+    # Stage 1: the nibble conversion and the prefetch at a good launch shape; stage 2: launch shapes.
+    rows += [measure(kernels.AwqDecodeTuning(gemv_block_n=64, gemv_num_warps=2, programs_per_sm=16,
+                                             one_plus=one_plus, prefetch=prefetch))
+             for one_plus in (False, True) for prefetch in (False, True)]
+    code = min(rows[1:], key=lambda r: r["layer_us"])["tuning"]
+    rows += [measure(kernels.AwqDecodeTuning(**dict(code, gemv_block_n=bn, gemv_num_warps=w, programs_per_sm=pps)))
+             for bn in (32, 64, 128, 256) for w in (2, 4, 8) for pps in (8, 16, 32)]
     best = min(rows[1:], key=lambda r: r["layer_us"])
     rows.append(measure(kernels.AwqDecodeTuning(**dict(best["tuning"], semaphore=False))))  # + a reduction kernel
     best = min(rows, key=lambda r: r["layer_us"])
@@ -264,9 +269,49 @@ def sweep_awq_decode(raw: dict[str, Any], dtype: torch.dtype, result: dict[str, 
                                   "best_weight_TB_s": {name: weight_bytes[name] / best["us"][name] / 1e6
                                                        for name in shapes},
                                   "best_speedup_over_bf16_per_layer": bf16_layer / best["layer_us"]}
+    result["awq_decode_sweep"]["token_rows"] = awq_paths_by_token_rows(tensors, kernels, bench)
     print(f"awq sweep: bf16 layer {bf16_layer:.1f} us {bf16_us}; best AWQ layer {best['layer_us']:.1f} us "
           f"({bf16_layer / best['layer_us']:.2f}x) {best['us']} with {best['tuning']}; tile kernel at M=1: "
           f"{rows[0]['layer_us']:.1f} us; without the semaphore {rows[-1]['layer_us']:.1f} us", flush=True)
+
+
+def awq_paths_by_token_rows(tensors: dict[str, Any], kernels: Any, bench: Any) -> dict[str, Any]:
+    """Per layer (the four projections) at 2..32 token rows: the GEMV kernel (one program row per token),
+    the tensor-core tile kernel (two tile shapes), dequantise + cuBLAS, and bf16: where each path should
+    take over (AwqDecodeTuning.gemv_max_tokens, quant/awq.FUSED_MAX_TOKENS)."""
+    from r1deploy.kernels.awq_gemm import awq_dequantize
+
+    table = {}
+    for m in (2, 4, 8, 16, 32):
+        base = dataclasses.asdict(kernels.DECODE_TUNING)
+        paths = {"gemv": dict(base, gemv_max_tokens=32),
+                 "tile_m16_n64": dict(base, gemv_max_tokens=0),
+                 "tile_m16_n128": dict(base, gemv_max_tokens=0, tile_block_n=128),
+                 "tile_m32_n64": dict(base, gemv_max_tokens=0, tile_block_m=32)}
+        row = {}
+        for label, fields in paths.items():
+            tuning = kernels.AwqDecodeTuning(**fields)
+            total = 0.0
+            for name, (x1, weights, bias, _) in tensors.items():
+                x = x1.expand(m, -1).contiguous()
+                try:
+                    total += bench(lambda x=x, weights=weights, bias=bias, tuning=tuning:
+                                   kernels.awq_gemm(x, *weights, GROUP_SIZE, bias, tuning=tuning))
+                except Exception as e:  # noqa: BLE001 - recorded, the table goes on
+                    total = float("nan")
+                    row[label + "_error"] = repr(e)[:300]
+                    break
+            row[label] = total
+        row["dequant_cublas"] = sum(bench(lambda x=x1.expand(m, -1).contiguous(), weights=weights, bias=bias:
+                                          torch.nn.functional.linear(x, awq_dequantize(*weights, GROUP_SIZE, x.dtype),
+                                                                     bias))
+                                    for x1, weights, bias, _ in tensors.values())
+        row["bf16"] = sum(bench(lambda x=x1.expand(m, -1).contiguous(), w=w, bias=bias:
+                                torch.nn.functional.linear(x, w, bias)) for x1, _, bias, w in tensors.values())
+        table[m] = row
+        print(f"awq paths at {m} token rows (us per layer): " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                                        if isinstance(v, float)), flush=True)
+    return table
 
 
 def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, sizes: dict[str, int],

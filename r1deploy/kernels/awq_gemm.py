@@ -35,6 +35,17 @@ def _nibble_minus_zero(packed, i: tl.constexpr, magic_zero):
 
 
 @triton.jit
+def _nibble_one_plus(packed, i: tl.constexpr):
+    """1 + q / 16 in fp32 for nibble i of every word: the nibble shifted into mantissa bits 19..22 of 1.0.
+    Two instructions (shift, and-or), where the 2^23 trick needs a subtraction as well."""
+    if 4 * i <= 19:
+        moved = packed << (19 - 4 * i)
+    else:
+        moved = packed >> (4 * i - 19)
+    return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         total += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -53,7 +64,7 @@ def _awq_gemv_kernel(
     counter_ptr,  # [M * cdiv(N, BLOCK_N)] int32 zeros (SEMAPHORE): programs of a tile that have finished
     M, N, K, stride_xm, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SEMAPHORE: tl.constexpr,
+    SEMAPHORE: tl.constexpr, ONE_PLUS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (m, n tile, s): BLOCK_N output rows of token m over groups [s, s + 1) * groups_per_split.
     Decode's M is 1..4, so the grid is cut along K too, or a 3,584-row output would keep only a few dozen
@@ -70,16 +81,36 @@ def _awq_gemv_kernel(
     row_words = packed_ptr + rows[:, None].to(tl.int64) * (K // 8) + words[None, :]  # [BLOCK_N, W]
     acc = tl.zeros([BLOCK_N, WORDS], tl.float32)
     first = pid_k * groups_per_split
-    for g in range(first, tl.minimum(first + groups_per_split, n_groups)):
-        packed = tl.load(row_words + g * WORDS, mask=rmask[:, None], other=0)
+    last = tl.minimum(first + groups_per_split, n_groups)
+    packed = tl.load(row_words + first * WORDS, mask=rmask[:, None] & (first < last), other=0)
+    for g in range(first, last):
+        if PREFETCH:  # the next chunk's words are in flight while this one is multiplied
+            upcoming = tl.load(row_words + (g + 1) * WORDS, mask=rmask[:, None] & (g + 1 < last), other=0)
+        else:
+            packed = tl.load(row_words + g * WORDS, mask=rmask[:, None], other=0)
         scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
-        magic_zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.float32) + _MAGIC
+        zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.float32)
         x_chunk = x_ptr + m * stride_xm + g * GROUP + words  # nibble i's inputs: x_chunk + i * W
-        part = _nibble_minus_zero(packed, 0, magic_zero[:, None]) * tl.load(x_chunk).to(tl.float32)[None, :]
-        for i in tl.static_range(1, 8):
-            x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
-            part += _nibble_minus_zero(packed, i, magic_zero[:, None]) * x_i[None, :]
-        acc += part * scale[:, None]
+        if ONE_PLUS:
+            # part = sum_i x_i (1 + q_i / 16), x_sum = sum_i x_i per word:
+            # sum_i x_i (q_i - z) s = s (16 part - (16 + z) x_sum)
+            x_i = tl.load(x_chunk).to(tl.float32)
+            part = _nibble_one_plus(packed, 0) * x_i[None, :]
+            x_sum = x_i
+            for i in tl.static_range(1, 8):
+                x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
+                part += _nibble_one_plus(packed, i) * x_i[None, :]
+                x_sum += x_i
+            acc += (16.0 * scale)[:, None] * part - (scale * (16.0 + zero))[:, None] * x_sum[None, :]
+        else:
+            magic_zero = (zero + _MAGIC)[:, None]
+            part = _nibble_minus_zero(packed, 0, magic_zero) * tl.load(x_chunk).to(tl.float32)[None, :]
+            for i in tl.static_range(1, 8):
+                x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
+                part += _nibble_minus_zero(packed, i, magic_zero) * x_i[None, :]
+            acc += part * scale[:, None]
+        if PREFETCH:
+            packed = upcoming
     total = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT_K == 1:
         _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS)
@@ -107,8 +138,9 @@ def _awq_tile_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Tensor cores for 5..32 token rows: each chunk unpacks to a [BLOCK_N, g] tile in input order
-    (nibble-major [BLOCK_N, 8, W] is exactly that order), dequantised in fp32, rounded once to x's dtype."""
+    """Tensor cores for 5..32 token rows. Each chunk is dequantised in fp32 and rounded once to x's dtype:
+    nibble by nibble into [BLOCK_N, W] tiles, each multiplied with its W inputs, where W >= 16 (g >= 128);
+    else whole, unpacked in input order."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     tokens = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,11 +156,18 @@ def _awq_tile_kernel(
                          mask=rmask[:, None], other=0)  # [BLOCK_N, W]
         scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.int32)
-        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_N, GROUP))
-        x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_xm + g * GROUP + tl.arange(0, GROUP)[None, :],
-                    mask=tmask[:, None], other=0.0)  # [BLOCK_M, G]
-        w = ((q - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)  # [BLOCK_N, G]
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        x_chunk = x_ptr + tokens[:, None].to(tl.int64) * stride_xm + g * GROUP
+        if WORDS >= 16:  # one K=W dot per nibble: no [BLOCK_N, 8, W] -> [BLOCK_N, G] relayout
+            magic_zero = (zero.to(tl.float32) + _MAGIC)[:, None]
+            for i in tl.static_range(8):
+                x_i = tl.load(x_chunk + i * WORDS + words[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_M, W]
+                w_i = (_nibble_minus_zero(packed, i, magic_zero) * scale[:, None]).to(x_i.dtype)  # [BLOCK_N, W]
+                acc += tl.dot(x_i, tl.trans(w_i), input_precision=PRECISION)
+        else:  # a dot needs K >= 16: unpack the whole chunk in input order (nibble-major [BLOCK_N, 8, W])
+            q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_N, GROUP))
+            x = tl.load(x_chunk + tl.arange(0, GROUP)[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_M, G]
+            w = ((q - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)  # [BLOCK_N, G]
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     out_rows = tokens[:, None].to(tl.int64) * N + rows[None, :]
     mask = tmask[:, None] & rmask[None, :]
     if SPLIT_K == 1:
@@ -200,7 +239,10 @@ class AwqDecodeTuning:
     gemv_num_warps: int = 4
     programs_per_sm: int = 8  # the K split aims at this many programs per SM
     semaphore: bool = True  # split-K partials summed by the tile's last program, not by a second kernel
+    one_plus: bool = False  # nibbles as 1 + q / 16 (two instructions) rather than via 2^23 (three)
+    prefetch: bool = False  # load chunk g + 1 before multiplying chunk g
     tile_block_n: int = 64
+    tile_block_m: int = 16
 
 
 DECODE_TUNING = AwqDecodeTuning()
@@ -229,7 +271,7 @@ def awq_gemm(
     m = x.shape[0]
     gemv = m <= tuning.gemv_max_tokens
     if x.is_cuda:
-        block_m, block_n = (1, tuning.gemv_block_n) if gemv else (16, tuning.tile_block_n)
+        block_m, block_n = (1, tuning.gemv_block_n) if gemv else (tuning.tile_block_m, tuning.tile_block_n)
     else:
         block_m, block_n = (1, 16) if gemv else (16, 16)
     n_groups = k // group_size
@@ -252,7 +294,7 @@ def awq_gemm(
         _awq_gemv_kernel[grid](
             x, packed, zeros, scales, bias_arg, out, partial, counters, m, n, k, x.stride(0), groups_per_split,
             GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=has_bias, SEMAPHORE=semaphore,
-            num_warps=tuning.gemv_num_warps if x.is_cuda else 1,
+            ONE_PLUS=tuning.one_plus, PREFETCH=tuning.prefetch, num_warps=tuning.gemv_num_warps if x.is_cuda else 1,
         )
     else:
         _awq_tile_kernel[grid](

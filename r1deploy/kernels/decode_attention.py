@@ -141,7 +141,7 @@ def decode_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
-        NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=min(64, partition_size),
+        NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=max(16, min(64, partition_size)),  # dots need K >= 16
         BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
         v_scale=float(v_scale), FP8=fp8, num_warps=4, num_stages=2,
     )

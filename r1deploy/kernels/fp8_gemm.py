@@ -32,7 +32,7 @@ def _act_quant_kernel(
     kb = tl.program_id(1)
     cols = kb * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-4) / 448.0
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-4), 448.0)
     y = tl.math.div_rn(x, scale).to(tl.float8e4nv)  # IEEE division, as torch: "/" is approximate on GPU
     tl.store(y_ptr + row * stride_ym + cols, y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + row * stride_sm + kb, scale)
@@ -123,7 +123,8 @@ def fp8_gemm(
         a.stride(0), a_scale.stride(0), b.stride(0), b_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=QUANT_BLOCK, GROUP_M=8,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_m <= 64 else 8, num_stages=4 if block_m <= 64 else 3,
+        # fp32 (decoded) operands take 4x FP8's shared memory per stage: fewer stages fit in 227 KB
+        num_warps=4 if block_m <= 64 else 8, num_stages=(4 if block_m <= 64 else 3) if a.element_size() == 1 else 2,
     )
     return out
 

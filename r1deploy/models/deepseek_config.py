@@ -1,7 +1,8 @@
 """DeepseekConfig: the facts about a DeepSeek-V2/V3/R1 checkpoint (MLA + DeepSeekMoE), read once
 from an HF config.json and never mutated.
 
-V3/R1: sigmoid router with e_score_correction_bias (noaux_tc), q_lora_rank set, FP8 weights.
+V3/R1: sigmoid router with e_score_correction_bias (noaux_tc), q_lora_rank set, FP8 weights (or an
+AutoAWQ INT4 "gemm" conversion: `awq`, quant/awq.py).
 V2: softmax router, greedy (Lite) or group_limited_greedy top-k, no bias; V2-Lite has no q_lora.
 transformers 5.x saves `rope_parameters` (rope_theta inside); stock checkpoints have the legacy
 `rope_scaling` + `rope_theta`, so both are read.
@@ -18,6 +19,7 @@ import torch
 
 from r1deploy.config import read_hf_config
 from r1deploy.errors import UsageError
+from r1deploy.quant.awq import AWQConfig
 
 _ARCH_BY_MODEL_TYPE = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 _SCORING = ("softmax", "sigmoid")
@@ -72,6 +74,7 @@ class DeepseekConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: torch.dtype
     fp8_block_size: tuple[int, int] | None  # set when the checkpoint holds block-scaled FP8 weights
+    awq: AWQConfig | None = None  # set when the checkpoint holds AWQ INT4 weights (AutoAWQ "gemm")
 
     @property
     def qk_head_dim(self) -> int:
@@ -118,6 +121,7 @@ class DeepseekConfig:
         if dtype_name not in _DTYPES:
             raise UsageError(f"unsupported torch_dtype {dtype_name!r}")
         q_lora = raw.get("q_lora_rank")
+        fp8_block_size, awq = _quantization(raw.get("quantization_config"))
         return DeepseekConfig(
             architecture=architecture,
             vocab_size=int(raw["vocab_size"]),
@@ -153,7 +157,8 @@ class DeepseekConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=_DTYPES[dtype_name],
-            fp8_block_size=_fp8_block_size(raw.get("quantization_config")),
+            fp8_block_size=fp8_block_size,
+            awq=awq,
         )
 
 
@@ -189,10 +194,15 @@ def _rope(raw: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     )
 
 
-def _fp8_block_size(quant: dict[str, Any] | None) -> tuple[int, int] | None:
+def _quantization(quant: dict[str, Any] | None) -> tuple[tuple[int, int] | None, AWQConfig | None]:
+    """quantization_config -> (FP8 weight_block_size, AWQ config); at most one is set."""
     if not quant:
-        return None
-    if quant.get("quant_method") != "fp8":
-        raise UsageError(f"quantization method {quant.get('quant_method')!r} is not supported (only fp8)")
+        return None, None
+    method = str(quant.get("quant_method", "")).lower()
+    if method == "awq":
+        return None, AWQConfig.from_hf(quant)
+    if method != "fp8":
+        raise UsageError(f"quantization method {quant.get('quant_method')!r} is not supported for DeepSeek "
+                         "(only fp8 and awq)")
     block = quant.get("weight_block_size") or [128, 128]
-    return int(block[0]), int(block[1])
+    return (int(block[0]), int(block[1])), None

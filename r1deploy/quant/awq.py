@@ -1,4 +1,5 @@
-"""AWQ INT4 weights in AutoAWQ's GEMM checkpoint format, for the dense Linear / MergedLinear layers.
+"""AWQ INT4 weights in AutoAWQ's GEMM checkpoint format: the dense Linear / MergedLinear layers, and the
+helpers DeepSeek's routed experts and plainly held layers load with.
 
 Format (per linear, `in` x `out` with group size g):
   qweight int32 [in, out / 8]     eight 4-bit values per int32 along the output dim, in AutoAWQ's
@@ -18,10 +19,16 @@ so decode streams every row's words contiguously and applies one scale and zero 
 runs the matmul: on the CPU dequantise (exactly, in fp32) then matmul; on CUDA the Triton
 dequantise-and-multiply kernels for small batches (decode) and a Triton dequantisation then a cuBLAS
 GEMM for larger ones (prefill).
+
+DeepSeek (models/deepseek_v3.py) loads its AWQ routed experts tensor by tensor: `repack_awq_tensor`
+converts each checkpoint tensor into its part of repack_awq's layout as it arrives (each part depends on
+its own tensor only), and `dequantize_awq_modules` turns the triple of a layer the model holds unquantised
+(MLA's kv_b_proj) into one plain weight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds logical column AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits in nibble AWQ_REVERSE_ORDER[j]
 PACK_FACTOR = 8  # 4-bit values per int32
+AWQ_PARTS = ("qweight", "qzeros", "scales")  # a quantised linear's checkpoint tensors: `<module>.<part>`
 # Up to this many tokens the fused kernel (weights read once, dequantised in registers) wins; past it
 # the matmul is compute-bound and dequantise-then-GEMM runs at cuBLAS speed.
 FUSED_MAX_TOKENS = 32
@@ -71,11 +79,13 @@ class AWQConfig:
         skip = tuple(raw.get("modules_to_not_convert") or ())
         return AWQConfig(group_size, bits, zero_point, version, skip)
 
+    def quantises(self, prefix: str) -> bool:
+        """Whether the checkpoint holds the module named `prefix` in AWQ (modules_to_not_convert: substrings)."""
+        return not any(m and m in prefix for m in self.modules_to_not_convert)
+
     def linear_method(self, prefix: str = "") -> AWQLinearMethod | None:
         """The method for the linear named `prefix` (None: that layer stays unquantised)."""
-        if any(m and m in prefix for m in self.modules_to_not_convert):
-            return None
-        return AWQLinearMethod(self)
+        return AWQLinearMethod(self) if self.quantises(prefix) else None
 
 
 def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | GPTQConfig | None:
@@ -130,13 +140,9 @@ class AWQLinearMethod:
             from r1deploy.kernels.awq_gemm import awq_gemm
 
             out = awq_gemm(x2, layer.weight_packed, layer.weight_zeros, layer.weight_scales, g, bias)
-        elif x.is_cuda:
-            from r1deploy.kernels.awq_gemm import awq_dequantize
-
-            weight = awq_dequantize(layer.weight_packed, layer.weight_zeros, layer.weight_scales, g, x.dtype)
-            out = torch.nn.functional.linear(x2, weight, bias)
         else:
-            out = torch.nn.functional.linear(x2, self.dequantized_weight(layer, x.dtype), bias)
+            weight = dequantize_for_matmul(layer.weight_packed, layer.weight_zeros, layer.weight_scales, g, x.dtype)
+            out = torch.nn.functional.linear(x2, weight, bias)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
@@ -165,14 +171,24 @@ def repack_awq(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checkpoint tensors (module docstring) -> (weight_packed int32 [out, in / 8], weight_zeros uint8
     [out, in / g], weight_scales fp16 [out, in / g]), the kernels' layout."""
-    q = unpack_awq(qweight).t()  # [out, in]
-    out_features, in_features = q.shape
-    words = group_size // PACK_FACTOR
-    # input c g + i W + j -> [c, i, j]; word j of chunk c takes nibble i from [c, i, j]
-    chunks = q.reshape(out_features, in_features // group_size, PACK_FACTOR, words).transpose(2, 3)
-    packed = pack_nibbles(chunks).reshape(out_features, in_features // PACK_FACTOR)
-    zeros = unpack_awq(qzeros).t().to(torch.uint8)
-    return packed.contiguous(), zeros.contiguous(), scales.t().contiguous()
+    return (repack_awq_tensor("qweight", qweight, group_size), repack_awq_tensor("qzeros", qzeros, group_size),
+            repack_awq_tensor("scales", scales, group_size))
+
+
+def repack_awq_tensor(part: str, tensor: torch.Tensor, group_size: int) -> torch.Tensor:
+    """One checkpoint tensor (`part` in AWQ_PARTS) -> its part of repack_awq's result."""
+    if part == "qweight":
+        q = unpack_awq(tensor).t()  # [out, in]
+        out_features, in_features = q.shape
+        words = group_size // PACK_FACTOR
+        # input c g + i W + j -> [c, i, j]; word j of chunk c takes nibble i from [c, i, j]
+        chunks = q.reshape(out_features, in_features // group_size, PACK_FACTOR, words).transpose(2, 3)
+        return pack_nibbles(chunks).reshape(out_features, in_features // PACK_FACTOR).contiguous()
+    if part == "qzeros":
+        return unpack_awq(tensor).t().to(torch.uint8).contiguous()
+    if part == "scales":
+        return tensor.t().contiguous()
+    raise ValueError(f"not an AWQ checkpoint tensor: {part!r} (expected one of {', '.join(AWQ_PARTS)})")
 
 
 def unpack_awq_packed(packed: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -195,6 +211,18 @@ def dequantize_awq_packed(
     return ((q - z).float() * s).to(dtype)
 
 
+def dequantize_for_matmul(
+    packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
+) -> torch.Tensor:  # [out, in]
+    """The repacked layout's W for a matmul in dtype: the Triton dequantisation on CUDA, the exact
+    reference (dequantize_awq_packed) elsewhere."""
+    if packed.is_cuda:
+        from r1deploy.kernels.awq_gemm import awq_dequantize
+
+        return awq_dequantize(packed, zeros, scales, group_size, dtype)
+    return dequantize_awq_packed(packed, zeros, scales, group_size, dtype)
+
+
 def dequantize_awq(
     qweight: torch.Tensor,  # int32 [in, out / 8]
     qzeros: torch.Tensor,  # int32 [in / g, out / 8]
@@ -208,3 +236,27 @@ def dequantize_awq(
     z = unpack_awq(qzeros).repeat_interleave(group_size, dim=0)
     s = scales.float().repeat_interleave(group_size, dim=0)
     return ((q - z).float() * s).to(dtype)
+
+
+def dequantize_awq_modules(
+    weights: Iterable[tuple[str, torch.Tensor]], wanted: Callable[[str], bool], group_size: int,
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Replace the checkpoint triple `<m>.qweight / .qzeros / .scales` of every module m with wanted(m) by one
+    `<m>.weight` [out, in] in dtype (dequantize_awq: exact in fp32, one rounding); shards may hold the three
+    in any order, so each waits for its siblings. Every other tensor passes through unchanged."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        module, _, part = name.rpartition(".")
+        if part not in AWQ_PARTS or not wanted(module):
+            yield name, tensor
+            continue
+        parts = waiting.setdefault(module, {})
+        parts[part] = tensor
+        if len(parts) == len(AWQ_PARTS):
+            del waiting[module]
+            weight = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], group_size, dtype)
+            yield f"{module}.weight", weight.t().contiguous()
+    if waiting:
+        incomplete = ", ".join(f"{m}.{p}" for m, parts in sorted(waiting.items()) for p in parts)
+        raise ValueError(f"AWQ tensors without their qweight / qzeros / scales siblings: {incomplete}")

@@ -26,19 +26,21 @@ def _reference(x: torch.Tensor, weights: tuple[torch.Tensor, ...], g: int, bias:
     return out if bias is None else out + bias.double().cpu()
 
 
-CASES = [(128, 1, 256, 96), (64, 3, 192, 64), (64, 5, 192, 64), (64, 17, 128, 40)]  # (g, M, K, N)
+CASES = [(128, 1, 256, 96), (64, 3, 192, 64), (64, 5, 192, 64), (64, 17, 128, 40), (128, 9, 256, 48)]  # (g, M, K, N)
 
 
 @pytest.mark.parametrize(("group_size", "m", "k", "n"), CASES)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("split_k", [None, 2])  # 2: fp32 partial sums over K (decode on a GPU)
-@pytest.mark.parametrize("semaphore", [True, False])  # the last program sums them, or a second kernel
+@pytest.mark.parametrize("tuning", [  # the split's partials summed by the last program, or by a second kernel
+    AwqDecodeTuning(semaphore=True), AwqDecodeTuning(semaphore=False),
+    AwqDecodeTuning(one_plus=True, prefetch=True), AwqDecodeTuning(prefetch=True)], ids=str)
 def test_awq_gemm_matches_float64_reference(group_size: int, m: int, k: int, n: int, dtype: torch.dtype,
-                                            tol: float, split_k: int | None, semaphore: bool) -> None:
+                                            tol: float, split_k: int | None, tuning: AwqDecodeTuning) -> None:
     weights = _awq_weights(k, n, group_size, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype) if m % 2 else None
-    out = awq_gemm(x, *weights, group_size, bias, split_k=split_k, tuning=AwqDecodeTuning(semaphore=semaphore))
+    out = awq_gemm(x, *weights, group_size, bias, split_k=split_k, tuning=tuning)
     assert out.dtype == dtype and out.shape == (m, n)
     assert rel_err(out.cpu(), _reference(x, weights, group_size, bias)) < tol
     assert rel_err(out, awq_gemm_ref(x, *weights, group_size, bias)) < tol

@@ -42,6 +42,10 @@ def test_fp8_gemm_small(operands: str, out_dtype: torch.dtype, tol: float) -> No
         a, b = a.float(), b.float()
     out = fp8_gemm(a.to(DEVICE), a_s.to(DEVICE), b.to(DEVICE), b_s.to(DEVICE), out_dtype)
     assert out.dtype == out_dtype
+    if DEVICE == "cuda" and operands == "fp8":
+        # Hopper's FP8 tensor cores keep about 14 bits while they sum one 128-deep K block (DeepSeek-V3
+        # section 3.3.2; hence the fp32 promotion per block): ~1.3e-4 here, exact in the interpreter.
+        tol = max(tol, 5e-4)
     assert rel_err(out.cpu(), ref) < tol
 
 

@@ -26,7 +26,7 @@ def reference_dequant(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
 def test_dequant_576_rows_matches_float64_reference() -> None:
     """R1's kv_a_proj_with_mqa: 576 rows -> 5 scale rows, the last tile 64 rows tall."""
     generator = torch.Generator().manual_seed(0)
-    q = (torch.randn(576, 7168, generator=generator) * 100).to(FP8_DTYPE)
+    q = (torch.randn(576, 7168, generator=generator) * 100).clamp(-448, 448).to(FP8_DTYPE)  # in range: no NaN
     scale_inv = torch.rand(5, 56, generator=generator) * 1e-3 + 1e-5
     out = dequantize_fp8_block(q, scale_inv, torch.float32)
     torch.testing.assert_close(out.double(), reference_dequant(q, scale_inv), rtol=1e-7, atol=0)
