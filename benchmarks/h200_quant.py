@@ -251,13 +251,8 @@ def sweep_awq_decode(raw: dict[str, Any], dtype: torch.dtype, result: dict[str, 
         return {"tuning": dataclasses.asdict(tuning), "us": times, "layer_us": sum(times.values())}
 
     rows = [measure(kernels.AwqDecodeTuning(gemv_max_tokens=0))]  # the tensor-core tile kernel at one token
-    # Stage 1: the nibble conversion and the prefetch at a good launch shape; stage 2: launch shapes.
-    rows += [measure(kernels.AwqDecodeTuning(gemv_block_n=64, gemv_num_warps=2, programs_per_sm=16,
-                                             one_plus=one_plus, prefetch=prefetch))
-             for one_plus in (False, True) for prefetch in (False, True)]
-    code = min(rows[1:], key=lambda r: r["layer_us"])["tuning"]
-    rows += [measure(kernels.AwqDecodeTuning(**dict(code, gemv_block_n=bn, gemv_num_warps=w, programs_per_sm=pps)))
-             for bn in (32, 64, 128, 256) for w in (2, 4, 8) for pps in (8, 16, 32)]
+    rows += [measure(kernels.AwqDecodeTuning(gemv_block_n=bn, gemv_num_warps=w, programs_per_sm=pps))
+             for bn in (64, 128, 256) for w in (2, 4, 8) for pps in (4, 8, 16)]
     best = min(rows[1:], key=lambda r: r["layer_us"])
     rows.append(measure(kernels.AwqDecodeTuning(**dict(best["tuning"], semaphore=False))))  # + a reduction kernel
     best = min(rows, key=lambda r: r["layer_us"])
@@ -285,8 +280,8 @@ def awq_paths_by_token_rows(tensors: dict[str, Any], kernels: Any, bench: Any) -
     for m in (2, 4, 8, 16, 32):
         base = dataclasses.asdict(kernels.DECODE_TUNING)
         paths = {"gemv": dict(base, gemv_max_tokens=32),
-                 "tile_m16_n64": dict(base, gemv_max_tokens=0),
-                 "tile_m16_n128": dict(base, gemv_max_tokens=0, tile_block_n=128),
+                 "tile_m16_n64": dict(base, gemv_max_tokens=0, tile_block_m=16),
+                 "tile_m16_n128": dict(base, gemv_max_tokens=0, tile_block_m=16, tile_block_n=128),
                  "tile_m32_n64": dict(base, gemv_max_tokens=0, tile_block_m=32)}
         row = {}
         for label, fields in paths.items():
@@ -367,10 +362,19 @@ def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, siz
         r[f"{label}_decode_bs1_median_step_ms"] = step_ms
         r[f"{label}_cuda_graphs"] = llm.engine.runner.graphs is not None
         print(f"awq: {label} batch-1 decode {tok_s:.1f} tok/s (step {step_ms:.2f} ms)", flush=True)
+        for batch in (4, 16):  # the tensor-core tile kernel's range (2..32 token rows)
+            timed_generate(llm, random_prompts(random.Random(3), cfg.vocab_size, [sizes["prompt"]] * batch), 8)
+            seconds, outs = timed_generate(llm, random_prompts(random.Random(4), cfg.vocab_size,
+                                                               [sizes["prompt"]] * batch), sizes["new"])
+            r[f"{label}_decode_bs{batch}_out_tok_s"] = sum(len(o.token_ids) for o in outs) / seconds
+            print(f"awq: {label} batch-{batch} decode {r[f'{label}_decode_bs{batch}_out_tok_s']:.0f} out tok/s",
+                  flush=True)
         llm.engine.shutdown()
         del llm
         release()
     r["speedup_awq_over_bf16"] = r["awq_decode_bs1_tok_s"] / r["bf16_decode_bs1_tok_s"]
+    r["speedup_awq_over_bf16_bs4_bs16"] = [r[f"awq_decode_bs{b}_out_tok_s"] / r[f"bf16_decode_bs{b}_out_tok_s"]
+                                           for b in (4, 16)]
     r["target_speedup"] = 2.5
     r["greedy_agreement_256"] = agreement(tokens["bf16"], tokens["awq"])
     del ref, awq

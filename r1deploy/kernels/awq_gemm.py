@@ -6,10 +6,12 @@ So a chunk is 64 contiguous bytes of one row (g = 128), nibble i of its W words 
 inputs (x for it is one contiguous load), and one scale / zero (weight_scales fp16, weight_zeros uint8,
 both [N, K / g]) applies to the chunk's whole partial sum.
 
-`awq_gemm` multiplies without writing W (decode): a CUDA-core GEMV for a few token rows, a tensor-core
-tile kernel above that. Both convert a nibble with the fp32 bit trick ((word >> 4i) & 0xF) | 0x4B000000
-== 2^23 + q, minus (2^23 + z) == q - z exactly: no int-to-float instruction, whose throughput would
-bound the kernel. `awq_dequantize` writes W in the activation dtype for a cuBLAS GEMM (prefill).
+`awq_gemm` multiplies without writing W (decode): a CUDA-core GEMV for one token row, a tensor-core tile
+kernel for more. Neither converts a nibble with an int-to-float instruction, whose throughput would bound
+them; they build the float's bits. The GEMV shifts the nibble into mantissa bits 19..22 of 1.0, giving
+1 + q / 16 in two instructions, and corrects with the chunk's sum of x; the tile kernel, which needs
+q - z itself, ORs it under 2^23's exponent and subtracts 2^23 + z. `awq_dequantize` writes W in the
+activation dtype for a cuBLAS GEMM (prefill).
 The torch references are quant/awq.dequantize_awq_packed and `awq_gemm_ref` here.
 """
 
@@ -64,7 +66,7 @@ def _awq_gemv_kernel(
     counter_ptr,  # [M * cdiv(N, BLOCK_N)] int32 zeros (SEMAPHORE): programs of a tile that have finished
     M, N, K, stride_xm, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SEMAPHORE: tl.constexpr, ONE_PLUS: tl.constexpr, PREFETCH: tl.constexpr,
+    SEMAPHORE: tl.constexpr,
 ):
     """Program (m, n tile, s): BLOCK_N output rows of token m over groups [s, s + 1) * groups_per_split.
     Decode's M is 1..4, so the grid is cut along K too, or a 3,584-row output would keep only a few dozen
@@ -81,36 +83,21 @@ def _awq_gemv_kernel(
     row_words = packed_ptr + rows[:, None].to(tl.int64) * (K // 8) + words[None, :]  # [BLOCK_N, W]
     acc = tl.zeros([BLOCK_N, WORDS], tl.float32)
     first = pid_k * groups_per_split
-    last = tl.minimum(first + groups_per_split, n_groups)
-    packed = tl.load(row_words + first * WORDS, mask=rmask[:, None] & (first < last), other=0)
-    for g in range(first, last):
-        if PREFETCH:  # the next chunk's words are in flight while this one is multiplied
-            upcoming = tl.load(row_words + (g + 1) * WORDS, mask=rmask[:, None] & (g + 1 < last), other=0)
-        else:
-            packed = tl.load(row_words + g * WORDS, mask=rmask[:, None], other=0)
+    for g in range(first, tl.minimum(first + groups_per_split, n_groups)):
+        packed = tl.load(row_words + g * WORDS, mask=rmask[:, None], other=0)
         scale = tl.load(scales_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.float32)
         x_chunk = x_ptr + m * stride_xm + g * GROUP + words  # nibble i's inputs: x_chunk + i * W
-        if ONE_PLUS:
-            # part = sum_i x_i (1 + q_i / 16), x_sum = sum_i x_i per word:
-            # sum_i x_i (q_i - z) s = s (16 part - (16 + z) x_sum)
-            x_i = tl.load(x_chunk).to(tl.float32)
-            part = _nibble_one_plus(packed, 0) * x_i[None, :]
-            x_sum = x_i
-            for i in tl.static_range(1, 8):
-                x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
-                part += _nibble_one_plus(packed, i) * x_i[None, :]
-                x_sum += x_i
-            acc += (16.0 * scale)[:, None] * part - (scale * (16.0 + zero))[:, None] * x_sum[None, :]
-        else:
-            magic_zero = (zero + _MAGIC)[:, None]
-            part = _nibble_minus_zero(packed, 0, magic_zero) * tl.load(x_chunk).to(tl.float32)[None, :]
-            for i in tl.static_range(1, 8):
-                x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
-                part += _nibble_minus_zero(packed, i, magic_zero) * x_i[None, :]
-            acc += part * scale[:, None]
-        if PREFETCH:
-            packed = upcoming
+        # part = sum_i x_i (1 + q_i / 16) and x_sum = sum_i x_i per word give
+        # sum_i x_i (q_i - z) s = s (16 part - (16 + z) x_sum)
+        x_i = tl.load(x_chunk).to(tl.float32)
+        part = _nibble_one_plus(packed, 0) * x_i[None, :]
+        x_sum = x_i
+        for i in tl.static_range(1, 8):
+            x_i = tl.load(x_chunk + i * WORDS).to(tl.float32)
+            part += _nibble_one_plus(packed, i) * x_i[None, :]
+            x_sum += x_i
+        acc += (16.0 * scale)[:, None] * part - (scale * (16.0 + zero))[:, None] * x_sum[None, :]
     total = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT_K == 1:
         _store_rows(total, rows, rmask, m, N, bias_ptr, out_ptr, HAS_BIAS)
@@ -234,15 +221,15 @@ class AwqDecodeTuning:
     """Launch shape of the decode kernels on a GPU. The defaults are the fastest of benchmarks/h200_quant.py's
     sweep on the H200 at the R1-Distill-Qwen-7B projections (benchmarks/results/h200_quant_awq.json)."""
 
-    gemv_max_tokens: int = 4  # up to this many token rows: the CUDA-core GEMV kernel; above: tensor cores
-    gemv_block_n: int = 64  # output rows per program
+    # Up to this many token rows the CUDA-core GEMV kernel (a program row per token, so its cost grows
+    # with each row: at 2 rows the tile kernel is already faster); above, the tensor-core tile kernel.
+    gemv_max_tokens: int = 1
+    gemv_block_n: int = 128  # output rows per program
     gemv_num_warps: int = 4
     programs_per_sm: int = 8  # the K split aims at this many programs per SM
     semaphore: bool = True  # split-K partials summed by the tile's last program, not by a second kernel
-    one_plus: bool = False  # nibbles as 1 + q / 16 (two instructions) rather than via 2^23 (three)
-    prefetch: bool = False  # load chunk g + 1 before multiplying chunk g
     tile_block_n: int = 64
-    tile_block_m: int = 16
+    tile_block_m: int = 0  # 0: 16 token rows per tile up to 16 rows, 32 above
 
 
 DECODE_TUNING = AwqDecodeTuning()
@@ -271,7 +258,8 @@ def awq_gemm(
     m = x.shape[0]
     gemv = m <= tuning.gemv_max_tokens
     if x.is_cuda:
-        block_m, block_n = (1, tuning.gemv_block_n) if gemv else (tuning.tile_block_m, tuning.tile_block_n)
+        tile_m = tuning.tile_block_m or (16 if m <= 16 else 32)
+        block_m, block_n = (1, tuning.gemv_block_n) if gemv else (tile_m, tuning.tile_block_n)
     else:
         block_m, block_n = (1, 16) if gemv else (16, 16)
     n_groups = k // group_size
@@ -294,7 +282,7 @@ def awq_gemm(
         _awq_gemv_kernel[grid](
             x, packed, zeros, scales, bias_arg, out, partial, counters, m, n, k, x.stride(0), groups_per_split,
             GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=has_bias, SEMAPHORE=semaphore,
-            ONE_PLUS=tuning.one_plus, PREFETCH=tuning.prefetch, num_warps=tuning.gemv_num_warps if x.is_cuda else 1,
+            num_warps=tuning.gemv_num_warps if x.is_cuda else 1,
         )
     else:
         _awq_tile_kernel[grid](

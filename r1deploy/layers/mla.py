@@ -37,6 +37,7 @@ from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from r1deploy.layers.yarn import apply_rope
 from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.quant.awq import AWQLinearMethod
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.distributed.group import TPGroup
@@ -166,9 +167,14 @@ class MLAPlan:
 class MLAttention(nn.Module):
     """tp: this rank's heads. q_proj / q_b_proj and kv_b_proj are column-parallel by heads, o_proj
     row-parallel (one all-reduce); q_a_proj, kv_a_proj_with_mqa and the norms are replicated, and so is
-    the latent cache: every rank writes the same latents and expands them for its own heads."""
+    the latent cache: every rank writes the same latents and expands them for its own heads.
 
-    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
+    config.awq (no tp): the projections are AWQ linears where the checkpoint quantises them (prefix: this
+    block's checkpoint name, model.layers.{i}.self_attn, for modules_to_not_convert), except kv_b_proj:
+    both attention forms read its matrix directly, so it stays a plain weight (an AWQ one is dequantised
+    at load, models/deepseek_v3.py)."""
+
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "self_attn") -> None:
         super().__init__()
         size = 1 if tp is None else tp.size
         self.num_heads = config.num_attention_heads // size
@@ -182,23 +188,27 @@ class MLAttention(nn.Module):
         hidden, bias = config.hidden_size, config.attention_bias
         heads = config.num_attention_heads
 
-        def column(in_features: int, out_features: int) -> Linear:
+        def awq_method(name: str) -> AWQLinearMethod | None:
+            return config.awq and config.awq.linear_method(f"{prefix}.{name}")
+
+        def column(in_features: int, out_features: int, awq_name: str | None) -> Linear:
             if tp is None:
-                return Linear(in_features, out_features, bias=False)
+                return Linear(in_features, out_features, bias=False, quant_method=awq_name and awq_method(awq_name))
             return ColumnParallelLinear(in_features, out_features, False, tp)
 
         self.has_q_lora = config.q_lora_rank is not None
         if not self.has_q_lora:
-            self.q_proj = column(hidden, heads * self.head_dim)
+            self.q_proj = column(hidden, heads * self.head_dim, "q_proj")
         else:
-            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias, quant_method=awq_method("q_a_proj"))
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = column(config.q_lora_rank, heads * self.head_dim)
-        self.kv_a_proj_with_mqa = Linear(hidden, config.kv_cache_dim, bias=bias)
+            self.q_b_proj = column(config.q_lora_rank, heads * self.head_dim, "q_b_proj")
+        self.kv_a_proj_with_mqa = Linear(hidden, config.kv_cache_dim, bias=bias,
+                                         quant_method=awq_method("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = column(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        self.kv_b_proj = column(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), None)  # plain under AWQ
         if tp is None:
-            self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias)
+            self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias, quant_method=awq_method("o_proj"))
         else:
             self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, tp)
         self.kv_scale = 1.0  # FP8 cache only: real row = stored * kv_scale (see the module docstring)

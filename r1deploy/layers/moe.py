@@ -11,6 +11,12 @@ Built under quant/fp8_linear.building_fp8 the stacks stay float8_e4m3fn with fp3
 (`gate_up_proj_scale_inv` [E, 2 * ceil(I/bn), ceil(H/bk)]: the gate's tile rows, then the up's;
 `down_proj_scale_inv` [E, ceil(H/bn), ceil(I/bk)]): the fused kernel reads FP8 and scales each tile,
 the CPU path dequantises the busy experts per call.
+
+AWQ INT4 experts (DeepseekExperts(awq=...), an AutoAWQ checkpoint) are stacked in quant/awq.repack_awq's
+kernel layout, per projection `{gate_up,down}_proj_packed` int32 [E, N, K / 8], `_zeros` uint8 [E, N, K / g]
+and `_scales` fp16 [E, N, K / g] (gate_up: the gate's N = I rows, then the up's). Every device runs the
+sorted per-expert loop on them, dequantising each busy expert's weights per call (the fused kernel reads
+bf16 / FP8 stacks only).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1deploy.errors import UsageError
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.linear import Linear, MergedLinear, default_weight_loader, empty_parameter
 from r1deploy.layers.parallel import MergedColumnParallelLinear, RowParallelLinear, ShardSpec
 from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.quant.awq import PACK_FACTOR, AWQConfig, dequantize_for_matmul
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block
 from r1deploy.quant.fp8_linear import current_fp8_block
 from r1deploy.weights.expert_cache import current_expert_store
@@ -82,15 +90,18 @@ class DeepseekMLP(nn.Module):
     """SwiGLU with gate/up as one matmul; checkpoint gate_proj/up_proj fill the `gate_up_proj` shards.
 
     tp: gate/up column-parallel, down row-parallel; reduce=False leaves the all-reduce to the caller
-    (the MoE block folds the shared experts' partial sum into the routed experts' one)."""
+    (the MoE block folds the shared experts' partial sum into the routed experts' one).
+    awq (no tp): AWQ linears where the checkpoint quantises `prefix`.gate_up_proj / .down_proj."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup | None = None,
-                 reduce: bool = True) -> None:
+                 reduce: bool = True, awq: AWQConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         if tp is None:
+            gate_up_method = awq and awq.linear_method(f"{prefix}.gate_up_proj")
             self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size},
-                                             bias=False)
-            self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+                                             bias=False, quant_method=gate_up_method)
+            self.down_proj = Linear(intermediate_size, hidden_size, bias=False,
+                                    quant_method=awq and awq.linear_method(f"{prefix}.down_proj"))
         else:
             width = intermediate_size // tp.size
             spec = ShardSpec(intermediate_size, tp.rank * width, width)
@@ -120,10 +131,10 @@ class DeepseekGate(nn.Module):
 
 class DeepseekExperts(nn.Module):
     """Expert parallel (tp): this rank holds experts [first, first + num_local) of num_experts and adds
-    only their contributions; the caller sums over ranks."""
+    only their contributions; the caller sums over ranks. awq: AWQ INT4 stacks (the module docstring)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 tp: TPGroup | None = None) -> None:
+                 tp: TPGroup | None = None, awq: AWQConfig | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
@@ -140,6 +151,10 @@ class DeepseekExperts(nn.Module):
         # FP8 (building_fp8): float8 stacks plus block scales. Not under the tiered store, which holds
         # experts in the model dtype (it dequantises FP8 checkpoints on read).
         self.fp8_block = current_fp8_block() if rows else None
+        self.awq = awq
+        if awq is not None:
+            self._awq_stacks(rows, hidden_size, intermediate_size, awq.group_size)
+            return
         dtype = FP8_DTYPE if self.fp8_block else None
         self.gate_up_proj = self._stack(rows, 2 * intermediate_size, hidden_size, dtype=dtype)  # [E/N, 2I, H]
         self.down_proj = self._stack(rows, hidden_size, intermediate_size, dtype=dtype)  # [E/N, H, I]
@@ -155,12 +170,28 @@ class DeepseekExperts(nn.Module):
         param.weight_loader = self._load_stacked  # type: ignore[attr-defined]
         return param
 
+    def _awq_stacks(self, rows: int, hidden_size: int, intermediate_size: int, group_size: int) -> None:
+        """`{gate_up,down}_proj_{packed,zeros,scales}` (the module docstring), filled per expert by load_expert
+        from tensors already in the kernel layout (deepseek_v3.load_weights repacks each one)."""
+        if hidden_size % group_size or intermediate_size % group_size:
+            raise UsageError(f"AWQ experts {hidden_size} x {intermediate_size} need both divisible by "
+                             f"group_size {group_size}")
+        for name, out_features, in_features in (("gate_up_proj", 2 * intermediate_size, hidden_size),
+                                                ("down_proj", hidden_size, intermediate_size)):
+            groups = in_features // group_size
+            setattr(self, f"{name}_packed", self._stack(rows, out_features, in_features // PACK_FACTOR,
+                                                        dtype=torch.int32))
+            setattr(self, f"{name}_zeros", self._stack(rows, out_features, groups, dtype=torch.uint8))
+            setattr(self, f"{name}_scales", self._stack(rows, out_features, groups, dtype=torch.float16))
+
     def attach_store(self, store: TieredExpertStore, layer_idx: int) -> None:
         """Serve the experts from the store. An FP8 store (store.fp8) keeps the checkpoint's FP8 weights
         and block scales: the layer gets empty FP8 stacks and empty `*_scale_inv` siblings, so load_weights
         keeps expert tensors in FP8 and routes them (scales included) into the store."""
         if self.num_local != self.num_experts:
             raise ValueError("expert offload does not combine with expert parallelism")
+        if self.awq is not None:
+            raise ValueError("AWQ experts cannot be served from the expert store (it holds bf16 / FP8 experts)")
         if self.fp8_block and not store.fp8:
             raise ValueError("FP8 experts need an FP8 expert store (this one holds the model dtype)")
         if self.fp8_block and tuple(self.fp8_block) != tuple(store.fp8_block):
@@ -193,20 +224,18 @@ class DeepseekExperts(nn.Module):
                              f" got {tuple(loaded.shape)}")
         default_weight_loader(param, loaded[self.first : self.first + self.num_local], shard_id)
 
-    def load_expert(self, expert: int, projection: str, loaded: torch.Tensor, scale: bool = False) -> None:
-        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` (scale: its FP8
-        `.weight_scale_inv`) into the stacks (global index; experts of other ranks must be skipped by
-        the caller, see `owns`)."""
+    def load_expert(self, expert: int, projection: str, loaded: torch.Tensor, suffix: str = "") -> None:
+        """One checkpoint tensor `experts.{expert}.{projection}_proj.weight` into the stacks `gate_up_proj` /
+        `down_proj` + suffix: "" the weight, "_scale_inv" its FP8 `.weight_scale_inv`, "_packed" / "_zeros" /
+        "_scales" an AWQ qweight / qzeros / scales already in the kernel layout (quant/awq.repack_awq_tensor).
+        Global index; experts of other ranks must be skipped by the caller, see `owns`."""
         if self.store is not None:
-            self.store.load_expert(self.layer_idx, expert, projection, loaded, scale=scale)
+            self.store.load_expert(self.layer_idx, expert, projection, loaded, scale=suffix == "_scale_inv")
             return
         local = expert - self.first
         if not 0 <= local < self.num_local:
             raise ValueError(f"expert {expert} is not held by this rank")
-        if scale:
-            gate_up, down = self.gate_up_proj_scale_inv.data, self.down_proj_scale_inv.data
-        else:
-            gate_up, down = self.gate_up_proj.data, self.down_proj.data
+        gate_up, down = getattr(self, f"gate_up_proj{suffix}").data, getattr(self, f"down_proj{suffix}").data
         gate_rows = gate_up.shape[1] // 2  # I, or the gate's ceil(I/bn) scale rows
         target = {
             "gate": gate_up[local, :gate_rows],
@@ -220,7 +249,9 @@ class DeepseekExperts(nn.Module):
 
     def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of local expert in dtype; FP8 stacks dequantised (gate and up
-        separately: they have their own scale tiles)."""
+        separately: they have their own scale tiles), AWQ stacks too (quant/awq.dequantize_for_matmul)."""
+        if self.awq is not None:
+            return self._dequantize_awq("gate_up_proj", expert, dtype), self._dequantize_awq("down_proj", expert, dtype)
         if self.fp8_block is None:
             return self.gate_up_proj[expert], self.down_proj[expert]
         gate_up, scales = self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert]
@@ -229,6 +260,10 @@ class DeepseekExperts(nn.Module):
         up = dequantize_fp8_block(gate_up[size:], scales[tiles:], dtype, self.fp8_block)
         down = dequantize_fp8_block(self.down_proj[expert], self.down_proj_scale_inv[expert], dtype, self.fp8_block)
         return torch.cat([gate, up]), down
+
+    def _dequantize_awq(self, projection: str, expert: int, dtype: torch.dtype) -> torch.Tensor:  # [N, K]
+        packed, zeros, scales = (getattr(self, f"{projection}_{part}")[expert] for part in ("packed", "zeros", "scales"))
+        return dequantize_for_matmul(packed, zeros, scales, self.awq.group_size, dtype)
 
     def forward(
         self,
@@ -239,7 +274,10 @@ class DeepseekExperts(nn.Module):
         if self.store is not None:
             return self._forward_offloaded(x, weights, ids)
         sharded = self.num_local != self.num_experts
-        if x.is_cuda:
+        # AWQ: the sorted loop below on every device, whose bincount is a host sync per layer (no CUDA graphs:
+        # DeepseekV3ForCausalLM.cuda_graphs). Next step: a fused grouped-GEMV kernel for decode, reading the
+        # int4 stacks of the routed experts directly.
+        if x.is_cuda and self.awq is None:
             if sharded:  # other ranks' pairs weigh 0 (computed on local expert 0, then dropped)
                 owned = (ids >= self.first) & (ids < self.first + self.num_local)
                 weights = weights.masked_fill(~owned, 0.0)
@@ -266,7 +304,7 @@ class DeepseekExperts(nn.Module):
     ) -> torch.Tensor:  # [P, H] in x's dtype: each row's expert output, unweighted
         """The routing weights stay with the token's own rank, which weighs and sums its pairs in fp32 (the
         arithmetic of forward: down rounded to the dtype, then times the fp32 weight)."""
-        if x.is_cuda:  # one pair per row: top-k of 1 with weight 1 returns the rounded down output as is
+        if x.is_cuda and self.awq is None:  # one pair per row: top-k of 1, weight 1: the rounded down output as is
             ones = torch.ones(local_ids.shape[0], 1, dtype=torch.float32, device=x.device)
             return self._fused(x, ones, local_ids[:, None])
         order = local_ids.argsort(stable=True)  # rows grouped by expert
@@ -365,16 +403,20 @@ class DeepseekMoE(nn.Module):
     back (all-to-all); the token's rank weighs and sums its k outputs. Per rank the bytes and expert rows
     scale with its own tokens x k, not with every rank's tokens."""
 
-    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "mlp") -> None:
+        """prefix: this block's checkpoint name (model.layers.{i}.mlp), which AWQ's modules_to_not_convert
+        is matched against."""
         super().__init__()
         self.tp = tp
         self.dp_attention = tp is not None and tp.size > 1 and tp.dp_attention
         self.all_to_all = self.dp_attention and tp.moe_all_to_all
         self.gate = DeepseekGate(config)
-        self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp)
+        awq = config.awq
+        self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp,
+                                       awq=awq if awq and awq.quantises(f"{prefix}.experts") else None)
         self.shared_experts = (
             DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
-                        None if self.dp_attention else tp, reduce=False)
+                        None if self.dp_attention else tp, reduce=False, awq=awq, prefix=f"{prefix}.shared_experts")
             if config.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, dp_token_counts: list[int] | None = None) -> torch.Tensor:  # [T, hidden]

@@ -6,12 +6,19 @@ Parameter names follow transformers, except that dense/shared gate_proj + up_pro
 `experts.down_proj` [E, H, I], transformers 5's layout); `load_weights` maps checkpoint names,
 keeps FP8 weights where the model holds them in FP8 (built under quant/fp8_linear.building_fp8),
 dequantises them elsewhere, and skips the MTP layer.
+
+AWQ INT4 checkpoints (config.awq, AutoAWQ "gemm"; one process: no tensor parallelism, no --dp-attention,
+no expert offload yet): the attention projections, dense MLPs and shared experts are AWQ linears
+(quant/awq.AWQLinearMethod) unless modules_to_not_convert names them; kv_b_proj stays a plain weight,
+dequantised at load; the routed experts' per-expert qweight / qzeros / scales are repacked one tensor at
+a time into AWQ stacks (layers/moe.py). Their forward loops over the busy experts on the host, so such a
+model runs without CUDA graphs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,9 +33,10 @@ from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.quant.awq import AWQ_PARTS, dequantize_awq_modules, repack_awq_tensor
 from r1deploy.quant.fp8_block import dequantize_fp8_block
 from r1deploy.quant.fp8_checkpoint import SCALE_SUFFIX, fp8_pairs
-from r1deploy.weights import WeightLoadError
+from r1deploy.weights import WeightLoadError, process_weights_after_loading
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -37,7 +45,10 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.weights.tiered_store import TieredExpertStore
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.(weight|weight_scale_inv|qweight|qzeros|scales)$")
+# A per-expert tensor's kind -> the suffix of the stack it fills: experts.{gate_up,down}_proj<suffix>.
+_EXPERT_STACK_SUFFIX = {"weight": "", "weight_scale_inv": SCALE_SUFFIX,
+                        "qweight": "_packed", "qzeros": "_zeros", "scales": "_scales"}
 _MERGED = re.compile(r"\.(gate|up)_proj\.")  # dense and shared MLPs
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known tensor this rank skips
@@ -53,11 +64,14 @@ class DeepseekDecoderLayer(nn.Module):
         the MoE block keeps its routed experts expert-parallel."""
         super().__init__()
         local = None if _dp_attention(tp) else tp
+        prefix = f"model.layers.{layer_idx}"  # checkpoint names, for AWQ's modules_to_not_convert
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, local)
+        self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (DeepseekMoE(config, tp) if config.is_moe_layer(layer_idx)
-                               else DeepseekMLP(config.hidden_size, config.intermediate_size, local))
+        self.mlp: nn.Module = (
+            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp") if config.is_moe_layer(layer_idx)
+            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, awq=config.awq,
+                             prefix=f"{prefix}.mlp"))
 
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan,
@@ -111,9 +125,10 @@ class DeepseekV3ForCausalLM(nn.Module):
     def cuda_graphs(self) -> bool:
         """Decode steps are capturable on CUDA (no host reads of lengths or routing: r1deploy.kernels),
         except with an offload store (experts: TieredExpertStore; whole layers, experts included:
-        weights/layer_stream.LayerStream), which decides copies on the host, and under --dp-attention
-        (per-rank token counts change every step)."""
-        return self.expert_store is None and not self.dp_attention
+        weights/layer_stream.LayerStream), which decides copies on the host, under --dp-attention
+        (per-rank token counts change every step), and with AWQ routed experts (their loop reads the
+        busy experts on the host: layers/moe.py)."""
+        return self.expert_store is None and not self.dp_attention and not self.awq_experts
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
@@ -126,6 +141,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         if tp is not None and tp.size > 1:
             self.check_tensor_parallel(config, tp.size, self.dp_attention)
         self.model = DeepseekModel(config, tp)
+        self.awq_experts = any(isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.awq is not None
+                               for layer in self.model.layers)
         if tp is None or self.dp_attention:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
@@ -155,6 +172,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         if tp == 1:
             return
         arch = config.architecture
+        if config.awq is not None:
+            how = "--dp-attention" if dp_attention else "tensor parallelism"
+            raise UsageError(f"{how} (--tp {tp}) does not support AWQ checkpoints yet: run {arch} AWQ with --tp 1")
         if dp_attention:
             if config.n_routed_experts % tp:
                 raise UsageError(f"--tp {tp} does not divide {arch}'s {config.n_routed_experts} routed experts "
@@ -197,15 +217,19 @@ class DeepseekV3ForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from HF-named tensors. An FP8 weight and its scales go to an FP8
         parameter and its `<param>_scale_inv` sibling as they are, or are dequantised to the model dtype
-        where the model holds that weight unquantised. Raises WeightLoadError on unknown tensors or
-        unfilled parameters."""
+        where the model holds that weight unquantised; AWQ tensors likewise (_awq_tensors), and the AWQ
+        linears repack theirs once all are in. Raises WeightLoadError on unknown tensors or unfilled
+        parameters."""
         params = dict(self.named_parameters())
         filled = dict.fromkeys(params, 0)  # elements written, so merged/stacked params count every shard
         block = self.config.fp8_block_size or (128, 128)
         dtype = self.model.embed_tokens.weight.dtype
         unexpected: list[str] = []
+        stream = self._main_layers(weights)
+        if self.config.awq is not None:
+            stream = self._awq_tensors(stream, params, dtype)
         try:
-            for name, tensor, scale_inv in fp8_pairs(self._main_layers(weights)):
+            for name, tensor, scale_inv in fp8_pairs(stream):
                 keep_fp8 = scale_inv is not None and self._param_name(name) + SCALE_SUFFIX in params
                 if scale_inv is not None and not keep_fp8:
                     tensor = dequantize_fp8_block(tensor, scale_inv, dtype, block)
@@ -223,6 +247,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise WeightLoadError(f"checkpoint is missing {len(missing)} parameters: {shown}")
+        process_weights_after_loading(self)  # the AWQ linears' repack
         if self.expert_store is not None:  # every routed expert in the host tier or on disk
             config = self.config
             self.expert_store.finish_loading(
@@ -241,14 +266,32 @@ class DeepseekV3ForCausalLM(nn.Module):
                 continue
             yield name, tensor
 
+    def _awq_tensors(self, weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
+                     dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """AWQ checkpoint tensors -> what the model holds: a quantised layer the model keeps unquantised
+        (kv_b_proj) gets one dequantised `.weight`; each routed expert's qweight / qzeros / scales is
+        repacked into the kernel layout on its own (quant/awq.repack_awq_tensor), so it can be copied into
+        the stacks as it arrives. Everything else passes through."""
+        group_size = self.config.awq.group_size
+
+        def held_plain(module: str) -> bool:
+            return (self._param_name(f"{module}.qweight") not in params
+                    and self._param_name(f"{module}.weight") in params)
+
+        for name, tensor in dequantize_awq_modules(weights, held_plain, group_size, dtype):
+            expert = _EXPERT.match(name)
+            kind = expert.group(4) if expert else None
+            yield name, repack_awq_tensor(kind, tensor, group_size) if kind in AWQ_PARTS else tensor
+
     @staticmethod
     def _param_name(name: str) -> str:
-        """The parameter a checkpoint tensor fills: per-expert tensors go to the stacks, gate/up to the
-        merged gate_up_proj. A weight's `_scale_inv` maps to its parameter's `_scale_inv` sibling."""
+        """The parameter a checkpoint tensor fills: per-expert tensors go to the stacks (_EXPERT_STACK_SUFFIX),
+        gate/up to the merged gate_up_proj. A weight's `_scale_inv` maps to its parameter's `_scale_inv`
+        sibling."""
         expert = _EXPERT.match(name)
         if expert:
-            prefix, _, projection, scale = expert.groups()
-            return f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}{scale or ''}"
+            prefix, _, projection, kind = expert.groups()
+            return f"{prefix}.{'down_proj' if projection == 'down' else 'gate_up_proj'}{_EXPERT_STACK_SUFFIX[kind]}"
         merged = _MERGED.search(name)
         return name.replace(merged.group(0), ".gate_up_proj.") if merged else name
 
@@ -260,11 +303,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         try:
             expert = _EXPERT.match(name)
             if expert:
-                prefix, index, projection, scale = expert.groups()
+                prefix, index, projection, kind = expert.groups()
                 experts = self.get_submodule(prefix)
                 if not experts.owns(int(index)):
                     return _OTHER_RANK if int(index) < experts.num_experts else None
-                experts.load_expert(int(index), projection, tensor, scale=scale is not None)
+                experts.load_expert(int(index), projection, tensor, _EXPERT_STACK_SUFFIX[kind])
                 return target
             merged = _MERGED.search(name)
             param = params[target]

@@ -11,7 +11,8 @@ compute capability 8.9+ (the Triton FP8 GEMM's fp8 dots) and dequantises everywh
 keep their exact model-dtype arithmetic. "fp8" on the CPU runs the same FP8 parameters through the
 dequantise-per-call reference (tests use it). With --offload experts the same choice decides the
 expert store's format: FP8 experts (weights + block scales, half of bf16's bytes in every tier, R1's
-~640 GB instead of 1.3 TB) next to FP8 non-expert linears, or everything in the model dtype.
+~640 GB instead of 1.3 TB) next to FP8 non-expert linears, or everything in the model dtype. AWQ INT4
+checkpoints load as AWQ whatever `quantization` says; --offload experts refuses them (DeepSeek AWQ).
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, de
     config = model_class_for_config(raw).config_class.from_hf(raw)
     if not getattr(config, "n_routed_experts", 0):
         raise UsageError(f"--offload experts needs a MoE model; {path.name} has no routed experts")
+    if getattr(config, "awq", None) is not None:
+        raise UsageError("--offload experts does not support AWQ checkpoints yet (the store holds bf16 / FP8 experts)")
     host = offload.host_weight_budget_gb
     fp8_block = _fp8_block(config, quantization, device)
     return TieredExpertStore.for_model(

@@ -32,9 +32,9 @@ CASES = [(128, 1, 256, 96), (64, 3, 192, 64), (64, 5, 192, 64), (64, 17, 128, 40
 @pytest.mark.parametrize(("group_size", "m", "k", "n"), CASES)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("split_k", [None, 2])  # 2: fp32 partial sums over K (decode on a GPU)
-@pytest.mark.parametrize("tuning", [  # the split's partials summed by the last program, or by a second kernel
-    AwqDecodeTuning(semaphore=True), AwqDecodeTuning(semaphore=False),
-    AwqDecodeTuning(one_plus=True, prefetch=True), AwqDecodeTuning(prefetch=True)], ids=str)
+@pytest.mark.parametrize("tuning", [  # the split's partials summed by the last program, or by a second kernel;
+    # 3 rows through the GEMV kernel as well as through the tile kernel
+    AwqDecodeTuning(semaphore=True), AwqDecodeTuning(semaphore=False), AwqDecodeTuning(gemv_max_tokens=4)], ids=str)
 def test_awq_gemm_matches_float64_reference(group_size: int, m: int, k: int, n: int, dtype: torch.dtype,
                                             tol: float, split_k: int | None, tuning: AwqDecodeTuning) -> None:
     weights = _awq_weights(k, n, group_size, seed=m)

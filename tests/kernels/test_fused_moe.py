@@ -118,8 +118,8 @@ def _fp8_experts(num_experts: int, hidden: int, inter: int, block: tuple[int, in
     for e in range(num_experts):
         for projection, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
             q, scale_inv = quantize_fp8_block(torch.randn(shape) * shape[1] ** -0.5, block)
-            experts.load_expert(e, projection, q, scale=False)
-            experts.load_expert(e, projection, scale_inv, scale=True)
+            experts.load_expert(e, projection, q)
+            experts.load_expert(e, projection, scale_inv, "_scale_inv")
     return experts
 
 
