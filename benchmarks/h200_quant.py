@@ -352,6 +352,7 @@ def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, siz
 
     engine_config = EngineConfig(max_model_len=sizes["prompt"] + sizes["new"] + 64, max_num_seqs=8,
                                  max_num_batched_tokens=2048)
+    r["engine_max_num_seqs"] = engine_config.max_num_seqs  # the batch-16 runs are two waves of 8
     tokens = {}
     for label, model, cfg in (("bf16", ref, config), ("awq", awq, awq_config)):
         llm = wrap(model, cfg, f"{name}-{label}", engine_config, device)
@@ -362,7 +363,7 @@ def run_awq(raw: dict[str, Any], name: str, device: str, dtype: torch.dtype, siz
         r[f"{label}_decode_bs1_median_step_ms"] = step_ms
         r[f"{label}_cuda_graphs"] = llm.engine.runner.graphs is not None
         print(f"awq: {label} batch-1 decode {tok_s:.1f} tok/s (step {step_ms:.2f} ms)", flush=True)
-        for batch in (4, 16):  # the tensor-core tile kernel's range (2..32 token rows)
+        for batch in (4, 16):  # the tensor-core tile kernel's range (2..32 token rows); 16 runs as 8 + 8
             timed_generate(llm, random_prompts(random.Random(3), cfg.vocab_size, [sizes["prompt"]] * batch), 8)
             seconds, outs = timed_generate(llm, random_prompts(random.Random(4), cfg.vocab_size,
                                                                [sizes["prompt"]] * batch), sizes["new"])

@@ -1,6 +1,6 @@
 """`r1deploy plan --calibrate RUN.json ...`: fit the roofline's efficiency factors to measured runs.
 
-Two inputs are read:
+Four inputs are read:
 - a bench run report (schema r1deploy-bench/1): the model, concurrency and lengths come from its
   `config`, the GPU from `telemetry.gpus` (or `--gpu`); the planner's chosen deployment for that
   workload predicts p99 TTFT, TPOT and output tokens/s, compared with the measured p99 TTFT, median
@@ -15,7 +15,11 @@ Two inputs are read:
   model_spec.layer_overrides), `decode_bsB_step_ms` (CUDA-graph replay of one decode step of B sequences,
   every one at `context` tokens, 1024 unless the file says) and `prefill_N_ms` (one N-token prompt);
   the model is the file's `model` (default deepseek-r1), on one GPU, with the checkpoint's weights
-  (FP8 for R1) unless an entry's `weights` starts with "bf16".
+  (FP8 for R1) unless an entry's `weights` starts with "bf16";
+- an AWQ file (benchmarks/results/h200_quant_awq.json, as benchmarks/h200_quant.py writes it): the model
+  `shape` on one GPU in bf16 and AWQ INT4; its `awq` object holds `{bf16,awq}_decode_bs1_median_step_ms`
+  (one decode step) and `{bf16,awq}_decode_bsB_out_tok_s` (B prompts at once, prompt 128, 256 new tokens,
+  at most QUANT_MAX_NUM_SEQS running: waves of prefill then decode).
 
 Points are fitted per calibration family (roofline.calibration_family): dense models with the fit
 below, written as the file's top-level factors; MoE/MLA models (DeepSeek) separately, written as its
@@ -29,6 +33,8 @@ Fit (numerical derivatives of the planner's own predictions, so any layout works
    least squares on relative errors; with one point, or points that cannot tell the slope from the
    intercept, only memory_bandwidth is fitted and the overhead kept.
 Both are clamped to the ranges below; a clamped factor is fixed and the other refitted.
+3. with AWQ points, last (they are shares of the 16-bit read rate fitted in 2): int4_read from the AWQ
+   batch-1 step and int4_multirow from the AWQ multi-row throughputs, each a 1-D least squares on log error.
 
 MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
 pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
@@ -71,10 +77,16 @@ MIN_SENSITIVITY = 0.3
 # benchmarks/h200_dense.py's workloads.
 ENGINE_DECODE_PROMPT, ENGINE_DECODE_NEW = 128, 256
 ENGINE_OFFLINE_REQUESTS, ENGINE_OFFLINE_NEW = 256, 512
+# benchmarks/h200_quant.py's AWQ engine runs at most this many sequences at once (EngineConfig max_num_seqs,
+# recorded as awq.engine_max_num_seqs by later versions of the script): its "batch 16" runs as two waves of 8.
+QUANT_MAX_NUM_SEQS = 8
 # bench's defaults when its config leaves them unset (r1deploy/bench/benchmark.py).
 BENCH_DEFAULT_BATCH, BENCH_DEFAULT_OUTPUT_LEN = 8, 128
 
 FITTED = ("prefill_flops", "memory_bandwidth", "step_overhead_s")
+# Fitted too when INT4 points are given (an AWQ file), each from the points whose `fits` names it.
+FITTED_INT4 = ("int4_read", "int4_multirow")
+INT4_RANGE = (0.1, 1.0)
 # The MoE/MLA family's fitted set and ranges (fit_moe).
 FITTED_MOE = ("prefill_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
 MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
@@ -94,7 +106,7 @@ class Point:
     workload: str
     metric: str  # "TTFT ms", "TPOT ms", "output tok/s"
     measured: float
-    fits: str | None  # "prefill", "decode" or None (shown only)
+    fits: str | None  # "prefill", "decode", an INT4 factor (FITTED_INT4) or None (shown only)
     predict: Callable[[Efficiency], float]
     family: str = "dense"  # calibration family of the model (roofline.calibration_family)
 
@@ -109,7 +121,9 @@ class Fit:
 
     @property
     def factors(self) -> tuple[str, ...]:
-        return FITTED_MOE if self.family == "moe" else FITTED
+        if self.family == "moe":
+            return FITTED_MOE
+        return FITTED + FITTED_INT4 if self.used.get("int4") else FITTED
 
     def calibration(self) -> dict[str, Any]:
         """The --calibration JSON: fitted factors plus any non-default starting ones."""
@@ -149,11 +163,11 @@ def _number(entry: dict[str, Any], key: str, where: str) -> float | None:
     return float(value)
 
 
-def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalog, gpu_flag: str | None,
-                   options: dict[str, Any]) -> list[Point]:
+def _one_gpu_cost(where: str, entry: dict[str, Any], catalog: Catalog, gpu_flag: str | None,
+                  options: dict[str, Any]) -> StageCost:
+    """The planner's cost of the engine benchmark's model (`shape`) on one GPU; `options` as the CLI's."""
     from r1deploy.plan.planner import build_settings
 
-    where = f"{path} [{label}]" if label else path
     shape = entry.get("shape")
     if not isinstance(shape, str) or not shape:
         raise UsageError(f"{where}: no 'shape' (the model the engine ran)")
@@ -164,17 +178,23 @@ def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalo
     s = build_settings(shape, input_len=ENGINE_DECODE_PROMPT, output_len=ENGINE_DECODE_NEW, concurrency=1,
                        **{k: v for k, v in options.items() if k in ("weights", "group_size", "kv_cache_dtype",
                                                                      "calibration")})
-    layout = Layout(1, 1, 1, 1, False, DEFAULT_GPUS_PER_NODE)  # the engine benchmark runs on one GPU
+    layout = Layout(1, 1, 1, 1, False, DEFAULT_GPUS_PER_NODE)  # the engine benchmarks run on one GPU
     mem = plan_memory(s.model, s.precision, layout, gpu, options.get("gpu_memory_utilization", 0.9))
     if not mem.fits:
         raise UsageError(f"{where}: {s.model.name} does not fit on one {gpu.name} in the planner's memory model")
-    cost = stage_cost(s.model, s.precision, layout, gpu, s.eff)
+    return stage_cost(s.model, s.precision, layout, gpu, s.eff)
+
+
+def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalog, gpu_flag: str | None,
+                   options: dict[str, Any]) -> list[Point]:
+    where = f"{path} [{label}]" if label else path
+    cost = _one_gpu_cost(where, entry, catalog, gpu_flag, options)
 
     def at(eff: Efficiency) -> StageCost:
         return replace(cost, eff=eff)
 
     points: list[Point] = []
-    common = {"source": Path(path).name, "model": s.model.name, "family": calibration_family(s.model)}
+    common = {"source": Path(path).name, "model": cost.model.name, "family": calibration_family(cost.model)}
     for key in sorted(entry):
         m = re.fullmatch(r"ttft_(\d+)_ms", key)
         if m:
@@ -203,6 +223,50 @@ def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalo
             **common, workload=f"offline {ENGINE_OFFLINE_REQUESTS} req, ~{prompt}/{ENGINE_OFFLINE_NEW} tok",
             metric="output tok/s", measured=offline, fits=None,
             predict=lambda eff: predict(at(eff), work).output_tokens_per_s))
+    return points
+
+
+def _quant_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str | None,
+                  options: dict[str, Any]) -> list[Point]:
+    """benchmarks/h200_quant.py's AWQ result: the same model (`shape`) in bf16 and AWQ INT4 on one GPU. Batch-1
+    TPOTs fit memory_bandwidth and step_overhead_s (bf16) and int4_read (AWQ); batch-B output tokens/s (B
+    prompts at once) fit int4_multirow (AWQ) and are shown for bf16."""
+    awq, sizes = data["awq"], data.get("sizes") or {}
+    prompt, new = sizes.get("prompt", ENGINE_DECODE_PROMPT), sizes.get("new", ENGINE_DECODE_NEW)
+    ctx = prompt + new / 2  # the planner's mean context
+    points: list[Point] = []
+    for label, fits_tpot, fits_tput in (("bf16", "decode", None), ("awq", "int4_read", "int4_multirow")):
+        where = f"{path} [awq.{label}_*]"
+        weights = {"weights": label, "group_size": awq.get("group_size") if label == "awq" else None}
+        cost = _one_gpu_cost(where, data, catalog, gpu_flag, {**options, **weights})
+        common = {"source": Path(path).name, "model": f"{cost.model.name} {label}",
+                  "family": calibration_family(cost.model)}
+
+        def step_s(eff: Efficiency, rows: int, cost: StageCost = cost) -> float:
+            return decode_stage(replace(cost, eff=eff), rows, ctx).total_s + eff.step_overhead_s
+
+        tpot = _number(awq, f"{label}_decode_bs1_median_step_ms", where)
+        if tpot is not None:
+            points.append(Point(**common, workload=f"decode batch 1, prompt {prompt}/{new} new", metric="TPOT ms",
+                                measured=tpot, fits=fits_tpot, predict=lambda eff, f=step_s: f(eff, 1) * 1e3))
+        for batch, key in sorted((int(m.group(1)), key) for key in awq
+                                 if (m := re.fullmatch(rf"{label}_decode_bs(\d+)_out_tok_s", key))):
+            value = _number(awq, key, where)
+            if value is None:
+                continue
+            # The engine admits QUANT_MAX_NUM_SEQS at a time: waves of `rows` prompts, each prefilled
+            # together (one prefill of rows x prompt tokens) and then decoded `new` steps.
+            rows = min(batch, int(awq.get("engine_max_num_seqs", QUANT_MAX_NUM_SEQS)))
+            waves = math.ceil(batch / rows)
+
+            def tput(eff: Efficiency, batch: int = batch, rows: int = rows, waves: int = waves,
+                     cost: StageCost = cost, step_s: Callable[[Efficiency, int], float] = step_s) -> float:
+                wave_s = prefill_stage(replace(cost, eff=eff), rows * prompt).total_s + new * step_s(eff, rows)
+                return batch * new / (waves * wave_s)
+
+            points.append(Point(**common, workload=f"{batch} prompts at once, {prompt}/{new} new, "
+                                                   f"{rows} running", metric="output tok/s",
+                                measured=value, fits=fits_tput, predict=tput))
     return points
 
 
@@ -330,6 +394,8 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             raise UsageError(f"--calibrate {path}: expected a JSON object")
         if "schema" in data or "summary" in data:
             found = _bench_points(path, data, catalog, gpu, options)
+        elif isinstance(data.get("awq"), dict):  # before the engine file: it has a top-level 'shape' too
+            found = _quant_points(path, data, catalog, gpu, options)
         elif isinstance(data.get("shape"), str):
             found = _engine_points(path, data, "", catalog, gpu, options)
         elif isinstance(data.get("models"), list):
@@ -343,7 +409,8 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             if not found:
                 raise UsageError(f"--calibrate {path}: neither a bench report (schema {BENCH_SCHEMA}) nor an engine "
                                  "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms) "
-                                 "nor a reduced-depth DeepSeek file (a 'models' list)")
+                                 "nor a reduced-depth DeepSeek file (a 'models' list) nor an AWQ file (an 'awq' "
+                                 "object)")
         if not found:
             raise UsageError(f"--calibrate {path}: no measured TTFT, TPOT or throughput in it")
         points += found
@@ -364,11 +431,11 @@ def _sensitive(p: Point, eff: Efficiency, factor: str) -> bool:
     return share >= MIN_SENSITIVITY
 
 
-def _fit_prefill(points: list[Point], eff: Efficiency,
-                 bounds: tuple[float, float] = PREFILL_FLOPS_RANGE) -> float:
-    """1-D least squares on log(planned / measured) over prefill_flops (golden section in log space)."""
+def _fit_one(points: list[Point], eff: Efficiency, factor: str, bounds: tuple[float, float]) -> float:
+    """1-D least squares on log(planned / measured) over one factor (golden section in log space; on a
+    tie it moves up, out of a range where the factor does not bind yet, as int4_multirow's floor)."""
     def loss(log_p: float) -> float:
-        e = replace(eff, prefill_flops=math.exp(log_p))
+        e = replace(eff, **{factor: math.exp(log_p)})
         return sum(math.log(p.predict(e) / p.measured) ** 2 for p in points)
 
     lo, hi = (math.log(v) for v in bounds)
@@ -440,7 +507,7 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
     for round_ in range(2):  # prefill depends a little on bandwidth and TPOT on prefill (queueing): twice
         prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
         if prefill:
-            eff = replace(eff, prefill_flops=_fit_prefill(prefill, eff))
+            eff = replace(eff, prefill_flops=_fit_one(prefill, eff, "prefill_flops", PREFILL_FLOPS_RANGE))
         decode = [p for p in points if p.fits == "decode" and _sensitive(p, eff, "memory_bandwidth")]
         if decode:
             bw, overhead = _fit_decode(decode, eff, notes if round_ == 1 else [])
@@ -451,14 +518,23 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
         notes.append("memory_bandwidth and step_overhead_s kept: no bandwidth-bound TPOT point")
     eff = replace(eff, prefill_flops=round(eff.prefill_flops, 3), memory_bandwidth=round(eff.memory_bandwidth, 3),
                   step_overhead_s=round(eff.step_overhead_s, 6))
+    # INT4 factors last: they are shares of the 16-bit read rate the bf16 points fitted above.
+    int4 = [p for p in points if p.fits in FITTED_INT4]
+    for factor in FITTED_INT4:
+        group = [p for p in int4 if p.fits == factor]
+        if group:
+            eff = replace(eff, **{factor: round(_fit_one(group, eff, factor, INT4_RANGE), 3)})
     bounds = {"prefill_flops": PREFILL_FLOPS_RANGE, "memory_bandwidth": MEMORY_BANDWIDTH_RANGE,
-              "step_overhead_s": STEP_OVERHEAD_RANGE_S}
+              "step_overhead_s": STEP_OVERHEAD_RANGE_S, "int4_read": INT4_RANGE}
     for name, (lo, hi) in bounds.items():
         value = getattr(eff, name)
         if value != getattr(start, name) and (math.isclose(value, lo) or math.isclose(value, hi)):
             notes.append(f"{name} clamped to {value:g} (range {lo:g}-{hi:g}): the planner's model does not "
                          "explain these measurements well")
-    return Fit(start, eff, {"prefill": len(prefill), "decode": len(decode)}, notes)
+    if eff.int4_multirow != start.int4_multirow and math.isclose(eff.int4_multirow, INT4_RANGE[1]):
+        notes.append("int4_multirow at its cap 1: INT4 beyond one token row is no faster than bf16 here")
+    used = {"prefill": len(prefill), "decode": len(decode)}
+    return Fit(start, eff, {**used, "int4": len(int4)} if int4 else used, notes)
 
 
 def _log_grid(bounds: tuple[float, float], n: int) -> list[float]:
@@ -535,7 +611,7 @@ def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     for _ in range(2):
         prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
         if prefill:
-            eff = replace(eff, prefill_flops=_fit_prefill(prefill, eff, MOE_PREFILL_FLOPS_RANGE))
+            eff = replace(eff, prefill_flops=_fit_one(prefill, eff, "prefill_flops", MOE_PREFILL_FLOPS_RANGE))
         if decode:
             eff = _fit_moe_decode(decode, eff, fit_flops=True)
             flops = any(_sensitive(p, eff, "decode_flops") for p in decode)

@@ -4,8 +4,9 @@ Formats (shared reference planning.md section 3):
 - bf16/fp16: 2 B per weight.
 - fp8: DeepSeek block-wise e4m3, one fp32 `weight_scale_inv` per 128x128 block (ceil on both edges,
   so kv_a_proj_with_mqa's 576 rows get 5 scale rows).
-- awq: int4 `qweight` packed 8 per int32, int32 `qzeros` [in/g, out/8], fp16 `scales` [in/g, out]
-  -> 4 + 20/g bits per weight (vLLM awq.py).
+- awq: as held on the GPU after loading (quant/awq.repack_awq): int4 weights packed 8 per int32, one uint8
+  zero and one fp16 scale per group and output -> 4 + 24/g bits per weight (the checkpoint's int32 `qzeros`
+  [in/g, out/8] pack the zeros to 4 bits: 4 + 20/g on disk).
 - gptq: the same plus the act-order `g_idx` (one int32 per input channel).
 Embeddings, lm_head, norms, biases and routers stay 16-bit in every format (the quantizers skip them).
 """
@@ -22,7 +23,6 @@ WEIGHT_FORMATS = ("bf16", "fp16", "fp8", "awq", "gptq")
 KV_DTYPES = ("auto", "bf16", "fp8")
 FP8_BLOCK = 128  # DeepSeek weight_block_size [128, 128]
 FP8_SCALE_BYTES = 4  # fp32 weight_scale_inv
-INT4_PACK = 8  # int4 values per int32
 DEFAULT_GROUP_SIZE = 128  # the AWQ/GPTQ default, and what most published R1-distill INT4 checkpoints use
 VALID_GROUP_SIZES = (32, 64, 128, 256)
 HALF_BYTES = 2
@@ -51,10 +51,10 @@ class Precision:
             # group_size -1 (GPTQ): one group spans the whole input row
             groups = 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
             qweight = n / 2
-            qzeros = groups * math.ceil(out_features / INT4_PACK) * 4
+            zeros = groups * out_features  # uint8 per group and output, as repacked after loading
             scales = groups * out_features * HALF_BYTES
             g_idx = in_features * 4 if self.weights == "gptq" else 0
-            return qweight + qzeros + scales + g_idx
+            return qweight + zeros + scales + g_idx
         return n * HALF_BYTES
 
     def tensor_bytes(self, t: Tensor) -> float:

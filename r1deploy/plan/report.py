@@ -176,6 +176,9 @@ def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
         f"batch B = {micro:.1f}, context = input + output/2 = {w.mean_context:,.0f}",
         (f"bytes/GPU = non-expert weights + experts x (1 - (1 - k/E)^B) + B x ctx x KV/token = {gb(dec.bytes)} "
         f"-> {dec.memory_s * 1e3:.2f} ms"),
+        *([(f"INT4 linears: their packed bytes count / int4_read {s.eff.int4_read}, and with more than one token "
+            f"(prefill too) at least int4_multirow {s.eff.int4_multirow} x their 16-bit bytes (dequantising kernels)")]
+          if prec.int4 else []),
         f"FLOPs/GPU = 2 x N_active x B / TP + attention = {dec.flops / 1e12:.2f} TFLOP -> {dec.compute_s * 1e3:.2f} ms",
         (f"collectives: {'EP all-to-all' if lay.dp_attention else 'TP all-reduce'} 2(n-1)/n x B x hidden x 2 B per "
         f"layer over {'InfiniBand' if lay.tp_crosses_nodes else 'NVLink/PCIe'} = {dec.comm_s * 1e3:.2f} ms"),

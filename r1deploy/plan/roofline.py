@@ -1,6 +1,8 @@
 """Roofline step times: one pipeline stage, one forward (a prefill of S tokens or a decode step of B).
 
-time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead.
+time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead,
+with INT4 (awq/gptq) weight bytes charged at the dequantising kernels' slower rates (Efficiency.int4_read,
+int4_multirow).
 The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them, and
 `--calibrate RUN.json` (calibrate.py) fits them to measured runs.
 """
@@ -31,6 +33,16 @@ class Efficiency:
     decode_flops: float = 0.45
     # HBM bandwidth actually streamed: AIConfigurator uses 0.8; llm-analysis suggests <= 0.9.
     memory_bandwidth: float = 0.8
+    # INT4 weight-only linears (awq/gptq), as shares of the 16-bit read rate (memory_bandwidth). One token
+    # row: a dequantising GEMV streams the packed bytes, but unpacking nibbles and applying scales and
+    # zeros cost issue slots, so it runs below copy bandwidth: 0.5 is a middle guess; this repo's H200
+    # GEMV measures 0.41 kernel-timed, 0.53 fitted end to end (calibration_h200.json).
+    int4_read: float = 0.5
+    # More than one token row: tile kernels dequantise every weight again per row tile and are issue-bound,
+    # taking at least this share of the time a 16-bit read of the same weights takes. 0.25 lets only the
+    # packed bytes count (a 4x smaller read); this repo's H200 tile kernel takes 1.0-1.1 kernel-timed (no
+    # faster than bf16), 0.89 fitted end to end.
+    int4_multirow: float = 0.25
     # NCCL bus bandwidth vs link peak: ~0.7 on NVLink (nccl-tests), ~0.8 on InfiniBand.
     intranode_link: float = 0.7
     internode_link: float = 0.8
@@ -133,6 +145,10 @@ class StageCost:
     other_params: float  # active non-attention matmul params on the stage (top-k experts), incl. lm_head
     linear_tflops: float
     embedding_bytes: float = 0.0  # of nonexpert_bytes: the untied input embedding (Efficiency.embedding_read)
+    # INT4 weight-only linears, read by dequantising kernels (Efficiency.int4_read, int4_multirow):
+    int4_nonexpert_bytes: float = 0.0  # of nonexpert_bytes: attention, dense MLP and shared-expert linears
+    int4_experts: bool = False  # the routed experts (expert_bytes) are INT4 too
+    int4_to_16bit: float = 0.0  # 16-bit bytes of the same weights per INT4 byte (~3.8 at group 128)
 
     @property
     def layers(self) -> int:
@@ -156,6 +172,12 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
     other += model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
     all_parts = ("attention", "dense_mlp", "shared_experts", "router", "norm", "embedding", "lm_head")
     fp8 = precision.weights == "fp8" and gpu.fp8_compute
+    int4_nonexpert = int4_to_16bit = 0.0
+    if precision.int4:
+        int4_parts = ("attention", "dense_mlp", "shared_experts")  # their linears; their norms are negligible
+        int4_nonexpert = weights_bytes_per_gpu(model, precision, layout, parts=int4_parts)
+        int4_to_16bit = weights_bytes_per_gpu(model, replace(precision, weights="bf16"), layout,
+                                              parts=int4_parts) / int4_nonexpert
     return StageCost(
         model, layout, gpu, eff, dense, moe,
         nonexpert_bytes=weights_bytes_per_gpu(model, precision, layout, parts=all_parts),
@@ -165,6 +187,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
         linear_tflops=(gpu.fp8_tflops if fp8 else gpu.bf16_tflops) or gpu.bf16_tflops,
         embedding_bytes=(weights_bytes_per_gpu(model, precision, layout, parts=("embedding",))
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
+        int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
     )
 
 
@@ -212,11 +235,17 @@ def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flo
     lay, gpu, eff = cost.layout, cost.gpu, cost.eff
     linear = 2 * tokens * (cost.attn_params / attention_ways + cost.other_params / lay.tp)
     compute = linear / (cost.linear_tflops * 1e12 * flops_eff) + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff)
-    hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read)
-           + cost.expert_bytes * experts_touched(cost.model, tokens) + kv_read)
+    experts = cost.expert_bytes * experts_touched(cost.model, tokens)
+    int4 = cost.int4_nonexpert_bytes + (experts if cost.int4_experts else 0.0)
+    hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read) + experts + kv_read)
+    # HBM time in 16-bit-read equivalents: INT4 bytes are read by slower dequantising kernels (one token
+    # row), or cost at least a share of their 16-bit read (tile kernels, several rows).
+    int4_equivalent = int4 / eff.int4_read
+    if tokens > 1:
+        int4_equivalent = max(int4_equivalent, int4 * cost.int4_to_16bit * eff.int4_multirow)
+    memory_s = (hbm - int4 + int4_equivalent) / (gpu.bandwidth_bytes_s * eff.memory_bandwidth)
     comm_s, sent, inter = collectives(cost, tokens)
-    return StepTime(compute, hbm / (gpu.bandwidth_bytes_s * eff.memory_bandwidth), comm_s,
-                    linear + attn_flops, hbm, sent, inter, fixed_s)
+    return StepTime(compute, memory_s, comm_s, linear + attn_flops, hbm, sent, inter, fixed_s)
 
 
 def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
