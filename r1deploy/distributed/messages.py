@@ -1,11 +1,11 @@
 """Step messages from rank 0 to the workers: typed fields in a fixed int64 layout, over torch.distributed.
 
 A message is two broadcasts on the control group: a fixed 10-int64 header (magic, version, op and the
-sizes), then one int64 payload holding the step's tensors back to back. With async scheduling a step
+sizes), then one int64 payload holding the step's ForwardBatch columns (ForwardBatch.columns) back to back. With async scheduling a step
 also carries the [2, P] index of its pending tokens (PendingTokens): positions whose ids the previous
 step sampled, which every rank fills from its copy of those samples (broadcast by rank 0 on the device). A data-parallel-attention step
 (--dp-attention) carries one sub-batch per rank, concatenated in rank order, and a [D, 3] table of
-each part's (tokens, sequences, sampled rows); every rank receives all parts and runs its own. Nothing is pickled: the
+each part's (tokens, sequences, sampled positions); every rank receives all parts and runs its own. Nothing is pickled: the
 transport takes and returns only `StepMessage`s, and a receiver checks every size before it
 slices, so a malformed message fails loudly instead of running a wrong step.
 """
@@ -23,9 +23,9 @@ import torch.distributed as dist
 from r1deploy.engine.batch import ForwardBatch
 
 MAGIC = 0x52314450  # "R1DP"
-VERSION = 3
-# magic, version, op, T tokens, B sequences, W block-table width, R sampled rows, block size, D data-parallel parts,
-# P pending tokens
+VERSION = 4
+# magic, version, op, T tokens, B sequences, W block-table width, R sampled positions, block size,
+# D data-parallel parts, P pending tokens
 HEADER_LEN = 10
 _MAX_ELEMENTS = 1 << 31
 
@@ -38,56 +38,63 @@ class Op(enum.IntEnum):
 @dataclass(frozen=True)
 class StepMessage:
     op: Op
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    slot_mapping: torch.Tensor  # [T] int64
-    block_tables: torch.Tensor  # [B, W] int64
-    query_lens: torch.Tensor  # [B] int64
-    seq_lens: torch.Tensor  # [B] int64
-    sample_rows: torch.Tensor  # [R] int64: the sequences whose logits are computed this step
+    # ForwardBatch.columns(): input_ids, positions, slot_mapping [T], block_tables [B, W], query_lens, seq_lens,
+    # num_sampled [B] (int64); --dp-attention: the parts' columns concatenated in rank order
+    columns: tuple[torch.Tensor, ...]
     block_size: int
-    # --dp-attention: [D, 3] int64, each rank's (tokens, sequences, sampled rows), the parts concatenated in
-    # rank order above (sample_rows index sequences within their part); [0, 3]: an ordinary step
+    # --dp-attention: [D, 3] int64, each rank's (tokens, sequences, sampled positions); [0, 3]: an ordinary step
     dp_sizes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.int64))
     # async scheduling: [2, P] int64, (position in input_ids, row of the previous step's samples); [2, 0]: none
     pending: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 0, dtype=torch.int64))
 
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.columns[0]
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        return self.columns[3]
+
+    @property
+    def query_lens(self) -> torch.Tensor:
+        return self.columns[4]
+
+    @property
+    def num_sampled(self) -> torch.Tensor:
+        return self.columns[6]
+
     @staticmethod
     def shutdown() -> StepMessage:
         empty = torch.zeros(0, dtype=torch.int64)
-        return StepMessage(Op.SHUTDOWN, empty, empty, empty, empty.view(0, 0), empty, empty, empty, 0)
+        return StepMessage(Op.SHUTDOWN, (empty, empty, empty, empty.view(0, 0), empty, empty, empty), 0)
 
     @property
     def is_data_parallel(self) -> bool:
         return self.dp_sizes.shape[0] > 0
 
     @staticmethod
-    def of_parts(parts: list[tuple[ForwardBatch | None, list[int]]], block_size: int) -> StepMessage:
-        """A data-parallel-attention step: one (sub-batch or None for a rank without sequences, sampled rows
-        of that sub-batch) per rank, in rank order; block tables padded to the widest."""
-        width = max([1] + [b.block_tables.shape[1] for b, _ in parts if b is not None])
+    def of_parts(parts: list[ForwardBatch | None], block_size: int) -> StepMessage:
+        """A data-parallel-attention step: one sub-batch (or None for a rank without sequences) per rank, in
+        rank order; block tables padded to the widest."""
+        width = max([1] + [b.block_tables.shape[1] for b in parts if b is not None])
         empty = torch.zeros(0, dtype=torch.int64)
         columns: list[list[torch.Tensor]] = [[] for _ in range(7)]
         sizes = []
-        for batch, rows in parts:
+        for batch in parts:
             if batch is None:
-                if rows:
-                    raise ValueError("a rank without sequences samples no rows")
                 sizes.append((0, 0, 0))
                 continue
-            tables = batch.block_tables.long()
-            tables = torch.cat([tables, tables.new_zeros(tables.shape[0], width - tables.shape[1])], dim=1)
-            values = (batch.input_ids.long(), batch.positions.long(), batch.slot_mapping.long(), tables,
-                      torch.tensor(batch.query_lens_cpu, dtype=torch.int64),
-                      torch.tensor(batch.seq_lens_cpu, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64))
+            values = list(batch.columns())
+            tables = values[3]
+            values[3] = torch.cat([tables, tables.new_zeros(tables.shape[0], width - tables.shape[1])], dim=1)
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-            sizes.append((batch.num_tokens, batch.num_seqs, len(rows)))
+            sizes.append((batch.num_tokens, batch.num_seqs, batch.num_logits))
 
-        def cat(i: int, shape: tuple[int, ...] = (0,)) -> torch.Tensor:
-            return torch.cat(columns[i]) if columns[i] else empty.view(shape)
+        def cat(i: int) -> torch.Tensor:
+            return torch.cat(columns[i]) if columns[i] else empty.view((0, width) if i == 3 else (0,))
 
-        return StepMessage(Op.STEP, cat(0), cat(1), cat(2), cat(3, (0, width)), cat(4), cat(5), cat(6), block_size,
+        return StepMessage(Op.STEP, tuple(cat(i) for i in range(7)), block_size,
                            torch.tensor(sizes, dtype=torch.int64).view(-1, 3))
 
     def part(self, rank: int) -> StepMessage:
@@ -95,36 +102,29 @@ class StepMessage:
         sizes = self.dp_sizes.tolist()
         if not 0 <= rank < len(sizes):
             raise ValueError(f"step message: no part for rank {rank} ({len(sizes)} parts)")
-        t0, b0, r0 = (sum(s[i] for s in sizes[:rank]) for i in range(3))
-        t, b, r = sizes[rank]
-        return StepMessage(self.op, self.input_ids[t0:t0 + t], self.positions[t0:t0 + t],
-                           self.slot_mapping[t0:t0 + t], self.block_tables[b0:b0 + b], self.query_lens[b0:b0 + b],
-                           self.seq_lens[b0:b0 + b], self.sample_rows[r0:r0 + r], self.block_size)
+        t0, b0 = (sum(s[i] for s in sizes[:rank]) for i in range(2))
+        t, b, _ = sizes[rank]
+        tokens, sequences = slice(t0, t0 + t), slice(b0, b0 + b)
+        return StepMessage(self.op, tuple(c[tokens] if i < 3 else c[sequences] for i, c in enumerate(self.columns)),
+                           self.block_size)
 
     @staticmethod
-    def of_batch(batch: ForwardBatch, rows: list[int], pending: list[list[int]] | None = None) -> StepMessage:
+    def of_batch(batch: ForwardBatch, pending: list[list[int]] | None = None) -> StepMessage:
         """A step from a ForwardBatch built on the host; pending: PendingTokens' [2, P] index, if any."""
-        return StepMessage(
-            Op.STEP, batch.input_ids.long(), batch.positions.long(), batch.slot_mapping.long(),
-            batch.block_tables.long(), torch.tensor(batch.query_lens_cpu, dtype=torch.int64),
-            torch.tensor(batch.seq_lens_cpu, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64),
-            batch.block_size,
-            pending=torch.tensor(pending, dtype=torch.int64).view(2, -1) if pending else torch.zeros(2, 0,
-                                                                                                  dtype=torch.int64),
-        )
+        index = torch.tensor(pending, dtype=torch.int64).view(2, -1) if pending else torch.zeros(2, 0, dtype=torch.int64)
+        return StepMessage(Op.STEP, batch.columns(), batch.block_size, pending=index)
 
     def header(self) -> torch.Tensor:
         b, w = self.block_tables.shape
-        return torch.tensor([MAGIC, VERSION, int(self.op), self.input_ids.numel(), b, w, self.sample_rows.numel(),
+        return torch.tensor([MAGIC, VERSION, int(self.op), self.input_ids.numel(), b, w, int(self.num_sampled.sum()),
                              self.block_size, self.dp_sizes.shape[0], self.pending.shape[1]], dtype=torch.int64)
 
     def payload(self) -> torch.Tensor:
-        return torch.cat([self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
-                          self.query_lens, self.seq_lens, self.sample_rows, self.dp_sizes.flatten(),
-                          self.pending.flatten()]).to(torch.int64)
+        return torch.cat([c.flatten() for c in self.columns] + [self.dp_sizes.flatten(), self.pending.flatten()]
+                         ).to(torch.int64)
 
     @staticmethod
-    def sizes(header: torch.Tensor) -> tuple[Op, int, int, int, int, int, int]:
+    def sizes(header: torch.Tensor) -> tuple[Op, int, int, int, int, int, int, int]:
         """Validate a header: (op, T, B, W, R, block size, D, P)."""
         if header.dtype != torch.int64 or header.shape != (HEADER_LEN,):
             raise ValueError("step message: bad header layout")
@@ -133,65 +133,53 @@ class StepMessage:
             raise ValueError(f"step message: bad magic/version {magic:#x}/{version}")
         if op not in Op.__members__.values():
             raise ValueError(f"step message: unknown op {op}")
-        if (min(t, b, w, r, block_size, d, p) < 0 or (r > b and not d) or d > 1 << 16 or p > t or (p and d)
-                or b * w + 3 * t + 2 * b + r + 3 * d + 2 * p > _MAX_ELEMENTS):
+        if (min(t, b, w, r, block_size, d, p) < 0 or r > t or d > 1 << 16 or p > t or (p and d)
+                or b * w + 3 * t + 3 * b + 3 * d + 2 * p > _MAX_ELEMENTS):
             raise ValueError("step message: sizes out of range")
         return Op(op), t, b, w, r, block_size, d, p
 
     @staticmethod
     def payload_len(header: torch.Tensor) -> int:
-        _, t, b, w, r, _, d, p = StepMessage.sizes(header)
-        return 3 * t + b * w + 2 * b + r + 3 * d + 2 * p
+        _, t, b, w, _, _, d, p = StepMessage.sizes(header)
+        return 3 * t + b * w + 3 * b + 3 * d + 2 * p
 
     @staticmethod
     def unpack(header: torch.Tensor, payload: torch.Tensor) -> StepMessage:
         op, t, b, w, r, block_size, d, p = StepMessage.sizes(header)
-        if payload.dtype != torch.int64 or payload.shape != (3 * t + b * w + 2 * b + r + 3 * d + 2 * p,):
+        if payload.dtype != torch.int64 or payload.shape != (StepMessage.payload_len(header),):
             raise ValueError("step message: payload does not match its header")
-        parts = payload.split([t, t, t, b * w, b, b, r, 3 * d, 2 * p])
-        message = StepMessage(op, parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4], parts[5], parts[6],
-                              block_size, parts[7].view(d, 3), parts[8].view(2, p))
+        parts = payload.split([t, t, t, b * w, b, b, b, 3 * d, 2 * p])
+        columns = (*parts[:3], parts[3].view(b, w), *parts[4:7])
+        message = StepMessage(op, columns, block_size, parts[7].view(d, 3), parts[8].view(2, p))
         if p and not (0 <= int(message.pending[0].min()) and int(message.pending[0].max()) < t
                       and 0 <= int(message.pending[1].min())):
             raise ValueError("step message: pending-token index out of range")
-        if op is Op.STEP and int(message.query_lens.sum()) != t:
-            raise ValueError("step message: query lengths do not add up to the token count")
+        if op is Op.STEP:
+            if int(message.query_lens.sum()) != t:
+                raise ValueError("step message: query lengths do not add up to the token count")
+            if b and (int(message.num_sampled.min()) < 0 or bool((message.num_sampled > message.query_lens).any())
+                      or int(message.num_sampled.sum()) != r):
+                raise ValueError("step message: sampled positions out of range")
         if d:
             message._check_parts()
         return message
 
     def _check_parts(self) -> None:
-        """Each part's sizes add up, its query lengths sum to its tokens and its rows index its sequences."""
+        """Each part's sizes add up and its query lengths sum to its tokens."""
         sizes = self.dp_sizes.tolist()
-        if min(min(s) for s in sizes) < 0 or any(r > b for _, b, r in sizes):
+        if min(min(s) for s in sizes) < 0:
             raise ValueError("step message: data-parallel part sizes out of range")
-        if [sum(s[i] for s in sizes) for i in range(3)] != [self.input_ids.numel(), self.query_lens.numel(),
-                                                            self.sample_rows.numel()]:
+        totals = [self.input_ids.numel(), self.query_lens.numel(), int(self.num_sampled.sum())]
+        if [sum(s[i] for s in sizes) for i in range(3)] != totals:
             raise ValueError("step message: data-parallel parts do not add up to the step")
-        for rank, (t, b, r) in enumerate(sizes):
+        for rank, (t, _, r) in enumerate(sizes):
             part = self.part(rank)
-            if int(part.query_lens.sum()) != t or (r and not 0 <= int(part.sample_rows.min()) <= int(
-                    part.sample_rows.max()) < b):
+            if int(part.query_lens.sum()) != t or int(part.num_sampled.sum()) != r:
                 raise ValueError(f"step message: data-parallel part {rank} is inconsistent")
 
     def to_batch(self, device: torch.device | str) -> ForwardBatch:
         """The ForwardBatch every rank runs (rank 0 too, so all ranks run the same tensors)."""
-        query_lens = self.query_lens.tolist()
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-
-        def put(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return x.to(dtype).to(device, non_blocking=True)
-
-        return ForwardBatch(
-            input_ids=put(self.input_ids), positions=put(self.positions), slot_mapping=put(self.slot_mapping),
-            block_tables=put(self.block_tables, torch.int32),
-            query_start_loc=put(torch.tensor(starts), torch.int32), seq_lens=put(self.seq_lens, torch.int32),
-            logits_indices=put(torch.tensor([s - 1 for s in starts[1:]], dtype=torch.int64)),
-            query_lens_cpu=tuple(query_lens), seq_lens_cpu=tuple(self.seq_lens.tolist()),
-            block_size=self.block_size,
-        )
+        return ForwardBatch.from_columns(self.columns, self.block_size, device)
 
 
 class StepChannel:

@@ -12,7 +12,6 @@ step raises it again (the server's watchdog then turns health to 503).
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import multiprocessing
 import signal
@@ -25,21 +24,13 @@ from typing import Any
 import torch
 
 from r1deploy.config import read_hf_config
-from r1deploy.distributed.group import (
-    TensorParallelError,
-    TPGroup,
-    check_tensor_parallel,
-    free_port,
-    init_group,
-    leave_group,
-)
-from r1deploy.distributed.messages import Op, StepMessage
-from r1deploy.distributed.nodes import NodeLayout, bind_rank_network
+from r1deploy.distributed.group import TPGroup, check_tensor_parallel, free_port, init_group, leave_group
+from r1deploy.distributed.messages import Op, StepChannel, StepMessage
+from r1deploy.distributed.nodes import NodeLayout
+from r1deploy.engine.batch import PendingTokens
 from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.model_runner import ModelRunner, PreviousSamples
-from r1deploy.engine.scheduler import SchedulerOutput
+from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.errors import UsageError
-from r1deploy.layers.sampler import SamplerOutput
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.models.registry import model_class_for_config
 
@@ -112,6 +103,29 @@ def build_runner(spec: WorkerSpec, tp: TPGroup) -> ModelRunner:
     return ModelRunner(loaded, spec.engine_config, max_model_len, tp=tp)
 
 
+def shares_samples(tp: TPGroup, config: EngineConfig) -> bool:
+    """Async scheduling under TP: rank 0 broadcasts each step's sampled ids on the device group, so every rank
+    fills the next step's pending tokens itself (the step message carries only their index)."""
+    return tp.size > 1 and not tp.dp_attention and config.async_scheduling
+
+
+def worker_step(runner: ModelRunner, message: StepMessage, previous_sampled: torch.Tensor | None,
+                share_samples: bool) -> torch.Tensor | None:
+    """Ranks 1..N-1: run one ordinary step message in lockstep with rank 0. previous_sampled: the ids the
+    last sampling step broadcast (async scheduling); returns this step's, or None if it sampled none."""
+    batch = message.to_batch(runner.device)
+    pending = None
+    if message.pending.numel():
+        if previous_sampled is None or int(message.pending[1].max()) >= previous_sampled.numel():
+            raise ValueError("step message: pending tokens refer to samples this rank does not have")
+        pending = PendingTokens(message.pending.to(runner.device, non_blocking=True), previous_sampled)
+    runner.execute(batch, pending)
+    num_sampled = batch.num_logits
+    if not (share_samples and num_sampled):
+        return None
+    return runner.tp.broadcast_from_driver(torch.empty(num_sampled, dtype=torch.int64, device=runner.device))
+
+
 def worker_main(rank: int, spec: WorkerSpec) -> None:
     """Entry point of ranks 1..N-1 (spawned)."""
     # A Ctrl-C or SIGTERM to the process group is rank 0's to handle (it drains, then stops us); a worker
@@ -126,8 +140,8 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
                         moe_all_to_all=spec.engine_config.parallel.moe_all_to_all,
                         custom_all_reduce=spec.engine_config.parallel.custom_all_reduce)
         runner = build_runner(spec, tp)
-        channel = runner.channel
-        assert channel is not None
+        channel = StepChannel(tp.control_group)
+        share_samples = shares_samples(tp, spec.engine_config)
         previous_sampled = None  # the last sampling step's ids, broadcast by rank 0 (async scheduling)
         with torch.inference_mode():
             while True:
@@ -137,7 +151,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
                 if message.is_data_parallel:  # --dp-attention: this rank's own sequences
                     runner.execute_data_parallel(message)
                     continue
-                sampled = runner.worker_step(message, previous_sampled)
+                sampled = worker_step(runner, message, previous_sampled, share_samples)
                 if sampled is not None:
                     previous_sampled = sampled
     except BaseException as exc:  # noqa: BLE001 - report on stderr, exit non-zero; rank 0 names this rank
@@ -147,80 +161,6 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     finally:
         if runner is not None:
             runner.release()  # captured graphs hold NCCL work: drop them before the communicators go
-        leave_group()
-
-
-class TPRuntime:
-    """Rank 0's side: the worker processes, its own runner, and the fault translation around each step."""
-
-    def __init__(self, processes: list[multiprocessing.process.BaseProcess], runner: ModelRunner,
-                 timeout_s: float) -> None:
-        self.processes = processes
-        self.runner = runner
-        self.timeout_s = timeout_s
-        self.error: str | None = None
-        self.closed = False
-        atexit.register(self.shutdown)
-
-    @property
-    def loaded(self) -> LoadedModel:
-        return self.runner.loaded
-
-    @staticmethod
-    def start(model: str | None, config: EngineConfig, *, dtype: Any = None, device: str | None = None,
-              load_format: str = "auto") -> TPRuntime:
-        parallel = config.parallel
-        layout = NodeLayout.of(parallel)
-        if layout.node_rank != 0:
-            raise ValueError("the engine runs on node 0; other nodes run r1deploy.distributed.nodes.run_node")
-        if layout.nnodes > 1:
-            bind_rank_network(parallel.master_addr, "r1deploy serve (node 0)")
-        spec = worker_spec(model, config, dtype, device, load_format)
-        processes = spawn_workers(spec, layout.ranks[1:])
-        try:
-            tp = init_group(0, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,
-                            spec.init_timeout_s, dp_attention=parallel.dp_attention,
-                            moe_all_to_all=parallel.moe_all_to_all, custom_all_reduce=parallel.custom_all_reduce)
-            runner = build_runner(spec, tp)
-        except BaseException as exc:
-            dead = _dead(processes, wait_s=1.0)
-            stop_workers(processes)
-            leave_group()
-            if dead and not isinstance(exc, UsageError):
-                raise TensorParallelError(f"tensor-parallel start-up failed: {dead} (its error is printed above)") \
-                    from exc
-            raise
-        return TPRuntime(processes, runner, parallel.timeout_s)
-
-    def run(self, step: SchedulerOutput, vocab_size: int, previous: PreviousSamples | None = None
-            ) -> SamplerOutput | None:
-        if self.error is not None:
-            raise TensorParallelError(self.error)
-        dead = _dead(self.processes)
-        if dead:
-            self._fail(f"{dead}; the engine cannot run")
-        try:
-            return self.runner.run(step, vocab_size, previous)
-        except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors come as several types
-            dead = _dead(self.processes, wait_s=2.0)
-            cause = dead or f"a collective failed or timed out after {self.timeout_s:g}s ({type(exc).__name__}: {exc})"
-            self._fail(f"tensor-parallel step failed: {cause}", exc)
-
-    def _fail(self, message: str, cause: BaseException | None = None) -> None:
-        self.error = message
-        raise TensorParallelError(message) from cause
-
-    def shutdown(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        atexit.unregister(self.shutdown)
-        if self.error is None and self.runner.channel is not None:
-            try:
-                self.runner.channel.send(StepMessage.shutdown())
-            except Exception as exc:  # noqa: BLE001 - a broken group: the processes are stopped below
-                print(f"r1deploy: tensor-parallel shutdown message not delivered: {exc}", file=sys.stderr)
-        stop_workers(self.processes, grace_s=10.0 if self.error is None else 0.0)
         leave_group()
 
 
@@ -262,7 +202,7 @@ def failed_ranks(processes: list[multiprocessing.process.BaseProcess], first_ran
                      for rank, p in enumerate(processes, start=first_rank) if p.exitcode)
 
 
-def _dead(processes: list[multiprocessing.process.BaseProcess], wait_s: float = 0.0) -> str:
+def dead_workers(processes: list[multiprocessing.process.BaseProcess], wait_s: float = 0.0) -> str:
     """'' while every worker runs, else which ranks exited and how."""
     deadline = time.monotonic() + wait_s
     while True:

@@ -119,19 +119,32 @@ class BlockManager:
             parent = block.hash
         request.num_hashed_blocks = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Roll the request back to its first num_tokens cached tokens (rejected drafts): blocks past them
+        return to the pool as never-filled ones. Hashed blocks stay: only full blocks of real tokens are hashed,
+        and a rollback never reaches below num_hashed_blocks."""
+        assert num_tokens <= request.num_computed_tokens, "trim only rolls back"
+        keep = -(-num_tokens // self.block_size)
+        assert keep >= request.num_hashed_blocks, "a rollback must not drop a registered block"
+        for block_id in reversed(request.block_table[keep:]):
+            self._release(block_id)
+        del request.block_table[keep:]
+        request.num_computed_tokens = num_tokens
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} ref count went negative"
+        if block.ref_count == 0:
+            self.free_block_ids[block_id] = None
+            if block.hash is None:
+                self.free_block_ids.move_to_end(block_id, last=False)  # nothing to reuse: evict first
+
     def free(self, request: Request) -> None:
         """Release the request's blocks. Its last blocks are freed first so they are evicted first,
         keeping the shared early prefix cached longest."""
         for block_id in reversed(request.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} ref count went negative"
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_block_ids[block_id] = None
-                    self.free_block_ids.move_to_end(block_id, last=False)  # nothing to reuse: evict first
-                else:
-                    self.free_block_ids[block_id] = None
+            self._release(block_id)
         request.block_table = []
         request.num_computed_tokens = request.num_hashed_blocks = 0
 
@@ -230,6 +243,9 @@ class DataParallelBlockManager:
 
     def register_full_blocks(self, request: Request) -> None:
         self._pool(request).register_full_blocks(request)
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        self._pool(request).trim(request, num_tokens)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks on its rank and its rank with them (it holds nothing now)."""

@@ -70,6 +70,29 @@ class ParallelConfig:
             raise ValueError(f"timeouts must be > 0, got {self.timeout_s}, {self.init_timeout_s}")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config: k draft tokens per step, verified by one forward of 1 + k tokens."""
+
+    method: str  # "ngram": prompt lookup (the drafts continue the latest earlier match of the context's tail)
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1  # ngram: the shortest tail n-gram to match
+    prompt_lookup_max: int = 4  # ngram: the longest, tried first
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                             f"got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
@@ -86,10 +109,11 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: skip decode CUDA graphs (slower; for debugging)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (float8_e4m3fn with per-layer scales)
     # Schedule and launch step N+1 while the GPU runs step N (vLLM's async scheduling). Steps with
-    # penalties fall back to synchronous; tensor parallelism always runs synchronously.
+    # penalties fall back to synchronous; --dp-attention and speculative decoding run synchronously.
     async_scheduling: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     offload: OffloadConfig | None = None  # --offload experts
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -103,5 +127,7 @@ class EngineConfig:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be >= 1")
+        if self.speculative is not None and self.parallel.dp_attention:
+            raise ValueError("speculative decoding does not run with --dp-attention yet")
         if self.offload is not None and self.parallel.tensor_parallel_size > 1:
             raise ValueError("offload: expert offload runs on one GPU; it does not combine with tensor parallelism")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,26 +18,27 @@ import torch
 from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from r1deploy.engine.model_runner import ModelRunner, PreviousSamples
+from r1deploy.engine.executor import Executor, LocalExecutor
+from r1deploy.engine.model_input import build_model_input
+from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
+from r1deploy.spec import make_proposer
 
 
 @dataclass(frozen=True)
 class _InFlight:
     """A launched step whose samples the host has not read yet."""
 
-    requests: tuple[Request, ...]  # the request of each sampled row
-    token_ids: torch.Tensor  # [B] int64 on the device: the next step's placeholder inputs
+    requests: tuple[Request, ...]  # the request of each sampled row (a verify step's 1 + k rows in a row)
+    drafts: dict[int, tuple[int, ...]]  # id(request) -> the drafts its rows verify (speculative steps only)
+    token_ids: torch.Tensor  # [R] int64 on the device: the next step's placeholder inputs
     host: SamplerOutput  # pinned host copies, valid once `ready` has completed
     ready: torch.cuda.Event | None  # None on the CPU, where the copies are done at once
-
-    def samples(self) -> PreviousSamples:
-        return PreviousSamples(self.token_ids, self.requests)
 
 
 @dataclass
@@ -65,30 +67,32 @@ class LLMEngine:
     ) -> None:
         self.config = config or EngineConfig()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tp_runtime = None  # tensor parallel: worker processes and rank 0's shard (r1deploy.distributed)
+        self.executor: Executor
         if self.config.parallel.tensor_parallel_size > 1:
             if loaded is not None:
                 raise ValueError("loaded: a tensor-parallel engine loads its own shards; pass the model instead")
-            from r1deploy.distributed.worker import TPRuntime
+            from r1deploy.distributed.executor import MultiprocExecutor
 
-            self.tp_runtime = TPRuntime.start(model, self.config, dtype=dtype, device=device,
-                                              load_format=load_format)
-            loaded = self.tp_runtime.loaded
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format,
-                                           offload=self.config.offload)
+            self.executor = MultiprocExecutor.start(model, self.config, dtype=dtype, device=device,
+                                                    load_format=load_format)
+            self.loaded = self.executor.runner.loaded
+        else:
+            self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format,
+                                               offload=self.config.offload)
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
-        if self.tp_runtime is not None:
-            self.runner = self.tp_runtime.runner
-        else:
-            self.runner = ModelRunner(self.loaded, self.config, self.max_model_len)
+        if self.config.parallel.tensor_parallel_size == 1:
+            self.executor = LocalExecutor(ModelRunner(self.loaded, self.config, self.max_model_len))
+        self.runner = self.executor.runner
         self.block_manager: BlockManager | DataParallelBlockManager
-        if getattr(self.runner, "dp_attention", False):  # --dp-attention: one pool per rank, its own requests
+        # --dp-attention: one pool per rank; a request's blocks (and so its steps) live on one rank
+        self.dp_rank_of: Callable[[Request], int] | None = None
+        if self.runner.dp_attention:
             self.block_manager = DataParallelBlockManager(self.config.parallel.tensor_parallel_size,
                                                           self.runner.pool.num_blocks, self.config.block_size,
                                                           self.config.enable_prefix_caching)
-            self.runner.dp_rank_of = self.block_manager.rank_of
+            self.dp_rank_of = self.block_manager.rank_of
         else:
             self.block_manager = BlockManager(self.runner.pool.num_blocks, self.config.block_size,
                                               self.config.enable_prefix_caching)
@@ -98,11 +102,12 @@ class LLMEngine:
         self._finished_outside_step: list[Request] = []
         self._ids = itertools.count()
         self.num_aborted = 0
-        # Overlap the host's work with the GPU's (see step). Tensor parallel stays synchronous: the
-        # workers would need the placeholder tokens, which only rank 0 samples.
-        # Under TP the workers fill pending tokens from rank 0's broadcast samples; --dp-attention steps
-        # are split per rank on the host and stay synchronous.
-        self.async_scheduling = self.config.async_scheduling and not self.config.parallel.dp_attention
+        # Overlap the host's work with the GPU's (see step). Under TP the workers fill pending tokens from
+        # rank 0's broadcast samples. --dp-attention steps are split per rank on the host, and speculative
+        # steps need their verified tokens on the host to propose the next drafts: both stay synchronous.
+        self.proposer = make_proposer(self.config.speculative)
+        self.async_scheduling = (self.config.async_scheduling and not self.config.parallel.dp_attention
+                                 and self.proposer is None)
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
         self._stats = _StepStats()
 
@@ -115,7 +120,7 @@ class LLMEngine:
     def kv_capacity_tokens_total(self) -> int:
         """Tokens all KV pools hold together: --dp-attention gives each of the --tp ranks its own pool;
         otherwise the (replicated or head-split) pool is one."""
-        ranks = self.config.parallel.tensor_parallel_size if getattr(self.runner, "dp_attention", False) else 1
+        ranks = self.config.parallel.tensor_parallel_size if self.runner.dp_attention else 1
         return ranks * self.kv_capacity_tokens
 
     # --- requests -------------------------------------------------------------------------------
@@ -208,9 +213,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, free the KV cache and graphs, and release the expert store's
         pinned memory, if any."""
-        self.runner.release()  # first: captured graphs hold NCCL work that would stall the group's teardown
-        if self.tp_runtime is not None:
-            self.tp_runtime.shutdown()
+        self.executor.shutdown()
         store = getattr(self.loaded.model, "expert_store", None)
         if store is not None:
             store.close()
@@ -234,23 +237,30 @@ class LLMEngine:
         self._finished_outside_step = []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and not self._can_overlap(previous):
-            changed += self._process(previous)
+            changed += self._process_and_finish(previous)
             previous = None
         scheduling = time.perf_counter()
+        if self.proposer is not None:
+            self._propose_drafts()
         step = self.scheduler.schedule()
         current = self._launch(step, previous) if step.chunks else None
         self._stats.launch_s += time.perf_counter() - scheduling
         if previous is not None:
-            changed += self._process(previous)
+            changed += self._process_and_finish(previous)
+        rejected, stopped = None, []
+        if current is not None and not self.async_scheduling:
+            rejected = {}
+            processed, stopped = self._process(current, rejected)
+            changed += processed
+            current = None
         if step.chunks:
-            # After `previous` was processed: the tokens this step computes K/V for are all real now.
-            self.scheduler.update_after_step(step)
+            # After `previous` was processed: the tokens this step computes K/V for are all real now. A
+            # synchronous step's rejected drafts are rolled back before anything is hashed, and requests it
+            # stopped are freed after their blocks are registered, as an asynchronous step's are.
+            self.scheduler.update_after_step(step, rejected)
             self._stats.steps += 1
-        if current is not None:
-            if self.async_scheduling:
-                self._in_flight = current
-            else:
-                changed += self._process(current)
+        self._finish(stopped)
+        self._in_flight = current
         outputs = [self._output(r) for r in changed if r.status.finished or not final_only]
         for request in changed:
             if request.status.finished:
@@ -264,26 +274,42 @@ class LLMEngine:
         samples from its whole output, so it must not have a placeholder in the next step."""
         return not any(_penalised(r.params) for r in previous.requests if not r.status.finished)
 
+    def _propose_drafts(self) -> None:
+        """Speculative decoding: drafts for every running request that has caught up with its newest token."""
+        for request in self.scheduler.running:
+            request.spec_token_ids.clear()
+            room = min(self.proposer.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
+                       self.max_model_len - request.num_tokens - 1)
+            if room > 0 and request.num_computed_tokens == request.num_tokens - 1:
+                request.spec_token_ids.extend(self.proposer.propose(request.all_token_ids, room))
+
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""
-        if self.tp_runtime is not None:
-            sampled = self.tp_runtime.run(step, self.model_config.vocab_size,
-                                          None if previous is None else previous.samples())
-        else:
-            sampled = self.runner.run(step, self.model_config.vocab_size,
-                                      None if previous is None else previous.samples())
+        model_input = build_model_input(step.chunks, None if previous is None else previous.requests,
+                                        self.config.block_size, self.runner.device.type == "cuda",
+                                        self.dp_rank_of, self.config.parallel.tensor_parallel_size)
+        sampled = self.executor.execute(model_input, None if previous is None else previous.token_ids)
         if sampled is None:
             return None
-        requests = tuple(c.request for c in step.chunks if c.samples)
-        for request in requests:
-            request.num_placeholders += 1
+        drafts = {id(c.request): c.draft_token_ids for c in step.chunks if c.draft_token_ids}
+        for chunk in step.chunks:
+            chunk.request.spec_token_ids.clear()
+            if chunk.samples and not chunk.draft_token_ids:
+                chunk.request.num_placeholders += 1
         host, ready = sampled.to_host()
-        return _InFlight(requests, sampled.token_ids, host, ready)
+        return _InFlight(model_input.row_requests, drafts, sampled.token_ids, host, ready)
 
-    def _process(self, step: _InFlight) -> list[Request]:
+    def _process(self, step: _InFlight, rejected: dict[int, int] | None = None
+                 ) -> tuple[list[Request], list[tuple[Request, RequestStatus]]]:
         """Wait for a launched step's samples and append them. A request that finished since the step
         was scheduled (ended by the step before it, or aborted) discards its token: its blocks are
-        already free, and its seeded generator is never used again."""
+        already free, and its seeded generator is never used again. A verify step's rows give the target's
+        token after the newest token and after each draft: the drafts are accepted while they equal those
+        tokens, and the first differing token (or the one after the last draft) is appended too. That is
+        exact rejection sampling for drafts proposed as single tokens: a draft d is kept with probability
+        p(d), and a rejected position emits p renormalised without d. rejected[id(request)]: drafts whose
+        K/V the scheduler rolls back. Returns the changed requests and those a stop condition ended, which
+        the caller finishes (frees) once the step's blocks are settled."""
         if step.ready is not None:
             began = time.perf_counter()
             step.ready.synchronize()
@@ -296,17 +322,44 @@ class LLMEngine:
             top = (sampled.top_logprobs_ids.tolist(), sampled.top_logprobs.tolist())
         now = time.monotonic()
         changed: list[Request] = []
-        for row, request in enumerate(step.requests):
-            request.num_placeholders -= 1
+        stopped: list[tuple[Request, RequestStatus]] = []
+        row = 0
+        while row < len(step.requests):
+            request = step.requests[row]
+            drafts = step.drafts.get(id(request), ())
+            first, row = row, row + 1 + len(drafts)
+            if not drafts:
+                request.num_placeholders -= 1
             if request.status.finished:
                 continue
-            top_row = None if top is None else dict(zip(top[0][row], top[1][row], strict=True))
+            accepted = 0
+            while accepted < len(drafts) and token_ids[first + accepted] == drafts[accepted]:
+                accepted += 1
+            appended = 0
             try:
-                self._append_token(request, token_ids[row], logprobs[row], top_row, now)
+                for i in range(first, first + accepted + 1):
+                    top_row = None if top is None else dict(zip(top[0][i], top[1][i], strict=True))
+                    status = self._append_token(request, token_ids[i], logprobs[i], top_row, now)
+                    appended += 1
+                    if status is not None:
+                        stopped.append((request, status))
+                        break
             except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
                 self._fail(request, exc)
+            if rejected is not None and drafts:  # the cache keeps K/V up to the newest appended token's
+                rejected[id(request)] = len(drafts) + 1 - appended
             changed.append(request)
+        return changed, stopped
+
+    def _process_and_finish(self, step: _InFlight) -> list[Request]:
+        changed, stopped = self._process(step)
+        self._finish(stopped)
         return changed
+
+    def _finish(self, stopped: list[tuple[Request, RequestStatus]]) -> None:
+        for request, status in stopped:
+            if not request.status.finished:
+                self.scheduler.finish(request, status)
 
     def step_stats(self) -> dict[str, float]:
         """Host overhead per launched step since the last reset_step_stats(): launch_ms (schedule, build
@@ -320,7 +373,8 @@ class LLMEngine:
         self._stats = _StepStats()
 
     def _append_token(self, request: Request, token: int, logprob: float,
-                      top: dict[int, float] | None, now: float) -> None:
+                      top: dict[int, float] | None, now: float) -> RequestStatus | None:
+        """Append one sampled token; returns the status it ends the request with, if it does."""
         request.output_token_ids.append(token)
         request.token_times.append(now)
         if request.first_token_time is None:
@@ -329,9 +383,7 @@ class LLMEngine:
             request.logprobs.append(logprob)
             if top is not None:
                 request.top_logprobs.append({t: lp for t, lp in list(top.items())[: request.params.logprobs]})
-        status = self._stop_status(request, token)
-        if status is not None:
-            self.scheduler.finish(request, status)
+        return self._stop_status(request, token)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         request.error = f"{type(exc).__name__}: {exc}"

@@ -42,6 +42,9 @@ class Request:
     # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids. The
     # scheduler counts them (the next step computes their K/V) but nothing hashes or reads their values.
     num_placeholders: int = 0
+    # Speculative decoding: draft tokens proposed after the newest token, verified by the next step (which
+    # computes their K/V and samples 1 + len(spec_token_ids) positions); cleared once the step is processed.
+    spec_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     generator: torch.Generator | None = None
@@ -78,9 +81,18 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    @property
+    def num_tokens_with_drafts(self) -> int:
+        """Tokens a step may compute K/V for: the known ones, the in-flight placeholder and the drafts."""
+        return self.num_tokens_with_placeholders + len(self.spec_token_ids)
+
     def token_slice(self, start: int, end: int) -> list[int]:
-        """all_token_ids[start:end] without copying the whole sequence (a decode step needs one token)."""
+        """all_token_ids[start:end], followed by the drafts for positions past num_tokens, without copying
+        the whole sequence (a decode step needs one token)."""
         num_prompt = len(self.prompt_token_ids)
+        if end > self.num_tokens and self.spec_token_ids:
+            drafts = self.spec_token_ids[max(0, start - self.num_tokens):end - self.num_tokens]
+            return self.token_slice(start, self.num_tokens) + drafts if start < self.num_tokens else drafts
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt:end - num_prompt]
         return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - num_prompt)]

@@ -23,13 +23,22 @@ class ScheduledChunk:
     request: Request
     num_new_tokens: int
     num_cached_before: int  # request.num_computed_tokens when scheduled
-    samples: bool  # the chunk reaches the request's newest token, so its logits give the next token
+    # Positions whose logits are sampled: 0 for a prefill chunk that stops short of the newest token, 1 for one
+    # that reaches it, 1 + k for a verify step of k drafts (the newest token and each draft give a next token).
+    num_sampled: int
+    draft_token_ids: tuple[int, ...] = ()  # the drafts this chunk verifies (its last len(...) tokens)
+
+    @property
+    def samples(self) -> bool:
+        return self.num_sampled > 0
 
     @staticmethod
     def of(request: Request, num_new_tokens: int) -> ScheduledChunk:
         done = request.num_computed_tokens
-        return ScheduledChunk(request, num_new_tokens, done,
-                              done + num_new_tokens == request.num_tokens_with_placeholders)
+        end = done + num_new_tokens
+        drafts = tuple(request.spec_token_ids) if end == request.num_tokens_with_drafts else ()
+        reaches = end >= request.num_tokens_with_placeholders
+        return ScheduledChunk(request, num_new_tokens, done, 1 + len(drafts) if reaches else 0, drafts)
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if request.ends_in_flight:
                 continue  # a step now would only be discarded
-            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
+            self._fit_drafts(request, budget)
+            num_new = min(request.num_tokens_with_drafts - request.num_computed_tokens, budget)
             while not self.block_manager.can_allocate_for(request, num_new):
                 # the newest running request whose blocks share the pool (--dp-attention: the rank) with request's
                 victim = next(r for r in reversed(self.running) if self.block_manager.same_pool(r, request))
@@ -85,6 +95,18 @@ class Scheduler:
         if not preempted and not self._hold_for_batching(now):
             budget = self._admit_waiting(chunks, budget)
         return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _fit_drafts(self, request: Request, budget: int) -> None:
+        """Keep a request's drafts only where the whole verify step fits this step's token budget and
+        its pool, and never past max_tokens: a draft is verified in full or not scheduled at all."""
+        drafts = request.spec_token_ids
+        if not drafts:
+            return
+        missing = request.num_tokens_with_placeholders - request.num_computed_tokens
+        room = min(budget - missing, request.max_tokens - request.num_output_tokens - 1)
+        while drafts and (len(drafts) > room or
+                          not self.block_manager.can_allocate_for(request, missing + len(drafts))):
+            drafts.pop()
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -115,22 +137,29 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.spec_token_ids.clear()
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_after_step(self, output: SchedulerOutput) -> None:
+    def update_after_step(self, output: SchedulerOutput, num_rejected: dict[int, int] | None = None) -> None:
         """Advance computed-token counters and publish newly filled blocks to the prefix cache. The engine
         calls this once the step's input tokens are all known on the host (so only real tokens are hashed)
         and before it finishes requests on this step's samples; requests that finished since the step was
-        scheduled (async scheduling: ended by the previous step, or aborted) were already freed."""
+        scheduled (async scheduling: ended by the previous step, or aborted) were already freed.
+        num_rejected (speculative steps, by id(request)): drafts the verification rejected; their K/V is
+        rolled back (BlockManager.trim) before anything is hashed, so the prefix cache sees real tokens only."""
         for chunk in output.chunks:
-            if chunk.request.status.finished:
+            request = chunk.request
+            if request.status.finished:
                 continue
-            chunk.request.num_computed_tokens += chunk.num_new_tokens
-            self.block_manager.register_full_blocks(chunk.request)
+            request.num_computed_tokens += chunk.num_new_tokens
+            rejected = 0 if num_rejected is None else num_rejected.get(id(request), 0)
+            if rejected:
+                self.block_manager.trim(request, request.num_computed_tokens - rejected)
+            self.block_manager.register_full_blocks(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request at any point (stop, length or abort) and free its blocks at once."""

@@ -104,16 +104,16 @@ def test_dp_attention_equals_tp1(model_dir: Path, expected: list, moe_all_to_all
 
 
 def test_step_message_carries_each_rank_its_part() -> None:
-    first = ForwardBatch.build([[1, 2, 3], [4]], [0, 5], [[7], [8, 9]], 4)
-    message = StepMessage.of_parts([(None, []), (first, [1])], 4)
+    first = ForwardBatch.build([[1, 2, 3], [4]], [0, 5], [[7], [8, 9]], 4, num_sampled=[0, 1])
+    message = StepMessage.of_parts([None, first], 4)
     back = StepMessage.unpack(message.header(), message.payload())
     assert back.is_data_parallel and back.dp_sizes.tolist() == [[0, 0, 0], [4, 2, 1]]
     empty, own = back.part(0), back.part(1)
     assert empty.input_ids.numel() == 0 and empty.to_batch("cpu").num_seqs == 0
     batch = own.to_batch("cpu")
     assert batch.input_ids.tolist() == [1, 2, 3, 4] and batch.seq_lens_cpu == (3, 6)
-    assert own.sample_rows.tolist() == [1] and batch.block_tables.tolist() == [[7, 0], [8, 9]]
-    plain = StepMessage.of_batch(first, [0, 1])
+    assert own.num_sampled.tolist() == [0, 1] and batch.block_tables.tolist() == [[7, 0], [8, 9]]
+    plain = StepMessage.of_batch(first)
     assert not StepMessage.unpack(plain.header(), plain.payload()).is_data_parallel
     bad = message.payload().clone()
     bad[-2] = 3  # part 1 claims 3 sequences; the step has 2

@@ -146,7 +146,7 @@ def test_dead_or_hung_worker_fails_the_engine_clearly(tmp_path_factory: pytest.T
 
 def test_step_messages_are_typed_tensors_never_pickle() -> None:
     batch = ForwardBatch.build([[5, 6, 7], [8]], [0, 4], [[3], [1, 2]], 4)
-    message = StepMessage.of_batch(batch, [0, 1])
+    message = StepMessage.of_batch(batch)
     header, payload = message.header(), message.payload()
     assert header.dtype == payload.dtype == torch.int64 and header.shape == (HEADER_LEN,)
     back = StepMessage.unpack(header, payload).to_batch("cpu")
@@ -154,13 +154,17 @@ def test_step_messages_are_typed_tensors_never_pickle() -> None:
                   "logits_indices"):
         assert torch.equal(getattr(back, field), getattr(batch, field)), field
     assert (back.query_lens_cpu, back.seq_lens_cpu, back.block_size) == (batch.query_lens_cpu, batch.seq_lens_cpu, 4)
+    # A verify step's 1 + k sampled positions travel too, and round-trip to the same logits rows.
+    verify = ForwardBatch.build([[5, 6, 7], [8]], [0, 4], [[3], [1, 2]], 4, num_sampled=[3, 0])
+    back = StepMessage.unpack(StepMessage.of_batch(verify).header(), StepMessage.of_batch(verify).payload())
+    assert back.to_batch("cpu").logits_indices.tolist() == verify.logits_indices.tolist() == [0, 1, 2]
     assert StepMessage.unpack(StepMessage.shutdown().header(), torch.zeros(0, dtype=torch.int64)).op is Op.SHUTDOWN
     # Async scheduling: the pending-token index travels too, and an index past the step's tokens is refused.
-    with_pending = StepMessage.of_batch(batch, [0, 1], [[2, 3], [0, 1]])
+    with_pending = StepMessage.of_batch(batch, [[2, 3], [0, 1]])
     back = StepMessage.unpack(with_pending.header(), with_pending.payload())
     assert back.pending.tolist() == [[2, 3], [0, 1]]
     with pytest.raises(ValueError, match="pending"):
-        beyond = StepMessage.of_batch(batch, [0, 1], [[4], [0]])
+        beyond = StepMessage.of_batch(batch, [[4], [0]])
         StepMessage.unpack(beyond.header(), beyond.payload())
     # The transport refuses anything but a StepMessage, and its module never (un)pickles objects.
     with pytest.raises(TypeError):

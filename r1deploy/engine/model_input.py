@@ -1,0 +1,109 @@
+"""ModelInput: one scheduled step as the executor runs it, built on the host from the scheduler's output.
+
+The engine turns a SchedulerOutput into a host ForwardBatch (or, under --dp-attention, one sub-batch per
+rank), the index of tokens still on the device (async scheduling) and one sampling row per sampled
+position, in the order the executor returns logits. Executors and workers never see requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from r1deploy.engine.batch import ForwardBatch
+from r1deploy.engine.request import Request
+from r1deploy.engine.scheduler import ScheduledChunk
+from r1deploy.layers.sampler import SamplingBatch
+from r1deploy.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """What the sampler needs of each sampled position (a verify step's position j sees the drafts before
+    it as output, so penalties and min_tokens count them)."""
+
+    params: tuple[SamplingParams, ...]
+    prompt_ids: tuple[Sequence[int], ...]
+    output_ids: tuple[Sequence[int], ...]
+    generators: tuple[torch.Generator | None, ...]
+    num_output_tokens: tuple[int, ...]
+
+    def to_batch(self, vocab_size: int, device: torch.device, eos_token_ids: Sequence[int]) -> SamplingBatch:
+        return SamplingBatch.build(self.params, self.prompt_ids, self.output_ids, self.generators, vocab_size,
+                                   device, eos_token_ids, num_output_tokens=self.num_output_tokens)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    batch: ForwardBatch | None  # an ordinary step, on the host (pinned when bound for a GPU)
+    parts: tuple[ForwardBatch | None, ...]  # --dp-attention: each rank's sub-batch (None: no sequences)
+    sampling: SamplingRows | None  # one row per sampled position, in logits order; None: nothing sampled
+    # async scheduling: [2, P] (position in input_ids, row of the in-flight step's samples); [] when none
+    pending_index: list[list[int]]
+    row_requests: tuple[Request, ...]  # the request of each sampling row
+
+
+def build_model_input(chunks: tuple[ScheduledChunk, ...], previous: tuple[Request, ...] | None, block_size: int,
+                      pin_memory: bool, dp_rank_of: Callable[[Request], int] | None = None,
+                      num_ranks: int = 1) -> ModelInput:
+    """previous: the request of each row of the in-flight step's samples (async scheduling), whose tokens
+    this step's placeholders take on the device. dp_rank_of: --dp-attention's request -> rank; the sampling
+    rows then follow rank order, the order in which the ranks' logits are gathered."""
+    token_chunks, pending_index = _token_chunks(chunks, previous)
+    if dp_rank_of is None:
+        batch = _build(chunks, range(len(chunks)), token_chunks, block_size, pin_memory)
+        order = list(range(len(chunks)))
+        parts: tuple[ForwardBatch | None, ...] = ()
+    else:
+        members: list[list[int]] = [[] for _ in range(num_ranks)]  # chunk indices of each rank, in step order
+        for i, chunk in enumerate(chunks):
+            members[dp_rank_of(chunk.request)].append(i)
+        parts = tuple(_build(chunks, own, token_chunks, block_size, False) if own else None for own in members)
+        batch, order = None, [i for own in members for i in own]
+    sampled = [chunks[i] for i in order if chunks[i].samples]
+    return ModelInput(batch, parts, _sampling_rows(sampled), pending_index,
+                      tuple(c.request for c in sampled for _ in range(c.num_sampled)))
+
+
+def _build(chunks: tuple[ScheduledChunk, ...], members: Sequence[int], token_chunks: list[list[int]],
+           block_size: int, pin_memory: bool) -> ForwardBatch:
+    return ForwardBatch.build([token_chunks[i] for i in members], [chunks[i].num_cached_before for i in members],
+                              [chunks[i].request.block_table for i in members], block_size, "cpu",
+                              pin_memory=pin_memory, num_sampled=[chunks[i].num_sampled for i in members])
+
+
+def _sampling_rows(chunks: list[ScheduledChunk]) -> SamplingRows | None:
+    if not chunks:
+        return None
+    params, prompts, outputs, generators, counts = [], [], [], [], []
+    for chunk in chunks:
+        r = chunk.request
+        for j in range(chunk.num_sampled):
+            params.append(r.params)
+            prompts.append(r.prompt_token_ids)
+            outputs.append(r.output_token_ids + list(chunk.draft_token_ids[:j]) if j else r.output_token_ids)
+            generators.append(r.generator)
+            counts.append(r.num_output_tokens + r.num_placeholders + j)
+    return SamplingRows(tuple(params), tuple(prompts), tuple(outputs), tuple(generators), tuple(counts))
+
+
+def _token_chunks(chunks: tuple[ScheduledChunk, ...], previous: tuple[Request, ...] | None
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """Each chunk's new tokens on the host, and the [2, K] index of PendingTokens: a chunk that runs
+    past its request's known tokens ends with the one token `previous` sampled for it (a placeholder)."""
+    rows = {} if previous is None else {id(r): i for i, r in enumerate(previous)}
+    token_chunks: list[list[int]] = []
+    index: list[list[int]] = [[], []]
+    start = 0
+    for c in chunks:
+        end = c.num_cached_before + c.num_new_tokens
+        if c.request.num_placeholders and end > c.request.num_tokens:
+            token_chunks.append(c.request.token_slice(c.num_cached_before, end - 1) + [0])
+            index[0].append(start + c.num_new_tokens - 1)
+            index[1].append(rows[id(c.request)])
+        else:
+            token_chunks.append(c.request.token_slice(c.num_cached_before, end))
+        start += c.num_new_tokens
+    return token_chunks, index if index[0] else []
