@@ -212,8 +212,9 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int) -> float:
     block = engine.config.block_size
     need = math.ceil(context / block)
     tables = [list(range(i * need + 1, (i + 1) * need + 1)) for i in range(batch)]  # block 0 left alone
-    step = ForwardBatch.build([[7 + i] for i in range(batch)], [context - 1] * batch, tables, block, "cpu")
-    runner.execute(step, [0], use_graph=True)  # copies the step into the graph's static inputs (and replays)
+    step = ForwardBatch.build([[7 + i] for i in range(batch)], [context - 1] * batch, tables, block, "cpu",
+                              pin_memory=True)
+    runner.execute(step)  # copies the step into the graph's static inputs (and replays)
     graph = runner.graphs.graphs[runner.graphs.buckets[next(i for i, b in enumerate(runner.graphs.buckets)
                                                             if b >= batch)]].graph
     return median_ms(graph.replay)
@@ -221,8 +222,9 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int) -> float:
 
 def prefill_ms(engine: LLMEngine, tokens: int) -> float:
     block = engine.config.block_size
-    step = ForwardBatch.build([[11] * tokens], [0], [list(range(1, math.ceil(tokens / block) + 1))], block, "cuda")
-    return median_ms(lambda: engine.runner.execute(step, [0]))
+    step = ForwardBatch.build([[11] * tokens], [0], [list(range(1, math.ceil(tokens / block) + 1))], block
+                              ).to("cuda")
+    return median_ms(lambda: engine.runner.execute(step))
 
 
 def measure_model(dense: int, moe: int, bf16: bool, context: int, directory: Path) -> dict:

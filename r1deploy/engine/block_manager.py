@@ -124,8 +124,8 @@ class BlockManager:
         return to the pool as never-filled ones. Hashed blocks stay: only full blocks of real tokens are hashed,
         and a rollback never reaches below num_hashed_blocks."""
         assert num_tokens <= request.num_computed_tokens, "trim only rolls back"
+        assert num_tokens >= request.num_hashed_blocks * self.block_size, "a rollback must not reach a registered block"
         keep = -(-num_tokens // self.block_size)
-        assert keep >= request.num_hashed_blocks, "a rollback must not drop a registered block"
         for block_id in reversed(request.block_table[keep:]):
             self._release(block_id)
         del request.block_table[keep:]

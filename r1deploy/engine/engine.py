@@ -1,6 +1,6 @@
 """LLMEngine: the engine loop (add_request / abort / step) that servers drive.
 
-One step: Scheduler.schedule() -> ModelRunner.run() -> append sampled tokens, detokenise, check
+One step: Scheduler.schedule() -> build_model_input -> Executor.execute() -> append sampled tokens, detokenise, check
 stop conditions -> RequestOutputs for every request that changed. With async_scheduling (the default)
 step() launches step N+1, its sampled positions held by placeholder tokens filled on the GPU, before it
 reads step N's tokens back, so host work overlaps the GPU; outputs arrive one step() call later.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,26 @@ class _InFlight:
     token_ids: torch.Tensor  # [R] int64 on the device: the next step's placeholder inputs
     host: SamplerOutput  # pinned host copies, valid once `ready` has completed
     ready: torch.cuda.Event | None  # None on the CPU, where the copies are done at once
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding since start: drafts verified and accepted, by position within the step."""
+
+    num_drafts: int = 0  # verify steps of one request
+    num_draft_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        return sum(self.accepted_per_position)
+
+    def record(self, num_drafts: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.accepted_per_position += [0] * (num_drafts - len(self.accepted_per_position))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
 
 
 @dataclass
@@ -110,6 +130,7 @@ class LLMEngine:
                                  and self.proposer is None)
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
         self._stats = _StepStats()
+        self.spec_stats = SpecStats()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -335,6 +356,8 @@ class LLMEngine:
             accepted = 0
             while accepted < len(drafts) and token_ids[first + accepted] == drafts[accepted]:
                 accepted += 1
+            if drafts:
+                self.spec_stats.record(len(drafts), accepted)
             appended = 0
             try:
                 for i in range(first, first + accepted + 1):

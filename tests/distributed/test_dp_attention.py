@@ -63,14 +63,14 @@ def test_dp_attention_equals_tp1(model_dir: Path, expected: list, moe_all_to_all
     dp = engine(model_dir, 2, dp_attention=True, moe_all_to_all=moe_all_to_all, **CHUNKED)
     try:
         ranks: dict[int, set[int]] = {}  # rank -> the prompt lengths it ran
-        rank_of = dp.runner.dp_rank_of
+        rank_of = dp.dp_rank_of
 
         def recording(request: Request) -> int:
             rank = rank_of(request)
             ranks.setdefault(rank, set()).add(len(request.prompt_token_ids))
             return rank
 
-        dp.runner.dp_rank_of = recording
+        dp.dp_rank_of = recording
         got = [generate(dp, PROMPTS, NEW_TOKENS)]
         assert set(ranks) == {0, 1}  # both ranks had requests of their own
         ranks.clear()

@@ -44,7 +44,7 @@ def test_two_nodes_equal_one_rank(tmp_path: Path, clean_ifname_env: None, capsys
         parallel = MultiNodeConfig(tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port)
         node0 = LLMEngine(str(model_dir), config=EngineConfig(parallel=parallel), device="cpu", dtype="float32")
         try:
-            assert node0.tp_runtime.processes == []  # rank 1 lives on the other node
+            assert node0.executor.processes == []  # rank 1 lives on the other node
             got = generate(node0)
         finally:
             node0.shutdown()

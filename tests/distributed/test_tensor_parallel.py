@@ -87,8 +87,8 @@ def test_tp2_equals_tp1_and_transformers_under_chunking_and_preemption(tiny: Pat
     assert [tokens for tokens, _, _ in expected] == hf_greedy(tiny)
     tp = engine(tiny, 2, **STRESS)
     sent = []  # step messages that carried pending tokens: async scheduling ran under TP
-    send = tp.runner.channel.send
-    tp.runner.channel.send = lambda message: (sent.append(message.pending.shape[1]), send(message))[1]
+    send = tp.executor.channel.send
+    tp.executor.channel.send = lambda message: (sent.append(message.pending.shape[1]), send(message))[1]
     try:
         got = generate(tp)
         assert tp.async_scheduling and sum(n > 0 for n in sent) > NEW_TOKENS // 2
@@ -119,7 +119,7 @@ def _start_and_step(model_dir: Path, **parallel: object) -> LLMEngine:
 def test_dead_or_hung_worker_fails_the_engine_clearly(tmp_path_factory: pytest.TempPathFactory, fault: str) -> None:
     model_dir = save_tiny(tmp_path_factory.mktemp("fault"), "qwen2")
     llm = _start_and_step(model_dir, timeout_s=3.0)
-    worker = llm.tp_runtime.processes[0]
+    worker = llm.executor.processes[0]
     try:
         os.kill(worker.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         if fault == "killed":

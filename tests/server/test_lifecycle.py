@@ -62,7 +62,7 @@ async def test_engine_death_fails_every_request_and_turns_live_503(tiny_dir: Pat
         client, state = running.client, running.state
         engine = state.llm_engine
         assert engine is not None
-        real_run = engine.runner.run
+        real_run = engine.executor.execute
         broken = asyncio.Event()
 
         def evil_run(*args: Any) -> Any:
@@ -70,7 +70,7 @@ async def test_engine_death_fails_every_request_and_turns_live_503(tiny_dir: Pat
                 raise RuntimeError("injected: CUDA error: an illegal memory access")
             return real_run(*args)
 
-        engine.runner.run = evil_run  # type: ignore[method-assign]
+        engine.executor.execute = evil_run  # type: ignore[method-assign]
         started = asyncio.Event()
         stream = asyncio.create_task(_stream(running.app, LONG, started))
         plain = asyncio.create_task(client.post("/v1/completions", json=LONG))

@@ -4,10 +4,10 @@ seconds longer, so a test can SIGTERM it while requests are surely still in flig
 import os
 import time
 
-from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine.executor import LocalExecutor
 
 _delay = float(os.environ.get("R1DEPLOY_TEST_STEP_S", "0"))
-_run = ModelRunner.run
+_run = LocalExecutor.execute
 
 
 def _slow_run(self, *args, **kwargs):
@@ -15,4 +15,4 @@ def _slow_run(self, *args, **kwargs):
     return _run(self, *args, **kwargs)
 
 
-ModelRunner.run = _slow_run
+LocalExecutor.execute = _slow_run
