@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 
 from r1deploy.layers.attention import KV_CACHE_DTYPES
 
@@ -91,6 +92,24 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @staticmethod
+    def of(options: dict | str) -> SpeculativeConfig:
+        """From vLLM's speculative_config dict, or its JSON text (--speculative-config)."""
+        if isinstance(options, str):
+            try:
+                options = json.loads(options)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative config is not JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise ValueError("speculative config must be a JSON object")
+        known = {f.name for f in fields(SpeculativeConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"speculative config: unknown keys {unknown} (known: {sorted(known)})")
+        if "method" not in options or "num_speculative_tokens" not in options:
+            raise ValueError("speculative config needs 'method' and 'num_speculative_tokens'")
+        return SpeculativeConfig(**options)
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,11 @@ class LLMEngine:
         if self.proposer is not None:
             self._propose_drafts()
         step = self.scheduler.schedule()
-        current = self._launch(step, previous) if step.chunks else None
+        try:
+            current = self._launch(step, previous) if step.chunks else None
+        except BaseException:
+            self._in_flight = previous  # its placeholders stay accounted for: a retried step finds them
+            raise
         self._stats.launch_s += time.perf_counter() - scheduling
         if previous is not None:
             changed += self._process_and_finish(previous)

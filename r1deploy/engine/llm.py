@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from r1deploy.engine.config import EngineConfig, ParallelConfig
+from r1deploy.engine.config import EngineConfig, ParallelConfig, SpeculativeConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.outputs import RequestOutput
 from r1deploy.sampling_params import SamplingParams
@@ -26,6 +26,9 @@ class LLM:
                  load_format: str = "auto", tensor_parallel_size: int = 1, **engine_options: object) -> None:
         if tensor_parallel_size != 1:
             engine_options.setdefault("parallel", ParallelConfig(tensor_parallel_size=tensor_parallel_size))
+        speculative = engine_options.pop("speculative_config", None)  # vLLM's name and dict form
+        if speculative is not None:
+            engine_options["speculative"] = SpeculativeConfig.of(speculative)
         self.engine = LLMEngine(model, config=EngineConfig(**engine_options),  # type: ignore[arg-type]
                                 dtype=dtype, device=device, load_format=load_format)
 

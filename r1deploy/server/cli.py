@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --offload: pinned host memory for the offloaded weights (default: all of them; "
                         "layers beyond it are memory-mapped from disk)")
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3, '
+                        '"prompt_lookup_max": 4}\' (drafts verified in one forward of 1 + k tokens; exact)')
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks over all nodes: one worker process per GPU (NCCL), or per CPU rank "
                         "(gloo); the ranks talk over loopback (one node) or --master-addr's network, which must "
@@ -115,7 +118,7 @@ def offload_config(args: argparse.Namespace) -> OffloadConfig | None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from r1deploy.engine.config import EngineConfig
+    from r1deploy.engine.config import EngineConfig, SpeculativeConfig
     from r1deploy.engine.engine import LLMEngine
     from r1deploy.server.app import create_app
     from r1deploy.server.draining import DrainingServer
@@ -138,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
         if args.dist_init_timeout is not None:
             parallel["init_timeout_s"] = args.dist_init_timeout
         offload = offload_config(args)
-        config = EngineConfig(**engine_options, parallel=MultiNodeConfig(**parallel), offload=offload)
+        speculative = None if args.speculative_config is None else SpeculativeConfig.of(args.speculative_config)
+        config = EngineConfig(**engine_options, parallel=MultiNodeConfig(**parallel), offload=offload,
+                              speculative=speculative)
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,

@@ -99,3 +99,21 @@ def test_trim_returns_blocks_and_keeps_registered_ones() -> None:
     assert bm.blocks[request.block_table[0]].hash is not None
     with pytest.raises(AssertionError):
         bm.trim(request, 3)  # would drop the registered first block
+
+
+def test_speculative_config_takes_vllm_json_and_refuses_the_rest(tiny_model_dir: Path) -> None:
+    from r1deploy.engine.llm import LLM
+
+    assert SpeculativeConfig.of('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}') == \
+        SpeculativeConfig("ngram", 2, prompt_lookup_max=3)
+    for bad, reason in (('{"method": "eagle", "num_speculative_tokens": 1}', "method"),
+                        ('{"method": "ngram"}', "num_speculative_tokens"), ("{oops", "JSON"),
+                        ('{"method": "ngram", "num_speculative_tokens": 1, "draft": 1}', "unknown keys")):
+        with pytest.raises(ValueError, match=reason):
+            SpeculativeConfig.of(bad)
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32",
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    plain = LLM(str(tiny_model_dir), device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    assert llm.engine.proposer is not None
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in plain.generate(PROMPTS, params)]
