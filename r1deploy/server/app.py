@@ -27,7 +27,9 @@ from r1deploy.server.metrics import CONTENT_TYPE
 from r1deploy.server.middleware import GateMiddleware
 from r1deploy.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1deploy.server.reasoning import vocab_has_think
+from r1deploy.server.request_defaults import with_generation_defaults
 from r1deploy.server.state import Phase, ServerSettings, ServerState
+from r1deploy.server.vllm_routes import add_vllm_routes
 
 if TYPE_CHECKING:
     from r1deploy.engine.engine import LLMEngine
@@ -87,6 +89,8 @@ def create_app(
         reason = state.phase.value if state.phase is not Phase.READY else "engine_dead"
         return error_response(503, f"not ready: {reason}", code=reason)
 
+    add_vllm_routes(app, state)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
@@ -99,11 +103,11 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await create_completion(body, request, state)
+        return await create_completion(with_generation_defaults(body, state.sampling_defaults), request, state)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(body, request, state)
+        return await create_chat_completion(with_generation_defaults(body, state.sampling_defaults), request, state)
 
     return app
 
