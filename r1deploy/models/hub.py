@@ -70,7 +70,9 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None, weig
     log.info("fetching %s%s from the Hugging Face Hub into %s (only config, tokenizer%s)", repo_id,
              f"@{revision}" if revision else "", cache, " and safetensors" if weights else "")
     try:
+        # local_files_only spelled out: given a commit hash, snapshot_download would still list the repo online.
         path = Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
+                                      local_files_only=constants.HF_HUB_OFFLINE,
                                       allow_patterns=_CONFIG_FILES + (_WEIGHT_FILES if weights else [])))
     except GatedRepoError:
         raise UsageError(f"{repo_id} is gated: accept its terms on huggingface.co and set HF_TOKEN") from None
