@@ -3,7 +3,9 @@
 A request (or an LLM.generate call without SamplingParams) that leaves temperature, top_p, top_k, min_p,
 repetition_penalty or max_tokens unset gets the model's own values: DeepSeek ships R1 with temperature 0.6
 and top_p 0.95, and its answers degrade at 1.0. Sources, by `generation_config`:
-  "auto"         the model's generation_config.json (for a preset: the one DeepSeek ships, kept as data);
+  "auto"         the model's generation_config.json; for a preset, or a model whose folder has none, the
+                 values kept in presets/generation/<name>.json: DeepSeek's R1 files, and the SmolLM2 model
+                 card's temperature 0.2 / top_p 0.9 for the embedded model (its own file sets none);
   "vllm"/"none"  no model defaults: SamplingParams' own (vLLM's "vllm");
   a folder path  that folder's generation_config.json.
 `override_generation_config` is merged on top in every case (vLLM's `--override-generation-config`).

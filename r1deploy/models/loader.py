@@ -39,7 +39,8 @@ from r1deploy.quant.fp8_linear import building_fp8
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
-from r1deploy.weights.safetensors_reader import iter_safetensors
+from r1deploy.startup import phase, weights_with_progress
+from r1deploy.weights.safetensors_reader import iter_safetensors_file, safetensors_files
 from r1deploy.weights.tiered_store import TieredExpertStore
 
 if TYPE_CHECKING:
@@ -145,15 +146,19 @@ def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
     tp: TPGroup | None = None, offload: OffloadConfig | None = None, quantization: Quantization = "auto",
 ) -> LoadedModel:
-    raw = read_hf_config(path)
+    with phase("config"):
+        raw = read_hf_config(path)
     store = None if offload is None else _expert_store(raw, path, dtype, device, offload, quantization)
-    with building_with(store):  # experts built under a store get no resident copy
+    with phase("model build"), building_with(store):  # experts built under a store get no resident copy
         built, config = build_model(raw, dtype, device, tp, quantization)
-    if load_format == "dummy":
-        init_dummy_weights(built)
-    else:
-        load_model_weights(built, iter_safetensors(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    with phase("weights"):
+        if load_format == "dummy":
+            init_dummy_weights(built)
+        else:
+            shown = tp is None or tp.rank == 0  # one progress display, not one per rank
+            load_model_weights(built, weights_with_progress(safetensors_files(path), iter_safetensors_file, shown))
+    with phase("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name, path)
 
 
@@ -217,14 +222,18 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
                tp: TPGroup | None = None, quantization: Quantization = "auto") -> LoadedModel:
     from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
 
-    reader = open_gguf(path)
-    hf_config = gguf_hf_config(reader)
-    built, config = build_model(hf_config, dtype, device, tp, quantization)
-    if load_format == "dummy":
-        init_dummy_weights(built)
-    else:
-        load_model_weights(built, iter_gguf_tensors(reader, hf_config))
-    tokenizer = load_gguf_tokenizer(path, reader)
+    with phase("config"):
+        reader = open_gguf(path)
+        hf_config = gguf_hf_config(reader)
+    with phase("model build"):
+        built, config = build_model(hf_config, dtype, device, tp, quantization)
+    with phase("weights"):
+        if load_format == "dummy":
+            init_dummy_weights(built)
+        else:
+            load_model_weights(built, iter_gguf_tensors(reader, hf_config))
+    with phase("tokenizer"):
+        tokenizer = load_gguf_tokenizer(path, reader)
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
 
 

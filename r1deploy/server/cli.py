@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"r1deploy serve: error: {exc}", file=sys.stderr, flush=True)
         server.should_exit = True
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load, ready, failed)
     state: ServerState = app.state.server
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -4,6 +4,8 @@ prometheus_client's parser, moving as requests run) and SSE keep-alive comments.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -164,3 +166,12 @@ async def test_sse_keepalive_comments_fill_quiet_gaps(tiny_dir: Path, monkeypatc
         _slow_steps(running.state.llm_engine, monkeypatch, 0.1)
         text = (await running.client.post("/v1/completions", json=body)).text
     assert "keep-alive" not in text and len(events(text)) >= 3
+
+
+async def test_startup_phases_are_logged_with_times(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="r1deploy"):
+        async with running_app(tiny_dir):
+            pass
+    timed = {m.group(1) for r in caplog.records if (m := re.fullmatch(r"(.+): \d+\.\d\d s(?: .*)?", r.getMessage()))}
+    assert {"config", "model build", "weights", "tokenizer", "KV cache sizing and allocation",
+            "warm-up request", "server ready"} <= timed, timed
