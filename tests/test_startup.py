@@ -16,7 +16,7 @@ from r1deploy.startup import weights_with_progress
 from r1deploy.weights.safetensors_reader import iter_safetensors_file
 
 sys.path.insert(0, str(Path(__file__).parent / "server"))
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import save_tiny_model_dir
 
 
 def test_weights_progress_per_shard(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -36,10 +36,10 @@ from r1deploy.models.hub import repo_id_of
 from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, r1_chat_template, resolve_config_path
 from r1deploy.quant.fp8_linear import building_fp8
+from r1deploy.startup import phase, weights_with_progress
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
-from r1deploy.startup import phase, weights_with_progress
 from r1deploy.weights.safetensors_reader import iter_safetensors_file, safetensors_files
 from r1deploy.weights.tiered_store import TieredExpertStore
 

@@ -18,7 +18,7 @@ from r1deploy.models.hub import is_repo_id, repo_id_of, resolve_model_source
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "server"))
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import save_tiny_model_dir
 
 REPO = "tiny-org/Tiny-R1-Test"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -55,7 +55,7 @@ def test_names() -> None:
 
 def test_hub_id_resolves_to_the_cached_snapshot(hub_cache: Path, offline: None) -> None:
     path = resolve_model_source(REPO, download_dir=str(hub_cache / "hub"))
-    assert path is not None and Path(path).resolve() == (hub_cache / "hub" / f"models--tiny-org--Tiny-R1-Test" /
+    assert path is not None and Path(path).resolve() == (hub_cache / "hub" / "models--tiny-org--Tiny-R1-Test" /
                                                           "snapshots" / REVISION).resolve()
     assert resolve_model_source(REPO, revision=REVISION, download_dir=str(hub_cache / "hub")) == path
 
@@ -100,7 +100,7 @@ def test_llm_loads_a_hub_id_offline_from_hf_home(hub_cache: Path, tmp_path: Path
         "p = llm.get_default_sampling_params()\n"
         "print(llm.engine.loaded.name, p.temperature, p.top_p, p.top_k, p.max_tokens, len(out.token_ids) <= 5)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     # the served name is the repo id; generate(prompt, None) used the snapshot's generation_config.json

@@ -75,7 +75,7 @@ def _spy(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[SamplingParams]:
 @pytest.mark.anyio
 async def test_server_fills_only_unset_fields(tiny_dir: Path, config_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    load = lambda: tiny_engine(tiny_dir, generation_config=str(config_dir))  # noqa: E731
+    load = lambda: tiny_engine(tiny_dir, generation_config=str(config_dir))
     async with running_app(tiny_dir, load=load) as running:
         await wait_for_phase(running.state, Phase.READY)
         seen = _spy(running.state.llm_engine, monkeypatch)
@@ -97,7 +97,7 @@ async def test_server_fills_only_unset_fields(tiny_dir: Path, config_dir: Path,
 @pytest.mark.anyio
 async def test_server_override_over_engine_defaults(tiny_dir: Path, config_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    load = lambda: tiny_engine(tiny_dir, generation_config="vllm",  # noqa: E731
+    load = lambda: tiny_engine(tiny_dir, generation_config="vllm",
                                override_generation_config={"temperature": 0.0, "max_new_tokens": 3})
     async with running_app(tiny_dir, load=load) as running:
         await wait_for_phase(running.state, Phase.READY)

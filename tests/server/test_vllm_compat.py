@@ -142,6 +142,9 @@ async def test_vllm_metrics_exist_and_move(tiny_dir: Path, monkeypatch: pytest.M
         assert _value(after, "vllm:request_decode_time_seconds_sum", **model) >= 2 * 5 * 0.02
         assert _value(after, "vllm:request_generation_tokens_sum", **model) == 12
         assert not any(n.startswith("r1deploy:") for n, _ in after)  # the flag picks one prefix
+        dashboard = (Path(__file__).parents[2] / "docs" / "grafana_dashboard.json").read_text()
+        used = set(re.findall(r"\$\{prefix\}:(\w+)", dashboard))
+        assert len(used) >= 10 and {f"vllm:{name}" for name in used} <= {n for n, _ in after}, used
 
 
 async def test_default_prefix_and_model_label_on_every_series(client: httpx.AsyncClient, server: Running) -> None:
