@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate one answer (chat template applied unless --raw). "
                                    "Uses the embedded SmolLM2-135M-Instruct when no model is given.")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, help="preset name, HF model directory or .gguf file")
+    p.add_argument("--model", default=None, help="Hub id (org/name), HF model directory, .gguf file or preset name")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+    from r1deploy.models.hub import resolve_model_source
+
+    model = resolve_model_source(args.model, load_format=args.load_format)  # a Hub id: its cached snapshot
+    engine = LLMEngine(model, dtype=args.dtype, device=args.device, load_format=args.load_format)
     if engine.tokenizer is None:
         raise UsageError("this model has no tokenizer (dummy weights): use a model directory or GGUF file")
     try:

@@ -67,7 +67,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
-            raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
+            raise UsageError(f"--kv-cache-dtype {config.kv_cache_dtype} (kv_cache_dtype) is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
         self.sampler = Sampler()
         with phase("KV cache sizing and allocation"):

@@ -55,8 +55,11 @@ class _EngineState(Collector):
                      len(scheduler.running))
         yield family(GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled",
                      len(scheduler.waiting))
+        usage = blocks.num_used_blocks / max(1, blocks.num_blocks)
         yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage: fraction of blocks in use (1 = 100%)",
-                     blocks.num_used_blocks / max(1, blocks.num_blocks))
+                     usage)
+        # vLLM's name for it before 0.10, still what many autoscalers and gateways read
+        yield family(GaugeMetricFamily, "gpu_cache_usage_perc", "Deprecated name of kv_cache_usage_perc", usage)
         yield family(CounterMetricFamily, "num_preemptions", "Requests preempted for KV space",
                      scheduler.num_preemptions)
         # vLLM counts these in tokens; our block manager looks prefixes up a block at a time.
@@ -92,6 +95,9 @@ class VllmMetrics:
                                                    TOKEN_BUCKETS)
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens", ITL_BUCKETS)
+        # vLLM's name for the same per-gap series before 0.11 (deprecated there), still on many dashboards
+        self.tpot_deprecated = histogram("time_per_output_token_seconds", "Deprecated name of "
+                                         "inter_token_latency_seconds", ITL_BUCKETS)
         self.tpot = histogram("request_time_per_output_token_seconds",
                               "Per request: (last token - first token) / (output tokens - 1)", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", REQUEST_BUCKETS)
@@ -119,6 +125,7 @@ class VllmMetrics:
         last = m.token_times[-1]
         for before, after in zip(m.token_times, m.token_times[1:]):
             self.itl.labels(name).observe(after - before)
+            self.tpot_deprecated.labels(name).observe(after - before)
         if len(m.token_times) > 1:
             self.tpot.labels(name).observe((last - m.first_token_time) / (len(m.token_times) - 1))
         self.decode.labels(name).observe(last - m.first_token_time)

@@ -120,6 +120,8 @@ async def test_vllm_metrics_exist_and_move(tiny_dir: Path, monkeypatch: pytest.M
         during = _samples((await client.get("/metrics")).text)
         assert _value(during, "vllm:num_requests_running", **model) == 1
         assert 0 < _value(during, "vllm:kv_cache_usage_perc", **model) <= 1
+        assert _value(during, "vllm:gpu_cache_usage_perc", **model) == _value(during, "vllm:kv_cache_usage_perc",
+                                                                                **model)
         assert (await streaming).status == 200
         await client.post("/v1/completions", json={**body, "stream": False})  # the same prompt: prefix hits
 
@@ -137,6 +139,7 @@ async def test_vllm_metrics_exist_and_move(tiny_dir: Path, monkeypatch: pytest.M
                      "request_prompt_tokens", "request_generation_tokens"):
             assert _value(after, f"vllm:{name}_count", **model) == 2, name
         assert _value(after, "vllm:inter_token_latency_seconds_count", **model) == 10  # 5 gaps per request
+        assert _value(after, "vllm:time_per_output_token_seconds_count", **model) == 10  # its older name
         # The slowed steps show up where they belong: every token gap and the decode time include them.
         assert _value(after, "vllm:inter_token_latency_seconds_sum", **model) >= 10 * 0.02
         assert _value(after, "vllm:request_decode_time_seconds_sum", **model) >= 2 * 5 * 0.02
