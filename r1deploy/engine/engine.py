@@ -23,6 +23,7 @@ from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.layers.sampler import SamplerOutput, request_generator
+from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 
@@ -65,6 +66,7 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        model = resolve_model_source(model, load_format=load_format)  # a Hub id: its snapshot in the Hub cache
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tp_runtime = None  # tensor parallel: worker processes and rank 0's shard (r1deploy.distributed)
         if self.config.parallel.tensor_parallel_size > 1:

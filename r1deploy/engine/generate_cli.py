@@ -36,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    from r1deploy.models.hub import resolve_model_source
-
-    model = resolve_model_source(args.model, load_format=args.load_format)  # a Hub id: its cached snapshot
-    engine = LLMEngine(model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
     if engine.tokenizer is None:
         raise UsageError("this model has no tokenizer (dummy weights): use a model directory or GGUF file")
     try:

@@ -1,5 +1,5 @@
-"""A model directory's safetensors shards, and (name, tensor) of one shard, memory-mapped, one tensor at a time
-(models/loader.py reads the shards in turn through startup.weights_with_progress)."""
+"""Iterate (name, tensor) over a model directory's safetensors files, memory-mapped, one tensor at a time (per
+shard too: models/loader.py reads the shards in turn through startup.weights_with_progress)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         raise WeightLoadError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in safetensors_files(model_dir):
+        yield from iter_safetensors_file(path)
 
 
 def iter_safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
