@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from r1deploy.layers.attention import KV_CACHE_DTYPES
 
@@ -133,6 +135,10 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     offload: OffloadConfig | None = None  # --offload experts
     speculative: SpeculativeConfig | None = None
+    # Sampling defaults for what a request leaves unset: engine/generation_defaults.py (vLLM's --generation-config
+    # auto|vllm|<folder> and --override-generation-config)
+    generation_config: str = "auto"
+    override_generation_config: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -19,12 +19,14 @@ from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from r1deploy.engine.executor import Executor, LocalExecutor
+from r1deploy.engine.generation_defaults import generation_defaults
 from r1deploy.engine.model_input import build_model_input
 from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.layers.sampler import SamplerOutput, request_generator
+from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec import make_proposer
@@ -86,6 +88,7 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        model = resolve_model_source(model, load_format=load_format)  # a Hub id: its snapshot in the Hub cache
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.executor: Executor
         if self.config.parallel.tensor_parallel_size > 1:
@@ -102,6 +105,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        self.sampling_defaults = generation_defaults(self.config.generation_config, self.loaded.source_dir,
+                                                     self.loaded.name, self.config.override_generation_config)
         if self.config.parallel.tensor_parallel_size == 1:
             self.executor = LocalExecutor(ModelRunner(self.loaded, self.config, self.max_model_len))
         self.runner = self.executor.runner
@@ -144,6 +149,11 @@ class LLMEngine:
         ranks = self.config.parallel.tensor_parallel_size if self.runner.dp_attention else 1
         return ranks * self.kv_capacity_tokens
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams gets: the model's generation defaults (vLLM's
+        LLM.get_default_sampling_params), SamplingParams' own for what those leave unset."""
+        return SamplingParams(**self.sampling_defaults)
+
     # --- requests -------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -181,7 +191,7 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """A validated Request, not yet queued; a ValueError names the bad parameter."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         if params.n != 1:
@@ -453,6 +463,7 @@ class LLMEngine:
             logprobs=tuple(request.logprobs) if want_logprobs else None,
             top_logprobs=tuple(request.top_logprobs) if want_logprobs and request.params.logprobs else None,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time, tuple(request.token_times),
-                                   request.finish_time, request.num_cached_tokens, request.num_preemptions),
+                                   request.finish_time, request.num_cached_tokens, request.num_preemptions,
+                                   request.first_scheduled_time),
         )
         return RequestOutput(request.request_id, request.prompt, tuple(request.prompt_token_ids), (completion,))

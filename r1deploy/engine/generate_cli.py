@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate one answer (chat template applied unless --raw). "
                                    "Uses the embedded SmolLM2-135M-Instruct when no model is given.")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, help="preset name, HF model directory or .gguf file")
+    p.add_argument("--model", default=None, help="Hub id (org/name), HF model directory, .gguf file or preset name")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from r1deploy.engine.config import EngineConfig, ParallelConfig, SpeculativeConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.outputs import RequestOutput
+from r1deploy.models.hub import resolve_model_source
 from r1deploy.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -23,7 +24,11 @@ def fan_out(params: SamplingParams) -> list[SamplingParams]:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None, device: str | None = None,
-                 load_format: str = "auto", tensor_parallel_size: int = 1, **engine_options: object) -> None:
+                 load_format: str = "auto", tensor_parallel_size: int = 1, revision: str | None = None,
+                 download_dir: str | None = None, **engine_options: object) -> None:
+        """model: a Hugging Face Hub id (org/name, downloaded into the Hub cache), a model directory, a .gguf file
+        or a preset name. engine_options: EngineConfig's fields (generation_config, max_model_len, ...)."""
+        model = resolve_model_source(model, revision=revision, download_dir=download_dir, load_format=load_format)
         if tensor_parallel_size != 1:
             engine_options.setdefault("parallel", ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         speculative = engine_options.pop("speculative_config", None)  # vLLM's name and dict form
@@ -35,6 +40,10 @@ class LLM:
     def shutdown(self) -> None:
         """Stop tensor-parallel workers (a no-op in one process)."""
         self.engine.shutdown()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's generation defaults (--generation-config), used when generate gets no SamplingParams."""
+        return self.engine.default_sampling_params()
 
     @property
     def tokenizer(self):
@@ -55,7 +64,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.get_default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
         engine = self.engine

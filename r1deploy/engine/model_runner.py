@@ -15,6 +15,7 @@ from r1deploy.errors import UsageError
 from r1deploy.layers.attention import is_fp8, resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput
 from r1deploy.models.loader import LoadedModel
+from r1deploy.startup import phase
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
@@ -48,11 +49,12 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
-            raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
+            raise UsageError(f"--kv-cache-dtype {config.kv_cache_dtype} (kv_cache_dtype) is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
         self.sampler = Sampler()
-        self.pool = self._size_pool()
-        self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
+        with phase("KV cache sizing and allocation"):
+            self.pool = self._size_pool()
+            self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
         self.graphs: DecodeGraphRunner | None = None
         # Only models whose forward has no host-side, data-dependent shapes can be captured. Under tensor
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
@@ -60,8 +62,9 @@ class ModelRunner:
         # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
         if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
                 and not self.dp_attention):
-            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
-                                            config.block_size, self.device)
+            with phase("CUDA graph capture"):
+                self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
+                                                config.block_size, self.device)
 
     def release(self) -> None:
         """Drop the KV cache and the captured graphs (and their memory pool) now, rather than whenever the

@@ -13,6 +13,7 @@ class RequestMetrics:
     finish_time: float | None
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     num_preemptions: int
+    first_scheduled_time: float | None = None  # first admitted to the running batch: queue time ends there
 
     @property
     def ttft_s(self) -> float | None:

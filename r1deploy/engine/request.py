@@ -49,6 +49,7 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     # Timings (time.monotonic seconds)
+    first_scheduled_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None

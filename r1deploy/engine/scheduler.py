@@ -121,6 +121,8 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(request, num_new)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # the end of its queue time (metrics), not of a re-queue
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             chunks.append(ScheduledChunk.of(request, num_new))
             budget -= num_new

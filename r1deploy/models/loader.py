@@ -32,13 +32,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from r1deploy.config import ModelConfig, parse_dtype, read_hf_config
 from r1deploy.errors import UsageError
+from r1deploy.models.hub import repo_id_of
 from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, r1_chat_template, resolve_config_path
 from r1deploy.quant.fp8_linear import building_fp8
+from r1deploy.startup import phase, weights_with_progress
 from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
-from r1deploy.weights.safetensors_reader import iter_safetensors
+from r1deploy.weights.safetensors_reader import iter_safetensors_file, safetensors_files
 from r1deploy.weights.tiered_store import TieredExpertStore
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None  # None for dummy weights without tokenizer files
     eos_token_ids: tuple[int, ...]
     name: str
+    source_dir: Path | None = None  # the HF directory it came from (generation_config.json lives there)
 
     def __post_init__(self) -> None:
         # An R1-family checkpoint without a chat template (converted, or a GGUF lacking one) gets R1's format
@@ -95,15 +98,17 @@ def load_model(
                             quantization=quantization)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, path.name, dtype, device, load_format, tp, offload, quantization)
+        return _load_hf_dir(path, repo_id_of(path) or path.name, dtype, device, load_format, tp, offload,
+                            quantization)
     if offload is not None:
         raise UsageError("--offload experts needs a local checkpoint directory (its safetensors are the disk tier)")
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, device, load_format, tp, quantization)
     config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
     if load_format != "dummy":
-        raise UsageError(f"{model!r} names a config only (presets ship no weights): pass load_format='dummy' "
-                         "for random weights, or a local model directory or .gguf file")
+        raise UsageError(f"{model!r} names a config only (presets ship no weights): pass --load-format dummy "
+                         "(load_format='dummy' in Python) for random weights, a Hugging Face Hub id (org/name), or "
+                         "a local model directory or .gguf file")
     built, config = build_model(read_hf_config(config_path), dtype, device, tp, quantization)
     init_dummy_weights(built)
     return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
@@ -141,16 +146,20 @@ def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
     tp: TPGroup | None = None, offload: OffloadConfig | None = None, quantization: Quantization = "auto",
 ) -> LoadedModel:
-    raw = read_hf_config(path)
+    with phase("config"):
+        raw = read_hf_config(path)
     store = None if offload is None else _expert_store(raw, path, dtype, device, offload, quantization)
-    with building_with(store):  # experts built under a store get no resident copy
+    with phase("model build"), building_with(store):  # experts built under a store get no resident copy
         built, config = build_model(raw, dtype, device, tp, quantization)
-    if load_format == "dummy":
-        init_dummy_weights(built)
-    else:
-        load_model_weights(built, iter_safetensors(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
-    return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name)
+    with phase("weights"):
+        if load_format == "dummy":
+            init_dummy_weights(built)
+        else:
+            shown = tp is None or tp.rank == 0  # one progress display, not one per rank
+            load_model_weights(built, weights_with_progress(safetensors_files(path), iter_safetensors_file, shown))
+    with phase("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name, path)
 
 
 def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, device: torch.device,
@@ -213,14 +222,18 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
                tp: TPGroup | None = None, quantization: Quantization = "auto") -> LoadedModel:
     from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
 
-    reader = open_gguf(path)
-    hf_config = gguf_hf_config(reader)
-    built, config = build_model(hf_config, dtype, device, tp, quantization)
-    if load_format == "dummy":
-        init_dummy_weights(built)
-    else:
-        load_model_weights(built, iter_gguf_tensors(reader, hf_config))
-    tokenizer = load_gguf_tokenizer(path, reader)
+    with phase("config"):
+        reader = open_gguf(path)
+        hf_config = gguf_hf_config(reader)
+    with phase("model build"):
+        built, config = build_model(hf_config, dtype, device, tp, quantization)
+    with phase("weights"):
+        if load_format == "dummy":
+            init_dummy_weights(built)
+        else:
+            load_model_weights(built, iter_gguf_tensors(reader, hf_config))
+    with phase("tokenizer"):
+        tokenizer = load_gguf_tokenizer(path, reader)
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, None), path.stem)
 
 

@@ -27,7 +27,10 @@ from r1deploy.server.metrics import CONTENT_TYPE
 from r1deploy.server.middleware import GateMiddleware
 from r1deploy.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1deploy.server.reasoning import vocab_has_think
+from r1deploy.server.request_defaults import with_generation_defaults
 from r1deploy.server.state import Phase, ServerSettings, ServerState
+from r1deploy.server.vllm_routes import add_vllm_routes
+from r1deploy.startup import phase
 
 if TYPE_CHECKING:
     from r1deploy.engine.engine import LLMEngine
@@ -87,6 +90,8 @@ def create_app(
         reason = state.phase.value if state.phase is not Phase.READY else "engine_dead"
         return error_response(503, f"not ready: {reason}", code=reason)
 
+    add_vllm_routes(app, state)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
@@ -99,11 +104,11 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await create_completion(body, request, state)
+        return await create_completion(with_generation_defaults(body, state.sampling_defaults), request, state)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(body, request, state)
+        return await create_chat_completion(with_generation_defaults(body, state.sampling_defaults), request, state)
 
     return app
 
@@ -114,6 +119,7 @@ async def _start(state: ServerState, load_engine: Callable[[], LLMEngine],
     from r1deploy.engine.async_engine import AsyncLLMEngine
     from r1deploy.sampling_params import SamplingParams
 
+    began = time.perf_counter()
     try:
         llm = await _in_daemon_thread(load_engine)
         if llm.max_model_len > llm.kv_capacity_tokens:
@@ -129,8 +135,9 @@ async def _start(state: ServerState, load_engine: Callable[[], LLMEngine],
                            or (settings.reasoning_parser is None and vocab_has_think(llm.tokenizer)))
         # One token through the whole path (scheduler, runner, sampler) before we call ourselves ready.
         warmup = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        async for _ in engine.generate([0], warmup, "r1deploy-warmup"):
-            pass
+        with phase("warm-up request"):
+            async for _ in engine.generate([0], warmup, "r1deploy-warmup"):
+                pass
     except Exception as exc:  # noqa: BLE001 - any load failure must show as not-ready, not a hang
         state.phase, state.load_error = Phase.FAILED, exc
         log.error("the model failed to load: %s", exc)
@@ -138,6 +145,7 @@ async def _start(state: ServerState, load_engine: Callable[[], LLMEngine],
             on_failed(exc)
         return
     if state.phase is Phase.LOADING:
+        log.info("server ready: %.2f s after loading began", time.perf_counter() - began)
         state.phase = Phase.READY
         if on_ready is not None:
             on_ready(state)

@@ -72,7 +72,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     await job.start()
     text = TokenText(engine.tokenizer)
     if body.stream:
-        return sse_response(_chunks(job, body, state, text))
+        return sse_response(_chunks(job, body, state, text), state.settings.sse_keepalive_s)
     finals = await unless_disconnected(request, job.final_outputs())
     choices = []
     for index, final in enumerate(finals):

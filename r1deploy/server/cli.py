@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
 from typing import TYPE_CHECKING
 
 from r1deploy.errors import UsageError
+from r1deploy.models.hub import resolve_model_source
+from r1deploy.server.options import add_vllm_options, generation_options
 from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
 
 if TYPE_CHECKING:
@@ -22,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve /v1/completions, /v1/chat/completions and /v1/models over one engine. "
                                    "Uses the embedded SmolLM2-135M-Instruct when no model is given.")
-    p.add_argument("model", nargs="?", default=None, help="preset name, HF model directory or .gguf file")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face Hub id (org/name), HF model directory, .gguf file or preset name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
@@ -96,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-origins", default="",
                    help="comma-separated CORS origins (default: none, and no CORS headers at all)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_vllm_options(p)
     p.set_defaults(func=run)
 
 
@@ -128,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                        "cpu_kv_cache_bytes", "kv_cache_dtype")
                       if getattr(args, name) is not None}
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    args.model = resolve_model_source(args.model, revision=args.revision, download_dir=args.download_dir,
+                                      load_format=args.load_format)
     try:
         from r1deploy.distributed.nodes import MultiNodeConfig
         from r1deploy.distributed.worker import precheck
@@ -142,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
             parallel["init_timeout_s"] = args.dist_init_timeout
         offload = offload_config(args)
         speculative = None if args.speculative_config is None else SpeculativeConfig.of(args.speculative_config)
-        config = EngineConfig(**engine_options, parallel=MultiNodeConfig(**parallel), offload=offload,
-                              speculative=speculative)
+        config = EngineConfig(**engine_options, **generation_options(args), parallel=MultiNodeConfig(**parallel),
+                              offload=offload, speculative=speculative)
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
         settings = ServerSettings(served_model_name=args.served_model_name, api_key=api_key,
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,
                                   max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
-                                  metrics_public=args.metrics_public, allowed_origins=origins)
+                                  metrics_public=args.metrics_public, allowed_origins=origins,
+                                  metrics_prefix=args.metrics_prefix, sse_keepalive_s=args.sse_keepalive)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.node_rank > 0:  # no engine and no HTTP here: this node's ranks follow rank 0's steps
@@ -166,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"r1deploy serve: error: {exc}", file=sys.stderr, flush=True)
         server.should_exit = True
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load, ready, failed)
     state: ServerState = app.state.server
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

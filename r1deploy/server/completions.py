@@ -35,7 +35,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     await job.start()
     text = TokenText(engine.tokenizer)
     if body.stream:
-        return sse_response(_chunks(job, body, state.model_name, text))
+        return sse_response(_chunks(job, body, state.model_name, text), state.settings.sse_keepalive_s)
     finals = await unless_disconnected(request, job.final_outputs())
     choices = []
     for index, final in enumerate(finals):

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from r1deploy.engine.outputs import CompletionOutput
+from r1deploy.server.vllm_metrics import VllmMetrics
 
 if TYPE_CHECKING:
     from r1deploy.engine.engine import LLMEngine
@@ -73,9 +74,13 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: Callable[[], LLMEngine | None]) -> None:
+    """Our r1deploy_* series (below) and vLLM's set (vllm_metrics.py) in one registry."""
+
+    def __init__(self, engine: Callable[[], LLMEngine | None], prefix: str = "r1deploy",
+                 model_name: Callable[[], str] = str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.vllm = VllmMetrics(r, prefix, model_name, engine)
         self.http_requests = Counter("r1deploy_http_requests", "HTTP responses by route and status code",
                                      ["route", "code"], registry=r)
         self.finished = Counter("r1deploy_request_finished", "Engine requests finished, by finish reason",
@@ -91,6 +96,7 @@ class ServerMetrics:
         r.register(_EngineCollector(engine))
 
     def observe_finished(self, output: CompletionOutput, num_prompt_tokens: int) -> None:
+        self.vllm.observe_finished(output, num_prompt_tokens)
         m = output.metrics
         self.finished.labels(output.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(num_prompt_tokens)

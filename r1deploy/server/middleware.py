@@ -16,7 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from r1deploy.server.errors import error_response
 from r1deploy.server.state import Phase, ServerState
 
-_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health/live", "/health/ready")
+_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health/live", "/health/ready",
+           "/health", "/version", "/tokenize", "/detokenize")
+_ENGINE_ROUTES = ("/tokenize", "/detokenize")  # outside /v1 (vLLM's paths) but need the loaded model
 
 
 def _digest(value: str) -> bytes:
@@ -63,12 +65,12 @@ class GateMiddleware:
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         path: str = scope["path"]
-        if path.startswith("/health/") or (path == "/metrics" and self.state.settings.metrics_public):
+        if path == "/health" or path.startswith("/health/") or (path == "/metrics" and self.state.settings.metrics_public):
             return None  # probes stay open: orchestrators do not hold the key (scrapers, when told)
         if self._key is not None and not self._authorised(scope):
             return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path in _ENGINE_ROUTES:
             phase = self.state.phase
             if phase is not Phase.READY:
                 return error_response(503, f"the server is {phase.value}", code=phase.value,

@@ -1,7 +1,10 @@
-"""Server-sent events: one `data: {json}` per chunk, `data: [DONE]` last, errors as an event too."""
+"""Server-sent events: one `data: {json}` per chunk, `data: [DONE]` last, errors as an event too, and a
+`: keep-alive` comment (which SSE clients ignore) after each quiet interval, so that a proxy with an idle
+timeout does not cut a stream while R1 thinks for minutes between visible chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,6 +14,7 @@ from pydantic import BaseModel
 from r1deploy.server.errors import APIError, error_body
 
 log = logging.getLogger("r1deploy.server")
+KEEPALIVE = ": keep-alive\n\n"
 
 
 def event(chunk: BaseModel) -> str:
@@ -31,6 +35,30 @@ async def _with_error_event(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[s
     yield "data: [DONE]\n\n"
 
 
-def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-    return StreamingResponse(_with_error_event(chunks), media_type="text/event-stream",
+async def _with_keepalive(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    if interval_s <= 0:
+        async for item in events:
+            yield item
+        return
+    # The next event is awaited in a task and waited for with a timeout that does not cancel it
+    # (asyncio.wait_for would, killing the generator mid-step).
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        pending.cancel()  # a client gone mid-wait: the cancellation reaches the generator, which aborts its job
+
+
+def sse_response(chunks: AsyncIterator[BaseModel], keepalive_s: float = 0.0) -> StreamingResponse:
+    return StreamingResponse(_with_keepalive(_with_error_event(chunks), keepalive_s), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

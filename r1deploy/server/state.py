@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from r1deploy.server.metrics import ServerMetrics
 
@@ -27,12 +27,14 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     metrics_public: bool = False  # serve /metrics without the API key (scrapers often hold none)
     allowed_origins: tuple[str, ...] = ()  # CORS allow-list; empty: no CORS headers at all
+    metrics_prefix: str = "r1deploy"  # the vLLM-compatible series: r1deploy:... or vllm:... (vllm_metrics.py)
+    sse_keepalive_s: float = 15.0  # an SSE comment after this long without a chunk; 0: never
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
-        if self.max_queue < 0 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
-            raise ValueError("max_queue and drain_timeout_s must be >= 0, max_body_bytes >= 1")
+        if self.max_queue < 0 or self.max_body_bytes < 1 or self.drain_timeout_s < 0 or self.sse_keepalive_s < 0:
+            raise ValueError("max_queue, drain_timeout_s and sse_keepalive_s must be >= 0, max_body_bytes >= 1")
 
 
 class Phase(enum.Enum):
@@ -59,11 +61,17 @@ class ServerState:
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(lambda: self.llm_engine)
+        self.metrics = ServerMetrics(lambda: self.llm_engine, self.settings.metrics_prefix, lambda: self.model_name)
 
     @property
     def llm_engine(self) -> LLMEngine | None:
         return None if self.engine is None else self.engine.engine
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        engine = self.llm_engine
+        assert engine is not None  # the gate admits /v1 only when ready
+        return engine.sampling_defaults
 
     @property
     def engine_alive(self) -> bool:

@@ -1,4 +1,5 @@
-"""Iterate (name, tensor) over a model directory's safetensors files, memory-mapped, one tensor at a time."""
+"""Iterate (name, tensor) over a model directory's safetensors files, memory-mapped, one tensor at a time (per
+shard too: models/loader.py reads the shards in turn through startup.weights_with_progress)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,18 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in safetensors_files(model_dir):
-        try:
-            handle = safe_open(path, framework="pt")
-        except (SafetensorError, OSError) as e:  # truncated or corrupt header, unreadable file
-            raise WeightLoadError(f"cannot read {path}: {e}") from None
-        with handle as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                try:
-                    tensor = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise WeightLoadError(f"cannot read tensor {name} from {path}: {e}") from None
-                yield name, tensor
+        yield from iter_safetensors_file(path)
+
+
+def iter_safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        handle = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:  # truncated or corrupt header, unreadable file
+        raise WeightLoadError(f"cannot read {path}: {e}") from None
+    with handle as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            try:
+                tensor = f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise WeightLoadError(f"cannot read tensor {name} from {path}: {e}") from None
+            yield name, tensor
