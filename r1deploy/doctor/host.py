@@ -1,7 +1,7 @@
 """What this host offers a deployment: CPU, memory, NUMA, cgroup limits, the model disk and GPUs.
 
 Pure data collection for `r1deploy doctor`: every function returns frozen dataclasses and judges
-nothing; the checks live in doctor.py. Linux sources (/proc, /sys) are read directly because they
+nothing; the checks live in checks.py. Linux sources (/proc, /sys) are read directly because they
 are exact and cheap; anything missing (another OS, a locked-down container) becomes None.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from r1deploy.plan.gpu_probe import GpuReport, probe_gpus
+from r1deploy.doctor.gpu_probe import GpuReport, probe_gpus
 
 MIB = 1 << 20
 # A cgroup v1 "no limit" is PAGE_COUNTER_MAX rounded to a page, just under 2**63;
