@@ -203,13 +203,18 @@ def numa_nodes(node_root: Path = Path("/sys/devices/system/node")) -> tuple[Numa
     return tuple(nodes)
 
 
+def parse_cpulist(cpulist: str) -> frozenset[int]:
+    """'0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11} (the kernel's list format)."""
+    cpus: set[int] = set()
+    for part in filter(None, cpulist.strip().split(",")):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return frozenset(cpus)
+
+
 def count_cpulist(cpulist: str) -> int:
     """'0-3,8,10-11' -> 7."""
-    count = 0
-    for part in filter(None, cpulist.split(",")):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
+    return len(parse_cpulist(cpulist))
 
 
 def _node_memory(node_dir: Path) -> int | None:
