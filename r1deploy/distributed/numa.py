@@ -131,6 +131,13 @@ def apply_binding(binding: NumaBinding, *, set_affinity: Callable[[int, frozense
     return f"GPU {binding.gpu}: " + ", ".join(done)
 
 
+def device_type(device: str | None) -> str:
+    """'cuda' or 'cpu' (or another torch device type) for a --device value, as the engine chooses it."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+
+
 def bind_rank(mode: str, local_rank: int, device_type: str, who: str,
               topology: Callable[[], NumaTopology] = probe_topology) -> NumaBinding | None:
     """serve and the TP workers call this first: binds when --numa-bind says so and prints one line."""
