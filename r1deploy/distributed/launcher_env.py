@@ -52,7 +52,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm host list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'a1,a2' -> 'a1'."""
-    match = re.match(r"([^,\[]*)(?:\[([^\]-,]+)[^\]]*\](\S*?))?(?:,|$)", nodelist.strip())
+    match = re.match(r"([^,\[]*)(?:\[([^\],-]+)[^\]]*\]([^,]*))?", nodelist.strip())
     if not match or not (match.group(1) or match.group(2)):
         raise UsageError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR")
     prefix, first, suffix = match.groups()
