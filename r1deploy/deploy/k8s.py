@@ -3,7 +3,7 @@ HorizontalPodAutoscaler on the queue metric); several nodes: a LeaderWorkerSet w
 (rank 0 and HTTP) and whose workers run the other nodes' ranks, a Service on the leaders, the PVC.
 
 Every pod runs the same `r1deploy serve` command: under LeaderWorkerSet serve reads LWS_LEADER_ADDRESS,
-LWS_WORKER_INDEX and LWS_GROUP_SIZE (server/launcher_env.py), so worker pods know their node rank.
+LWS_WORKER_INDEX and LWS_GROUP_SIZE (distributed/launcher_env.py), so worker pods know their node rank.
 """
 
 from __future__ import annotations

@@ -58,11 +58,11 @@ class DeployTarget:
     def shm_bytes(self) -> int:
         return SHM_BYTES_PER_GPU * max(self.gpus_per_node, 1)
 
-    def serve_args(self) -> list[str]:
+    def serve_args(self, host: str = "0.0.0.0") -> list[str]:  # noqa: S104 - a container's or node's address
         """`r1deploy serve ...` for every node. The node's rank, node 0's address and the rendezvous port
-        come from the launcher's environment (LWS, Slurm, torchrun: server/launcher_env.py), so one
+        come from the launcher's environment (LWS, Slurm, torchrun: distributed/launcher_env.py), so one
         command runs on every node; --master-port is given because LWS sets no port."""
-        args = ["r1deploy", "serve", self.model_path, "--host", "0.0.0.0", "--port", str(self.port),  # noqa: S104
+        args = ["r1deploy", "serve", self.model_path, "--host", host, "--port", str(self.port),
                 "--max-model-len", str(self.max_model_len)]
         if self.tp > 1:
             args += ["--tp", str(self.tp)]
