@@ -14,7 +14,6 @@ import os
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from r1deploy.doctor.host import parse_cpulist
 from r1deploy.errors import UsageError
@@ -154,18 +153,3 @@ def bind_rank(mode: str, local_rank: int, device_type: str, who: str,
     print(f"{who}: --numa-bind: {apply_binding(binding)}", flush=True)
     return binding
 
-
-def proc_binding(pid: int, proc: Path = Path("/proc")) -> tuple[frozenset[int], str]:
-    """(allowed CPUs, memory policy) of a running process, as doctor reads them; the policy is the one most of
-    its mappings show in numa_maps ('default', 'prefer:1', 'bind:0-1', ...)."""
-    status = (proc / str(pid) / "status").read_text()
-    cpus = next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-    policies: dict[str, int] = {}
-    try:
-        for line in (proc / str(pid) / "numa_maps").read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 1:
-                policies[parts[1]] = policies.get(parts[1], 0) + 1
-    except OSError:
-        pass
-    return parse_cpulist(cpus), max(policies, key=policies.__getitem__) if policies else "unknown"

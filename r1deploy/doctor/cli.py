@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure NCCL all-reduce bus bandwidth between this host's GPUs (about 10 s) and compare it "
         "with the link bandwidth the plan assumes",
     )
+    p.add_argument(
+        "--server",
+        type=int,
+        metavar="PID",
+        help="also check a running `r1deploy serve`: each GPU rank's CPU set and memory policy against its "
+        "GPU's NUMA node (serve --numa-bind), and its cgroup limits against the plan",
+    )
     p.set_defaults(func=run)
 
 
@@ -67,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     checks = run_checks(host, requirements)
     if args.allreduce:
         checks.append(check_allreduce(host, requirements))
+    if args.server is not None:
+        from r1deploy.doctor.serving import check_server
+
+        checks += check_server(args.server, host, requirements)
     if args.json:
         print(json.dumps(report_dict(host, requirements, checks), indent=2))
     else:

@@ -82,7 +82,8 @@ def test_bind_rank_on_the_fake_topology(monkeypatch: pytest.MonkeyPatch, capsys:
 
 _REAL = """
 import os, sys
-from r1deploy.distributed.numa import apply_binding, NumaBinding, proc_binding
+from r1deploy.distributed.numa import apply_binding, NumaBinding
+from r1deploy.doctor.serving import proc_binding
 cpu = min(os.sched_getaffinity(0))
 print(apply_binding(NumaBinding(0, 0, frozenset({cpu}))))
 bytearray(64 << 20)  # touch memory under the new policy
