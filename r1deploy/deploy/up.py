@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from r1deploy.errors import UsageError
 
 DEFAULT_PORT = 8000
@@ -104,6 +102,7 @@ def serve_command(local: Any, host: str, port: int) -> list[str]:
 
 def wait_ready(server: subprocess.Popen[str], base: str, timeout_s: float, log: Path) -> bool:
     """Poll /health/ready with a progress line; False (and the log's tail) if serve exits or times out."""
+    import httpx
     from rich.console import Console
 
     console = Console(stderr=True)

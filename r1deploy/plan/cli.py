@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.emit:
         from r1deploy.deploy.cli import emit_files
 
-        if layers is not None or args.json or args.explain:
-            raise UsageError("--emit writes files for the plan; drop --offload/--json/--explain")
+        if args.offload or args.json or args.explain:
+            raise UsageError("--emit writes files for the plan's GPU layout; drop --offload/--json/--explain")
         return emit_files(plan.to_dict(), args)
     if args.json:
         d = plan.to_dict() | ({"offload": layers.to_dict()} if layers is not None else {})
