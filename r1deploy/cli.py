@@ -1,4 +1,4 @@
-"""One CLI: plan | doctor | serve | generate | bench. Thin: each subcommand lives with its package."""
+"""One CLI: plan | doctor | serve | generate | bench | up. Thin: each subcommand lives with its package."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from r1deploy.bench import cli as bench_cli
+    from r1deploy.deploy import up as up_cli
+    from r1deploy.doctor import cli as doctor_cli
     from r1deploy.engine import generate_cli
     from r1deploy.plan import cli as plan_cli
-    from r1deploy.plan import doctor
     from r1deploy.server import cli as serve_cli
 
     parser = _Parser(prog="r1deploy", description="Plan, serve and benchmark DeepSeek-R1-family models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (plan_cli, doctor, serve_cli, generate_cli, bench_cli):
+    for module in (plan_cli, doctor_cli, serve_cli, generate_cli, bench_cli, up_cli):
         module.register(sub)
     return parser
 

@@ -29,9 +29,12 @@ class MultiNodeConfig(ParallelConfig):
     nnodes: int = 1
     node_rank: int = 0
     nproc_per_node: int = 0  # 0: tensor_parallel_size // nnodes
+    numa_bind: str = "off"  # auto | on | off: each rank bound to its GPU's NUMA node (distributed/numa.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.numa_bind not in ("auto", "on", "off"):
+            raise ValueError(f"numa_bind must be auto, on or off, not {self.numa_bind!r}")
         NodeLayout.of(self)  # validates
 
 

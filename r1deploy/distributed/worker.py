@@ -132,6 +132,10 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     # also exits when rank 0's connection closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from r1deploy.distributed.numa import bind_rank
+
+    bind_rank(getattr(spec.engine_config.parallel, "numa_bind", "off"), rank % spec.nproc_per_node, spec.device_type,
+              f"r1deploy rank {rank}")
     runner = None
     try:
         tp = init_group(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s, spec.device_type,

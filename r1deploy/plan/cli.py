@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fit the efficiency factors to measured runs (bench reports or engine benchmark files)")
     p.add_argument("--calibration-out", metavar="FILE.json",
                    help="with --calibrate: write the fitted factors here (default: print them)")
+    from r1deploy.deploy.cli import add_emit_arguments
+
+    add_emit_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -133,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--{expert_only[0].replace('_', '-')} applies to --offload experts only")
     if args.offload and (args.matrix or args.calibrate):
         raise UsageError("--offload plans one deployment; drop --matrix/--calibrate")
+    if args.emit and (args.matrix or args.calibrate):
+        raise UsageError("--emit writes files for one deployment; drop --matrix/--calibrate")
     if args.calibrate:
         if args.matrix or args.explain:
             raise UsageError("--calibrate is its own output; drop --matrix/--explain")
@@ -162,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
         layers = _with_offload(plan, args)
     elif args.offload:
         plan = _with_offload(plan, args)
+    if args.emit:
+        from r1deploy.deploy.cli import emit_files
+
+        if args.offload or args.json or args.explain:
+            raise UsageError("--emit writes files for the plan's GPU layout; drop --offload/--json/--explain")
+        return emit_files(plan.to_dict(), args)
     if args.json:
         d = plan.to_dict() | ({"offload": layers.to_dict()} if layers is not None else {})
         sys.stdout.write(json.dumps(_clean(d), indent=2) + "\n")

@@ -62,11 +62,8 @@ def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
         sglang.append("--trust-remote-code")
 
     commands = {"vllm": " ".join(vllm), "sglang": " ".join(sglang)}
-    # r1deploy serve runs TP over one or more nodes, with MoE experts split over the TP ranks (EP = TP),
-    # optionally with data-parallel MLA attention (--dp-attention); PP and replicas are not implemented yet,
-    # and presets carry no weights (a local checkpoint directory is needed).
-    ours_fits = not model["moe"] or ep == tp
-    if ours_fits and pp == 1 and dep["replicas"] == 1:
+    # Presets carry no weights: our line names a local checkpoint directory.
+    if serve_runs_layout(plan):
         ours = ["r1deploy serve /path/to/" + repo.split("/")[-1], f"--max-model-len {max_len}"]
         if tp > 1:
             ours.insert(1, f"--tp {tp}" + (" --dp-attention" if dep["dp_attention"] else ""))
@@ -78,6 +75,13 @@ def launch_commands(plan: dict[str, Any]) -> dict[str, str]:
     if nodes > 1:
         commands.update(_other_nodes(commands, nodes))
     return commands
+
+
+def serve_runs_layout(plan: dict[str, Any]) -> bool:
+    """r1deploy serve runs TP over one or more nodes, with MoE experts split over the TP ranks (EP = TP),
+    optionally with data-parallel MLA attention (--dp-attention); PP and replicas are not implemented yet."""
+    dep = plan["deployment"]
+    return (not plan["model"]["moe"] or dep["ep"] == dep["tp"]) and dep["pp"] == 1 and dep["replicas"] == 1
 
 
 def _other_nodes(commands: dict[str, str], nodes: int) -> dict[str, str]:

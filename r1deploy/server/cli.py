@@ -76,15 +76,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="with --tp N on GPUs: every all-reduce through NCCL; by default those up to 1 MiB (decode) "
                         "use torch's symmetric memory (one-shot over NVLink P2P: 7 vs 12 us at 7 KiB on two H200s)")
-    p.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks span (torchrun's meaning)")
-    p.add_argument("--node-rank", type=int, default=0,
-                   help="this node's index; node 0 runs rank 0 and the HTTP server, the others only their ranks "
-                        "and exit when rank 0 shuts down")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="nodes the --tp ranks span (torchrun's meaning; default 1, or the launcher's: torchrun, "
+                        "LeaderWorkerSet and Slurm variables are read, flags win; docs/deploy.md)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's index (default 0, or the launcher's); node 0 runs rank 0 and the HTTP server, "
+                        "the others only their ranks and exit when rank 0 shuts down")
     p.add_argument("--nproc-per-node", type=int, default=0, help="ranks (GPUs) on each node (default: --tp / --nnodes)")
-    p.add_argument("--master-addr", default="127.0.0.1",
-                   help="node 0's address on the private rank network; rank 0 hosts the rendezvous there")
-    p.add_argument("--master-port", type=int, default=0,
-                   help="rendezvous port on --master-addr (default: a free one; required with --nnodes > 1)")
+    p.add_argument("--master-addr", default=None,
+                   help="node 0's address on the private rank network; rank 0 hosts the rendezvous there "
+                        "(default 127.0.0.1, or the launcher's)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port on --master-addr (default: a free one, or the launcher's; required with "
+                        "--nnodes > 1)")
+    p.add_argument("--numa-bind", choices=("auto", "on", "off"), default="auto",
+                   help="bind each rank's threads and host memory to its GPU's NUMA node (NVML topology); auto: "
+                        "when the host has several NUMA nodes")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="seconds a tensor-parallel collective may take before the engine fails (default 300)")
     p.add_argument("--dist-init-timeout", type=float, default=None,
@@ -133,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
                        "cpu_kv_cache_bytes", "kv_cache_dtype")
                       if getattr(args, name) is not None}
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    from r1deploy.distributed import launcher_env
+
+    layout, notes = launcher_env.resolve({k: getattr(args, k) for k in launcher_env.DEFAULTS}, os.environ)
+    args = argparse.Namespace(**{**vars(args), **layout})
+    for note in notes:
+        print(f"r1deploy serve: {note}", file=sys.stderr, flush=True)
     args.model = resolve_model_source(args.model, revision=args.revision, download_dir=args.download_dir,
                                       load_format=args.load_format)
     try:
@@ -142,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         parallel = {"tensor_parallel_size": args.tp, "nnodes": args.nnodes, "node_rank": args.node_rank,
                     "nproc_per_node": args.nproc_per_node, "master_addr": args.master_addr,
                     "master_port": args.master_port, "dp_attention": args.dp_attention,
-                    "moe_all_to_all": args.moe_a2a, "custom_all_reduce": not args.disable_custom_all_reduce}
+                    "moe_all_to_all": args.moe_a2a, "custom_all_reduce": not args.disable_custom_all_reduce,
+                    "numa_bind": args.numa_bind}
         if args.dist_timeout is not None:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:
@@ -163,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
         from r1deploy.distributed.nodes import run_node
 
         return run_node(args.model, config, dtype=args.dtype, device=args.device, load_format=args.load_format)
+
+    from r1deploy.distributed.numa import bind_rank, device_type
+
+    # Before any thread starts: threads inherit the CPU set and memory policy of the one that starts them.
+    bind_rank(args.numa_bind, 0, device_type(args.device), "r1deploy serve")
 
     def load() -> LLMEngine:
         return LLMEngine(args.model, config=config, dtype=args.dtype, device=args.device, load_format=args.load_format)

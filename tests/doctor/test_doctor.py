@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from r1deploy.plan import doctor, gpu_probe, host
-from r1deploy.plan.doctor import FAIL, PASS, WARN, Check, requirements_from_plan, run_checks
-from r1deploy.plan.gpu_probe import GpuInfo, GpuReport
-from r1deploy.plan.host import CgroupLimits, CpuInfo, DiskInfo, HostReport, MemoryInfo, NumaNode
+from r1deploy.doctor import checks, gpu_probe, host
+from r1deploy.doctor.checks import FAIL, PASS, WARN, Check, run_checks
+from r1deploy.doctor.gpu_probe import GpuInfo, GpuReport
+from r1deploy.doctor.host import CgroupLimits, CpuInfo, DiskInfo, HostReport, MemoryInfo, NumaNode
+from r1deploy.doctor.requirements import requirements_from_plan
+from r1deploy.errors import UsageError
 
 GIB = 1 << 30
 
@@ -407,27 +409,27 @@ def test_busy_gpu_warns_about_co_located_work() -> None:
     ],
 )
 def test_gpu_name_matches(planned: str, nvml: str, match: bool) -> None:
-    assert doctor.gpu_name_matches(planned, nvml) is match
+    assert checks.gpu_name_matches(planned, nvml) is match
 
 
 def test_missing_plan_key_names_it() -> None:
     plan = make_plan()
     del plan["host"]["ram_bytes"]
-    with pytest.raises(doctor.UsageError, match="'host.ram_bytes'"):
+    with pytest.raises(UsageError, match="'host.ram_bytes'"):
         requirements_from_plan(plan, source="plan.json")
 
 
 def test_zero_nodes_is_a_usage_error() -> None:
     plan = make_plan()
     plan["deployment"]["nodes"] = 0
-    with pytest.raises(doctor.UsageError, match="deployment.nodes must be at least 1"):
+    with pytest.raises(UsageError, match="deployment.nodes must be at least 1"):
         requirements_from_plan(plan, source="plan.json")
 
 
 def test_wrongly_typed_plan_value_is_a_usage_error() -> None:
     plan = make_plan()
     plan["deployment"]["num_gpus"] = "eight"
-    with pytest.raises(doctor.UsageError, match="'deployment.num_gpus' must be a number"):
+    with pytest.raises(UsageError, match="'deployment.num_gpus' must be a number"):
         requirements_from_plan(plan, source="plan.json")
 
 

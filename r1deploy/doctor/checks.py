@@ -1,25 +1,17 @@
-"""`r1deploy doctor`: inspect this host and check it against a deployment plan.
-
-The host facts come from host.py; this module judges them. Requirements come from a plan file
-(`r1deploy plan --json`) or from the planner for --model/--gpu; without either, only the
-checks that need no plan run. Each check is one pass / warn / fail line with advice. The CLI
-imports this module at startup, so it stays light: no torch, and pynvml and rich load only when used.
-"""
+"""`r1deploy doctor`'s checks: each judges the host facts (host.py) against a plan's Requirements, as one
+pass / warn / fail line with advice. Without a plan only the checks that need none run."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from r1deploy.errors import UsageError
-from r1deploy.plan.gpu_probe import NVLINK, GpuInfo
-from r1deploy.plan.host import HostReport, collect_host
+from r1deploy.doctor.gpu_probe import NVLINK, GpuInfo
+from r1deploy.doctor.host import HostReport
+from r1deploy.doctor.requirements import Requirements
+from r1deploy.doctor.units import GIB, cc, gib, mbs
 
 if TYPE_CHECKING:  # collectives imports torch; doctor loads it only for --allreduce
     from r1deploy.plan.collectives import AllReduceResult
@@ -27,15 +19,13 @@ if TYPE_CHECKING:  # collectives imports torch; doctor loads it only for --allre
 PASS, WARN, FAIL = "pass", "warn", "fail"
 # A measured all-reduce this far below the planner's assumption is worth a warning.
 ALLREDUCE_TOLERANCE = 0.8
-_GIB = 1 << 30
-DEFAULT_CACHE_DIR = Path("~/.cache/r1deploy")
 # FP8 tensor cores arrived with Ada (8.9) and Hopper (9.0).
 _FP8_MIN_CAPABILITY = (8, 9)
 # NVML's total is the usable memory, a little under the marketed size a plan may assume
 # (141 GB H200 -> 140.4 GiB).
 _GPU_MEMORY_TOLERANCE = 0.97
 # Memory that other processes hold on a GPU above this is worth a warning; drivers reserve a few hundred MiB.
-_GPU_BUSY_BYTES = 1 * _GIB
+_GPU_BUSY_BYTES = 1 * GIB
 # A 1-minute load average above this share of the usable CPUs means someone else is computing here.
 _BUSY_LOAD_SHARE = 0.5
 
@@ -53,171 +43,6 @@ class Check:
     message: str
     advice: str = ""
 
-
-@dataclass(frozen=True)
-class Requirements:
-    """What a plan asks of each host. host.* values are per node, deployment.num_gpus is the total."""
-
-    gpu: str
-    num_gpus: int
-    nodes: int
-    gpu_memory_bytes: int
-    fp8_compute: bool
-    ram_bytes: int
-    disk_bytes: int
-    cpu_cores: int
-    load_time_s: float
-    disk_read_bytes_per_s: float
-    internode_bytes_per_s: float
-    total_params: int
-    weights_bytes: int
-
-    @property
-    def gpus_per_node(self) -> int:
-        return math.ceil(self.num_gpus / self.nodes)
-
-
-# Requirements field -> (plan key, expected type). A number is int or float, never bool.
-_PLAN_KEYS: dict[str, tuple[str, type]] = {
-    "gpu": ("deployment.gpu", str),
-    "num_gpus": ("deployment.num_gpus", int),
-    "nodes": ("deployment.nodes", int),
-    "gpu_memory_bytes": ("deployment.gpu_memory_bytes", int),
-    "fp8_compute": ("deployment.fp8_compute", bool),
-    "ram_bytes": ("host.ram_bytes", int),
-    "disk_bytes": ("host.disk_bytes", int),
-    "cpu_cores": ("host.cpu_cores", int),
-    "load_time_s": ("host.load_time_s", float),
-    "disk_read_bytes_per_s": ("host.disk_read_bytes_per_s", float),
-    "internode_bytes_per_s": ("host.internode_bytes_per_s", float),
-    "total_params": ("model.total_params", int),
-    "weights_bytes": ("memory.weights_bytes", int),
-}
-
-
-# --- CLI -------------------------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "doctor",
-        help="inspect this host and check it against a plan",
-        description="Inspect this host (CPU, RAM, NUMA, cgroup limits, disk with a sequential-read test, "
-        "NVIDIA GPUs and their topology) and check it against a plan's host and GPU requirements. "
-        "Exit code: 0 when no check fails (warnings allowed), 1 when any check fails, "
-        "2 on a usage error.",
-    )
-    source = p.add_argument_group("plan to check against (none: report the host only)")
-    source.add_argument(
-        "--plan", type=Path, metavar="PLAN.json", help="a plan printed by `r1deploy plan --json`"
-    )
-    source.add_argument("--model", help="plan this model now (preset name, config.json or model directory)")
-    source.add_argument("--gpu", help="GPU the plan assumes (with --model; default: the planner's)")
-    p.add_argument(
-        "--json", action="store_true", help="print one JSON object: host, requirements, checks, summary"
-    )
-    p.add_argument(
-        "--read-test-mib",
-        type=int,
-        default=256,
-        metavar="N",
-        help="size of the sequential-read test file written to --path (default 256; 0 skips the test)",
-    )
-    p.add_argument(
-        "--path",
-        type=Path,
-        metavar="DIR",
-        help=f"model/cache directory whose disk is checked (default {DEFAULT_CACHE_DIR} if it exists, "
-        "else the current directory)",
-    )
-    p.add_argument(
-        "--allreduce",
-        action="store_true",
-        help="measure NCCL all-reduce bus bandwidth between this host's GPUs (about 10 s) and compare it "
-        "with the link bandwidth the plan assumes",
-    )
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.read_test_mib < 0:
-        raise UsageError("--read-test-mib must be 0 (skip) or a positive number of MiB")
-    disk_path = _disk_path(args.path)
-    requirements = _requirements(args)
-    host = collect_host(disk_path, args.read_test_mib)
-    checks = run_checks(host, requirements)
-    if args.allreduce:
-        checks.append(check_allreduce(host, requirements))
-    if args.json:
-        print(json.dumps(report_dict(host, requirements, checks), indent=2))
-    else:
-        _print_report(host, requirements, checks)
-    return 1 if any(c.status == FAIL for c in checks) else 0
-
-
-def _disk_path(path: Path | None) -> Path:
-    if path is None:
-        default = DEFAULT_CACHE_DIR.expanduser()
-        return default if default.is_dir() else Path.cwd()
-    path = path.expanduser()
-    if not path.is_dir():
-        raise UsageError(f"--path {path} is not a directory")
-    return path
-
-
-def _requirements(args: argparse.Namespace) -> Requirements | None:
-    if args.plan is not None:
-        if args.model or args.gpu:
-            raise UsageError("give either --plan or --model/--gpu, not both")
-        return requirements_from_plan(_load_plan(args.plan), source=str(args.plan))
-    if args.model or args.gpu:
-        # Imported here: only this path needs the planner, and the CLI imports doctor at every start.
-        from r1deploy.plan.planner import plan_deployment
-
-        options = {k: v for k, v in (("model", args.model), ("gpu", args.gpu)) if v}
-        return requirements_from_plan(plan_deployment(**options), source="the planner")
-    return None
-
-
-def _load_plan(path: Path) -> dict[str, Any]:
-    try:
-        plan = json.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read plan file {path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"plan file {path} is not JSON: {exc}") from exc
-    if not isinstance(plan, dict):
-        raise UsageError(f"plan file {path} must hold one JSON object, as `r1deploy plan --json` prints")
-    return plan
-
-
-def requirements_from_plan(plan: dict[str, Any], source: str) -> Requirements:
-    req = Requirements(
-        **{field: _plan_value(plan, key, kind, source) for field, (key, kind) in _PLAN_KEYS.items()}
-    )
-    if req.nodes < 1 or req.num_gpus < 0:
-        raise UsageError(
-            f"{source}: deployment.nodes must be at least 1 and deployment.num_gpus not negative"
-        )
-    return req
-
-
-def _plan_value(plan: dict[str, Any], key: str, kind: type, source: str) -> Any:
-    value: Any = plan
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise UsageError(f"{source} has no key {key!r} (expected the output of `r1deploy plan --json`)")
-        value = value[part]
-    numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (numeric or (kind in (str, bool) and isinstance(value, kind))):
-        raise UsageError(
-            f"{source}: {key!r} must be {'a number' if kind in (int, float) else kind.__name__}, "
-            f"not {value!r}"
-        )
-    return value
-
-
-# --- checks ----------------------------------------------------------------------------------------
 
 
 def run_checks(host: HostReport, req: Requirements | None) -> list[Check]:
@@ -330,7 +155,7 @@ def check_gpus(host: HostReport, req: Requirements) -> list[Check]:
 def _check_gpu_memory(gpus: tuple[GpuInfo, ...], req: Requirements) -> Check:
     smallest = min(gpus, key=lambda g: g.memory_bytes)
     have, want = smallest.memory_bytes, req.gpu_memory_bytes
-    message = f"GPU {smallest.index} has {_gib(have)}, the plan assumes {_gib(want)} per GPU"
+    message = f"GPU {smallest.index} has {gib(have)}, the plan assumes {gib(want)} per GPU"
     if have >= want * _GPU_MEMORY_TOLERANCE:
         return Check(PASS, "GPU memory", message)
     return Check(
@@ -372,12 +197,12 @@ def _name_tokens(name: str) -> list[str]:
 def _check_fp8(gpus: tuple[GpuInfo, ...]) -> Check:
     lacking = [g for g in gpus if g.compute_capability < _FP8_MIN_CAPABILITY]
     if not lacking:
-        return Check(PASS, "FP8", f"compute capability {_cc(gpus[0])} runs FP8 matmuls")
+        return Check(PASS, "FP8", f"compute capability {cc(gpus[0])} runs FP8 matmuls")
     g = lacking[0]
     return Check(
         FAIL,
         "FP8",
-        f"the plan computes in FP8; GPU {g.index} ({g.name}) has compute capability {_cc(g)}, "
+        f"the plan computes in FP8; GPU {g.index} ({g.name}) has compute capability {cc(g)}, "
         "FP8 needs 8.9 or newer (Ada, Hopper, Blackwell)",
         "re-plan for this GPU: without FP8 compute the weights run in BF16 and need about twice the memory",
     )
@@ -416,7 +241,7 @@ def check_ram(host: HostReport, req: Requirements) -> Check:
         return Check(
             FAIL,
             "RAM",
-            f"{_gib(have)}{limited} RAM, the plan needs {_gib(want)}",
+            f"{gib(have)}{limited} RAM, the plan needs {gib(want)}",
             "use a host with more memory, or raise the container's memory limit",
         )
     available = host.memory.available_bytes
@@ -424,12 +249,12 @@ def check_ram(host: HostReport, req: Requirements) -> Check:
         return Check(
             WARN,
             "RAM",
-            f"{_gib(have)}{limited} RAM, but only {_gib(available)} available now; "
-            f"the plan needs {_gib(want)}",
+            f"{gib(have)}{limited} RAM, but only {gib(available)} available now; "
+            f"the plan needs {gib(want)}",
             "stop other memory-hungry processes first",
         )
     return Check(
-        PASS, "RAM", f"{_gib(have)}{limited} RAM ({_gib(available)} available), the plan needs {_gib(want)}"
+        PASS, "RAM", f"{gib(have)}{limited} RAM ({gib(available)} available), the plan needs {gib(want)}"
     )
 
 
@@ -438,19 +263,19 @@ def check_disk_space(host: HostReport, req: Requirements) -> Check:
     where = f"{disk.path} ({disk.mount_point})"
     if disk.free_bytes >= want:
         return Check(
-            PASS, "disk space", f"{_gib(disk.free_bytes)} free on {where}, the plan needs {_gib(want)}"
+            PASS, "disk space", f"{gib(disk.free_bytes)} free on {where}, the plan needs {gib(want)}"
         )
     if disk.total_bytes < want:
         return Check(
             FAIL,
             "disk space",
-            f"{where} holds {_gib(disk.total_bytes)} in all, the plan needs {_gib(want)}",
+            f"{where} holds {gib(disk.total_bytes)} in all, the plan needs {gib(want)}",
             "put the weights on a larger disk and point --path there",
         )
     return Check(
         WARN,
         "disk space",
-        f"{_gib(disk.free_bytes)} free on {where}, the plan needs {_gib(want)}",
+        f"{gib(disk.free_bytes)} free on {where}, the plan needs {gib(want)}",
         "fine if the weights are already there; otherwise free space or use another disk (--path)",
     )
 
@@ -461,13 +286,13 @@ def check_disk_read(host: HostReport, req: Requirements) -> Check:
         return Check(
             WARN,
             "disk read",
-            f"not measured ({host.disk.read_note}); the plan assumes {_mbs(assumed)}",
+            f"not measured ({host.disk.read_note}); the plan assumes {mbs(assumed)}",
             "run without --read-test-mib 0 to measure it",
         )
     load_s = req.weights_bytes / req.nodes / speed
     message = (
-        f"{_mbs(speed)} sequential read ({host.disk.read_note}); the plan assumes {_mbs(assumed)}; "
-        f"loading {_gib(req.weights_bytes // req.nodes)} of weights takes ~{load_s:.0f} s "
+        f"{mbs(speed)} sequential read ({host.disk.read_note}); the plan assumes {mbs(assumed)}; "
+        f"loading {gib(req.weights_bytes // req.nodes)} of weights takes ~{load_s:.0f} s "
         f"(plan: {req.load_time_s:.0f} s)"
     )
     if speed >= assumed:
@@ -528,7 +353,7 @@ def check_container_limits(host: HostReport) -> list[Check]:
             Check(
                 WARN,
                 "cgroup memory",
-                f"container limited to {_gib(limit)} of the host's {_gib(host.memory.total_bytes)}",
+                f"container limited to {gib(limit)} of the host's {gib(host.memory.total_bytes)}",
                 advice,
             )
         )
@@ -553,7 +378,7 @@ def check_numa(host: HostReport) -> Check:
 
 def check_colocation(host: HostReport) -> Check:
     busy = [
-        f"GPU {g.index} has {_gib(g.memory_used_bytes)} in use"
+        f"GPU {g.index} has {gib(g.memory_used_bytes)} in use"
         for g in host.gpu.gpus
         if g.memory_used_bytes > _GPU_BUSY_BYTES
     ]
@@ -569,129 +394,3 @@ def check_colocation(host: HostReport) -> Check:
         "if other work will share this host, confine it with cgroups (docker --cpuset-cpus, "
         "systemd-run -p AllowedCPUs=...) or isolcpus",
     )
-
-
-# --- output ----------------------------------------------------------------------------------------
-
-
-def report_dict(host: HostReport, req: Requirements | None, checks: list[Check]) -> dict[str, Any]:
-    return {
-        "host": asdict(host),
-        "requirements": asdict(req) if req else None,
-        "checks": [asdict(c) for c in checks],
-        "summary": summarize(checks),
-    }
-
-
-def summarize(checks: list[Check]) -> dict[str, int]:
-    return {status: sum(c.status == status for c in checks) for status in (PASS, WARN, FAIL)}
-
-
-def host_facts(host: HostReport) -> list[tuple[str, str]]:
-    cpu, disk = host.cpu, host.disk
-    mhz = "/".join(f"{m:.0f}" for m in (cpu.mhz_current, cpu.mhz_max) if m) or "?"
-    facts = [
-        ("host", f"{host.hostname} ({host.platform})"),
-        (
-            "CPU",
-            (
-                f"{cpu.model}: {cpu.physical_cores} cores / {cpu.logical_cores} threads, "
-                f"{cpu.usable_cpus} usable, {mhz} MHz, L3 {_gib(cpu.l3_bytes) if cpu.l3_bytes else '?'}"
-            ),
-        ),
-        ("RAM", f"{_gib(host.memory.total_bytes)} total, {_gib(host.memory.available_bytes)} available"),
-        (
-            "NUMA",
-            "; ".join(
-                f"node {n.id}: CPUs {n.cpulist}" + (f", {_gib(n.memory_bytes)}" if n.memory_bytes else "")
-                for n in host.numa_nodes
-            )
-            or "unknown",
-        ),
-        ("cgroup", _cgroup_fact(host)),
-        (
-            "disk",
-            f"{disk.path} on {disk.mount_point} ({disk.device}, {disk.fstype}): {_gib(disk.free_bytes)} free "
-            f"of {_gib(disk.total_bytes)}; read "
-            + (
-                f"{_mbs(disk.read_bytes_per_s)} ({disk.read_note})"
-                if disk.read_bytes_per_s
-                else disk.read_note
-            ),
-        ),
-    ]
-    return facts + _gpu_facts(host)
-
-
-def _cgroup_fact(host: HostReport) -> str:
-    cg = host.cgroup
-    if cg.version is None:
-        return "none found"
-    cpu = f"{cg.cpu_quota:g} CPUs" if cg.cpu_quota else "no CPU quota"
-    memory = _gib(cg.memory_limit_bytes) if cg.memory_limit_bytes else "no memory limit"
-    return f"v{cg.version}: {cpu}, {memory}"
-
-
-def _gpu_facts(host: HostReport) -> list[tuple[str, str]]:
-    report = host.gpu
-    if not report.gpus:
-        return [("GPUs", f"none ({report.reason})")]
-    facts = [("driver", f"{report.driver_version} (CUDA {report.cuda_driver_version})")]
-    for g in report.gpus:
-        pcie = f"PCIe gen{g.pcie_gen} x{g.pcie_width}" if g.pcie_gen else "PCIe ?"
-        numa = f", NUMA node {g.numa_node}" if g.numa_node is not None else ""
-        facts.append(
-            (
-                f"GPU {g.index}",
-                (
-                    f"{g.name}, {_gib(g.memory_bytes)} ({_gib(g.memory_used_bytes)} used), "
-                    f"cc {_cc(g)}, {pcie}, {g.nvlinks_active} NVLinks{numa}"
-                ),
-            )
-        )
-    if len(report.gpus) > 1:
-        facts.append(
-            ("topology", "\n".join(" ".join(f"{cell:>4}" for cell in row) for row in report.topology))
-        )
-    return facts
-
-
-def _print_report(host: HostReport, req: Requirements | None, checks: list[Check]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    facts = Table(title="this host", show_header=False, title_justify="left")
-    for key, value in host_facts(host):
-        facts.add_row(key, value)
-    console.print(facts)
-    title = (
-        f"checks against a plan for {req.total_params / 1e9:.0f}B params on {req.num_gpus}x {req.gpu}"
-        f" over {req.nodes} node(s)"
-        if req
-        else "checks (host only)"
-    )
-    table = Table("status", "check", "result", "advice", title=title, title_justify="left")
-    colours = {PASS: "green", WARN: "yellow", FAIL: "bold red"}
-    for c in checks:
-        table.add_row(f"[{colours[c.status]}]{c.status}[/]", c.name, c.message, c.advice)
-    console.print(table)
-    counts = summarize(checks)
-    console.print(f"{counts[PASS]} pass, {counts[WARN]} warn, {counts[FAIL]} fail")
-    if req is None:
-        console.print(
-            "no plan given: check against one with `r1deploy doctor --model deepseek-r1 --gpu h200` "
-            "or `r1deploy doctor --plan PLAN.json` (from `r1deploy plan --json`)"
-        )
-
-
-def _gib(n: int) -> str:
-    return f"{n / _GIB:.1f} GiB" if n >= _GIB else f"{n / (1 << 20):.0f} MiB"
-
-
-def _mbs(bytes_per_s: float) -> str:
-    return f"{bytes_per_s / 1e6:,.0f} MB/s"
-
-
-def _cc(gpu: GpuInfo) -> str:
-    return ".".join(map(str, gpu.compute_capability))

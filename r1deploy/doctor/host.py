@@ -1,7 +1,7 @@
 """What this host offers a deployment: CPU, memory, NUMA, cgroup limits, the model disk and GPUs.
 
 Pure data collection for `r1deploy doctor`: every function returns frozen dataclasses and judges
-nothing; the checks live in doctor.py. Linux sources (/proc, /sys) are read directly because they
+nothing; the checks live in checks.py. Linux sources (/proc, /sys) are read directly because they
 are exact and cheap; anything missing (another OS, a locked-down container) becomes None.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from r1deploy.plan.gpu_probe import GpuReport, probe_gpus
+from r1deploy.doctor.gpu_probe import GpuReport, probe_gpus
 
 MIB = 1 << 20
 # A cgroup v1 "no limit" is PAGE_COUNTER_MAX rounded to a page, just under 2**63;
@@ -203,13 +203,18 @@ def numa_nodes(node_root: Path = Path("/sys/devices/system/node")) -> tuple[Numa
     return tuple(nodes)
 
 
+def parse_cpulist(cpulist: str) -> frozenset[int]:
+    """'0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11} (the kernel's list format)."""
+    cpus: set[int] = set()
+    for part in filter(None, cpulist.strip().split(",")):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return frozenset(cpus)
+
+
 def count_cpulist(cpulist: str) -> int:
     """'0-3,8,10-11' -> 7."""
-    count = 0
-    for part in filter(None, cpulist.split(",")):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
+    return len(parse_cpulist(cpulist))
 
 
 def _node_memory(node_dir: Path) -> int | None:

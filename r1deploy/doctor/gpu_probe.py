@@ -148,3 +148,26 @@ def _link(nvml: ModuleType, a: Any, b: Any, same: bool) -> str:
         return NVLINK
     level = _optional(nvml, nvml.nvmlDeviceGetTopologyCommonAncestor, a, b)
     return _TOPOLOGY_LABELS.get(level, "?")
+
+
+def gpu_pids() -> dict[int, int]:
+    """{pid: GPU index} of the processes holding a CUDA context on each GPU; {} without NVML or GPUs."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return {}
+    try:
+        owners = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for process in _optional(pynvml, pynvml.nvmlDeviceGetComputeRunningProcesses, handle) or ():
+                owners[int(process.pid)] = index
+        return owners
+    except pynvml.NVMLError:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
