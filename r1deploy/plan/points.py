@@ -321,6 +321,56 @@ def _bench_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: s
             for key, (metric, value) in measured.items() if value is not None]
 
 
+def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str | None,
+                 options: dict[str, Any]) -> list[Point]:
+    """benchmarks/h200_r1_full.py's result: DeepSeek (its `model` config keys over deepseek-r1, e.g. cut to 17
+    layers) on `num_gpus` GPUs at TP `tp` (EP = TP), one wave per `decode` entry: `concurrency` prompts sent at
+    once, each `input_len` in / `output_len` out. A wave is not a steady state: every prompt is prefilled
+    first (one after another, the last waits for all), then all decode together; so the wave lasts
+    c x prefill + output_len x step(c), the mean TTFT is half the prefill, and the mean TPOT is the rest of
+    the wave over output_len - 1 tokens (a steady-state queue model would be optimistic here)."""
+    from r1deploy.plan.model_spec import load_model
+    from r1deploy.plan.precision import make_precision
+
+    gpu_name = gpu_flag or data.get("gpu")
+    if not gpu_name:
+        raise UsageError(f"{path}: no 'gpu'; pass --gpu NAME")
+    gpu = _gpu(catalog, str(gpu_name))
+    tp = data.get("tp")
+    if not isinstance(tp, int) or tp < 1:
+        raise UsageError(f"{path}: 'tp' must be a positive integer")
+    overrides = {k: v for k, v in (data.get("model") or {}).items() if k in ("num_hidden_layers", "first_k_dense_replace")}
+    spec = load_model(str(data.get("preset") or LAYERS_DEFAULT_MODEL), overrides)
+    precision = make_precision(options.get("weights"), options.get("kv_cache_dtype", "auto"), options.get("group_size"),
+                               spec.checkpoint_weights, spec.checkpoint_group_size)
+    layout = Layout(tp, tp, 1, tp, bool(data.get("dp_attention")), DEFAULT_GPUS_PER_NODE)
+    cost = stage_cost(spec, precision, layout, gpu, Efficiency())
+    name = f"{spec.name} {spec.num_dense_layers}d+{spec.num_moe_layers}m"
+    points: list[Point] = []
+    for i, entry in enumerate(data.get("decode") or []):
+        where = f"{path} [decode[{i}]]"
+        c, n_in, n_out = (entry.get(k) for k in ("concurrency", "input_len", "output_len"))
+        if not all(isinstance(v, int) and v >= 1 for v in (c, n_in, n_out)) or n_out < 2:
+            raise UsageError(f"{where}: concurrency, input_len and output_len must be positive integers")
+
+        def wave(eff: Efficiency, c: int = c, n_in: int = n_in, n_out: int = n_out) -> tuple[float, float]:
+            at = replace(cost, eff=eff)
+            prefill_s = c * prefill_stage(at, n_in).total_s
+            step_s = decode_stage(at, c, n_in + n_out / 2).total_s + eff.step_overhead_s
+            return prefill_s, step_s
+
+        desc = f"one wave of {c}, {n_in}/{n_out} tok, {layout.num_gpus}x {gpu.name} {layout.describe()}"
+        common = {"source": Path(path).name, "model": name, "workload": desc, "family": calibration_family(spec)}
+        tpot, tput = _number(entry, "mean_tpot_ms", where), _number(entry, "output_tok_s", where)
+        if tpot is not None:
+            points.append(Point(**common, metric="TPOT ms (mean)", measured=tpot, fits="decode",
+                                predict=lambda eff, w=wave, n=n_out: (w(eff)[0] / 2 + n * w(eff)[1]) / (n - 1) * 1e3))
+        if tput is not None:
+            points.append(Point(**common, metric="output tok/s", measured=tput, fits=None,
+                                predict=lambda eff, w=wave, c=c, n=n_out: c * n / (w(eff)[0] + n * w(eff)[1])))
+    return points
+
+
 def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) -> list[Point]:
     catalog = Catalog.load(options.get("gpu_file"), None)
     points: list[Point] = []
@@ -341,6 +391,8 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             found = _engine_points(path, data, "", catalog, gpu, options)
         elif isinstance(data.get("models"), list):
             found = _layers_points(path, data, catalog, gpu, options)
+        elif isinstance(data.get("decode"), list) and "tp" in data:
+            found = _wave_points(path, data, catalog, gpu, options)
         else:
             found = []
             for label, entry in data.items():
@@ -351,7 +403,7 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
                 raise UsageError(f"--calibrate {path}: neither a bench report (schema {BENCH_SCHEMA}) nor an engine "
                                  "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms) "
                                  "nor a reduced-depth DeepSeek file (a 'models' list) nor an AWQ file (an 'awq' "
-                                 "object)")
+                                 "object) nor a full-model run (a 'decode' list and 'tp')")
         if not found:
             raise UsageError(f"--calibrate {path}: no measured TTFT, TPOT or throughput in it")
         points += found

@@ -54,6 +54,10 @@ class Efficiency:
     # Fixed time per decoder layer per decode step, beyond its roofline (the latency of a chain of
     # small kernels: a graph replay still pays each kernel's launch and tail). 0 = pure roofline.
     layer_overhead_s: float = 0.0
+    # Fixed time per MoE layer per decode step when the experts are block-scaled FP8, beyond layer_overhead_s:
+    # the fused-MoE kernel dequantises block scales per tile and, at small M, waits on latency, not bytes.
+    # Like layer_overhead_s it does not shrink with TP/EP. 0 = pure roofline.
+    fp8_moe_layer_overhead_s: float = 0.0
     # Share of the (untied) input embedding table read per forward: 1 counts it like any weight (the
     # conservative default the dense calibration was fitted with); 0 = a lookup reads only the batch's
     # rows, as engines do.
@@ -81,17 +85,24 @@ def load_calibration(path: str | Path | None, family: str = "dense") -> Efficien
         data = json.loads(Path(path).expanduser().read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--calibration {path}: {exc}") from None
+    return calibration_from_dict(data, family, str(path))
+
+
+def calibration_from_dict(data: object, family: str, where: str, base: Efficiency | None = None) -> Efficiency:
+    """A calibration object's factors for `family` over `base` (default: Efficiency's): the top level, then the
+    family's section. Engine profiles (engines.py) hold the same object."""
     if not isinstance(data, dict):
-        raise UsageError(f"--calibration {path}: expected a JSON object of efficiency factors, got {data!r}")
+        raise UsageError(f"--calibration {where}: expected a JSON object of efficiency factors, got {data!r}")
+    data = dict(data)
     sections = {k: data.pop(k) for k in CALIBRATION_FAMILIES[1:] if k in data}
-    values = _check_factors(path, data)
+    values = _check_factors(where, data)
     for name, section in sections.items():
         if not isinstance(section, dict):
-            raise UsageError(f"--calibration {path}: {name!r} must be an object of efficiency factors")
-        override = _check_factors(f"{path} [{name}]", section)
+            raise UsageError(f"--calibration {where}: {name!r} must be an object of efficiency factors")
+        override = _check_factors(f"{where} [{name}]", section)
         if name == family:
             values = {**values, **override}
-    return replace(Efficiency(), **values)
+    return replace(base or Efficiency(), **values)
 
 
 def _check_factors(where: str | Path, data: dict[str, object]) -> dict[str, float]:
@@ -149,6 +160,7 @@ class StageCost:
     int4_nonexpert_bytes: float = 0.0  # of nonexpert_bytes: attention, dense MLP and shared-expert linears
     int4_experts: bool = False  # the routed experts (expert_bytes) are INT4 too
     int4_to_16bit: float = 0.0  # 16-bit bytes of the same weights per INT4 byte (~3.8 at group 128)
+    fp8_weights: bool = False  # block-scaled FP8 linears (Efficiency.fp8_moe_layer_overhead_s)
 
     @property
     def layers(self) -> int:
@@ -188,6 +200,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
         embedding_bytes=(weights_bytes_per_gpu(model, precision, layout, parts=("embedding",))
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
         int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
+        fp8_weights=precision.weights == "fp8",
     )
 
 
@@ -260,18 +273,21 @@ def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
     return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways)
 
 
-def decode_stage(cost: StageCost, batch: float, context: float) -> StepTime:
-    """One decode step of `batch` sequences at average `context` tokens. Attention per token: GQA
-    4*L*H*d*ctx; absorbed MLA 2*L*H*(2*kv_lora + rope)*ctx. KV read: every attention rank reads the
-    cache of the sequences it serves (MLA latents are not TP-split, so each TP rank reads all)."""
+def decode_stage(cost: StageCost, batch: float, context: float, query_tokens: int = 1) -> StepTime:
+    """One decode step of `batch` sequences at average `context` tokens, `query_tokens` per sequence (1, or
+    1 + draft tokens for a speculative verify step: the KV cache is read once for all of them). Attention
+    per token: GQA 4*L*H*d*ctx; absorbed MLA 2*L*H*(2*kv_lora + rope)*ctx. KV read: every attention rank
+    reads the cache of the sequences it serves (MLA latents are not TP-split, so each TP rank reads all)."""
     m, lay = cost.model, cost.layout
     if m.mla:
         per_token = 2 * cost.layers * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * context
     else:
         per_token = 4 * cost.layers * m.num_heads * m.head_dim * context
-    attn = per_token * batch / lay.tp
+    attn = per_token * batch * query_tokens / lay.tp
     kv_read = batch / lay.attention_dp * context * cost.kv_bytes_per_token
-    return _step(cost, batch, attn, kv_read, cost.eff.decode_flops, lay.tp, cost.layers * cost.eff.layer_overhead_s)
+    fixed_s = cost.layers * cost.eff.layer_overhead_s + (
+        cost.moe_layers * cost.eff.fp8_moe_layer_overhead_s if cost.fp8_weights else 0.0)
+    return _step(cost, batch * query_tokens, attn, kv_read, cost.eff.decode_flops, lay.tp, fixed_s)
 
 
 def pipeline_send_s(cost: StageCost, tokens: float) -> float:
