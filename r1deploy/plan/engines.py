@@ -60,6 +60,23 @@ class EngineProfile:
         return int(value) if value else None
 
 
+def spec_decode_dict(settings: Any, chosen: Any) -> dict[str, Any] | None:
+    """`performance.spec_decode` of a plan: what the engine's speculative decoding (MTP) would give on the chosen
+    deployment, beside the plan's numbers (which are without it, the engines' default); None when the engine
+    has none or the model no MTP module."""
+    from r1deploy.plan.roofline import stage_cost
+    from r1deploy.plan.serving import predict
+
+    spec = load_engine(settings.engine).spec_decode(settings.model) if settings.engine else None
+    if spec is None:
+        return None
+    cost = stage_cost(settings.model, settings.precision, chosen.layout, chosen.gpu, settings.eff)
+    perf = predict(cost, settings.workload, spec)
+    return {"draft_tokens": spec.draft_tokens, "acceptance": spec.acceptance,
+            "tokens_per_step": spec.tokens_per_step, "tpot_s": perf.tpot_s,
+            "tokens_per_s_per_user": perf.tokens_per_s_per_user, "output_tokens_per_s": perf.output_tokens_per_s}
+
+
 def load_engine(name: str) -> EngineProfile:
     if name not in ENGINE_NAMES:
         raise UsageError(f"--engine {name!r}: known engines are {', '.join(ENGINE_NAMES)}")
