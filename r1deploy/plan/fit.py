@@ -17,9 +17,11 @@ Both are clamped to the ranges below; a clamped factor is fixed and the other re
 
 MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
 pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
-wider: prefill_flops as above (wider range); then decode_flops and memory_bandwidth by a search over a
-log grid, and for each pair step_overhead_s and layer_overhead_s (linear in them) by least squares on
-relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's rows).
+wider: prefill_flops as above (wider range) from the prompts that meet no routed expert (dense-only depths),
+and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then decode_flops and
+memory_bandwidth by a search over a log grid, and for each pair step_overhead_s and layer_overhead_s (linear in
+them) by least squares on relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's
+rows).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ FITTED = ("prefill_flops", "memory_bandwidth", "step_overhead_s")
 FITTED_INT4 = ("int4_read", "int4_multirow")
 INT4_RANGE = (0.1, 1.0)
 # The MoE/MLA family's fitted set and ranges (fit_moe).
-FITTED_MOE = ("prefill_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
+FITTED_MOE = ("prefill_flops", "moe_flops", "fp8_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
 MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
 MOE_DECODE_FLOPS_RANGE = (0.01, 1.0)
 MOE_MEMORY_BANDWIDTH_RANGE = (0.1, 1.0)
+MOE_FLOPS_RANGE = (0.05, 1.0)
 LAYER_OVERHEAD_RANGE_S = (0.0, 0.005)
 
 
@@ -253,6 +256,21 @@ def _fit_moe_decode(points: list[Point], eff: Efficiency, fit_flops: bool) -> Ef
     return best[1]
 
 
+def _fit_prefill(points: list[Point], eff: Efficiency) -> Efficiency:
+    """prefill_flops, plus moe_flops (routed experts' grouped GEMM) when some prompts meet experts and some do not,
+    and fp8_flops when some run FP8 linears and some do not (each else confounded with prefill_flops): a few
+    rounds of 1-D least squares on log error over all the points, one factor at a time."""
+    free = [("prefill_flops", MOE_PREFILL_FLOPS_RANGE)]
+    for factor in ("moe_flops", "fp8_flops"):
+        bound = [_sensitive(p, eff, factor) for p in points]
+        if any(bound) and not all(bound):
+            free.append((factor, MOE_FLOPS_RANGE))
+    for _ in range(1 if len(free) == 1 else 6):
+        for factor, bounds in free:
+            eff = replace(eff, **{factor: _fit_one(points, eff, factor, bounds)})
+    return eff
+
+
 def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     """The MoE/MLA family's fit (module docstring): prefill_flops, then decode_flops, memory_bandwidth,
     step_overhead_s and layer_overhead_s, with the embedding read as a lookup."""
@@ -261,10 +279,10 @@ def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     prefill = [p for p in points if p.fits == "prefill"]
     decode = [p for p in points if p.fits == "decode"]
     flops = False
-    for _ in range(2):
+    for _ in range(3):
         prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
         if prefill:
-            eff = replace(eff, prefill_flops=_fit_one(prefill, eff, "prefill_flops", MOE_PREFILL_FLOPS_RANGE))
+            eff = _fit_prefill(prefill, eff)
         if decode:
             eff = _fit_moe_decode(decode, eff, fit_flops=True)
             flops = any(_sensitive(p, eff, "decode_flops") for p in decode)
@@ -277,7 +295,8 @@ def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     elif not flops:
         notes.append("decode_flops kept: no decode step is compute-bound")
     eff = replace(eff, **{k: round(getattr(eff, k), 6 if k.endswith("_s") else 3) for k in FITTED_MOE})
-    bounds = {"prefill_flops": MOE_PREFILL_FLOPS_RANGE, "decode_flops": MOE_DECODE_FLOPS_RANGE,
+    bounds = {"prefill_flops": MOE_PREFILL_FLOPS_RANGE, "moe_flops": MOE_FLOPS_RANGE, "fp8_flops": MOE_FLOPS_RANGE,
+              "decode_flops": MOE_DECODE_FLOPS_RANGE,
               "memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "step_overhead_s": STEP_OVERHEAD_RANGE_S,
               "layer_overhead_s": LAYER_OVERHEAD_RANGE_S}
     for name, (lo, hi) in bounds.items():

@@ -54,6 +54,12 @@ class Efficiency:
     # Fixed time per decoder layer per decode step, beyond its roofline (the latency of a chain of
     # small kernels: a graph replay still pays each kernel's launch and tail). 0 = pure roofline.
     layer_overhead_s: float = 0.0
+    # MoE grouped GEMM: share of the phase's MFU (prefill_flops / decode_flops) the routed experts' GEMMs reach.
+    # Experts run as many small GEMMs of uneven M (tokens sorted per expert), below dense GEMMs' MFU. 1 = same.
+    moe_flops: float = 1.0
+    # FP8 linears on GPUs with FP8 tensor cores: share of the phase's MFU they reach against the FP8 peak (1 = the
+    # same share as bf16 GEMMs of the bf16 peak; a block-scaled Triton GEMM no faster than cuBLAS bf16 is ~0.5).
+    fp8_flops: float = 1.0
     # Fixed time per MoE layer per decode step when the experts are block-scaled FP8, beyond layer_overhead_s:
     # the fused-MoE kernel dequantises block scales per tile and, at small M, waits on latency, not bytes.
     # Like layer_overhead_s it does not shrink with TP/EP. 0 = pure roofline.
@@ -62,10 +68,14 @@ class Efficiency:
     # conservative default the dense calibration was fitted with); 0 = a lookup reads only the batch's
     # rows, as engines do.
     embedding_read: float = 1.0
+    # Share of a prompt's rows the logits GEMM runs on in prefill: 1 counts every row (the conservative default
+    # the dense calibration was fitted with); 0 = only the last row, as engines sample (R1: 3.8 TFLOP saved
+    # per 2,048-token prompt).
+    prefill_logits: float = 1.0
 
 
 # Efficiency factors that may be 0 in a calibration file (besides the *_s latencies).
-ZERO_OK = ("embedding_read",)
+ZERO_OK = ("embedding_read", "prefill_logits")
 # Calibration sections: a calibration file's top-level factors apply to every model; a "moe" object
 # in it overrides them for MoE and/or MLA models (DeepSeek), fitted separately (calibrate.py).
 CALIBRATION_FAMILIES = ("dense", "moe")
@@ -160,7 +170,10 @@ class StageCost:
     int4_nonexpert_bytes: float = 0.0  # of nonexpert_bytes: attention, dense MLP and shared-expert linears
     int4_experts: bool = False  # the routed experts (expert_bytes) are INT4 too
     int4_to_16bit: float = 0.0  # 16-bit bytes of the same weights per INT4 byte (~3.8 at group 128)
+    expert_params: float = 0.0  # of other_params: the routed experts' active (top-k) params (Efficiency.moe_flops)
+    logits_params: float = 0.0  # of other_params: the logits GEMM, run for the last prompt token only in prefill
     fp8_weights: bool = False  # block-scaled FP8 linears (Efficiency.fp8_moe_layer_overhead_s)
+    fp8_compute: bool = False  # ... run on FP8 tensor cores (linear_tflops is the FP8 peak; Efficiency.fp8_flops)
 
     @property
     def layers(self) -> int:
@@ -170,18 +183,20 @@ class StageCost:
 def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuSpec, eff: Efficiency) -> StageCost:
     dense, moe = heaviest_stage(model, layout.pp)
     counts = {"layer": dense + moe, "dense": dense, "moe": moe}
-    attn = other = 0.0
+    attn = other = experts = 0.0
     for t in model.tensors:
         if t.kind not in ("linear", "router") or t.scope not in counts:
             continue
         n = t.numel * t.copies * counts[t.scope]
         if t.part == "routed_experts":
             n *= model.num_experts_per_tok / model.n_routed_experts
+            experts += n
         if t.part == "attention":
             attn += n
         else:
             other += n
-    other += model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
+    logits = model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
+    other += logits
     all_parts = ("attention", "dense_mlp", "shared_experts", "router", "norm", "embedding", "lm_head")
     fp8 = precision.weights == "fp8" and gpu.fp8_compute
     int4_nonexpert = int4_to_16bit = 0.0
@@ -200,7 +215,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
         embedding_bytes=(weights_bytes_per_gpu(model, precision, layout, parts=("embedding",))
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
         int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
-        fp8_weights=precision.weights == "fp8",
+        fp8_weights=precision.weights == "fp8", fp8_compute=fp8, logits_params=logits, expert_params=experts,
     )
 
 
@@ -244,10 +259,16 @@ def collectives(cost: StageCost, tokens: float) -> tuple[float, float, float]:
 
 
 def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flops_eff: float,
-          attention_ways: int, fixed_s: float = 0.0) -> StepTime:
+          attention_ways: int, fixed_s: float = 0.0, logit_rows: float | None = None) -> StepTime:
+    """`logit_rows`: rows the logits GEMM runs on (default every token; a prefill needs only the last)."""
     lay, gpu, eff = cost.layout, cost.gpu, cost.eff
-    linear = 2 * tokens * (cost.attn_params / attention_ways + cost.other_params / lay.tp)
-    compute = linear / (cost.linear_tflops * 1e12 * flops_eff) + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff)
+    rows = tokens if logit_rows is None else logit_rows
+    linear = 2 * tokens * (cost.attn_params / attention_ways + (cost.other_params - cost.logits_params) / lay.tp) + (
+        2 * rows * cost.logits_params / lay.tp)
+    expert_linear = 2 * tokens * cost.expert_params / lay.tp  # part of `linear`, at the grouped GEMM's rate
+    linear_eff = flops_eff * (eff.fp8_flops if cost.fp8_compute else 1.0)
+    compute = ((linear - expert_linear + expert_linear / eff.moe_flops) / (cost.linear_tflops * 1e12 * linear_eff)
+               + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff))
     experts = cost.expert_bytes * experts_touched(cost.model, tokens)
     int4 = cost.int4_nonexpert_bytes + (experts if cost.int4_experts else 0.0)
     hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read) + experts + kv_read)
@@ -270,7 +291,7 @@ def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
     else:
         attn = 2 * cost.layers * m.num_heads * m.head_dim * s * s
     ways = cost.layout.attention_tp
-    return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways)
+    return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways, logit_rows=1 + (s - 1) * cost.eff.prefill_logits)
 
 
 def decode_stage(cost: StageCost, batch: float, context: float, query_tokens: int = 1) -> StepTime:
