@@ -6,7 +6,8 @@ A profile is data, r1deploy/plan/engines/NAME.json:
   `plan --calibrate` refits from the committed runs);
 - `features`: what the engine does that moves the numbers (MTP and its acceptance, DP-attention, EP
   all-to-all, FP8 KV, chunked prefill, CUDA graphs, its largest running batch);
-- `fitted_on`: per factor, the points (or runs) it was fitted on, and how;
+- `fitted_factors` (published engines): the factors engine_fit.py fits on the `fitted` points; `fitted_on`:
+  per factor, the points (or runs) it was fitted on, and how, and where the others come from;
 - `points`: published runs, each marked `set: fitted` (used to fit the factors) or `held_out` (never used
   for fitting; they check that the profile generalises); `runs`: committed result files of this engine
   (benchmarks/results/*.json, read by points.py), relative to the repository root.
@@ -39,6 +40,7 @@ class EngineProfile:
     fitted_on: dict[str, Any]
     points: tuple[dict[str, Any], ...]
     runs: tuple[str, ...]
+    fitted_factors: tuple[str, ...] = ()  # refitted by engine_fit.py on the `fitted` points
 
     def eff(self, model: ModelSpec) -> Efficiency:
         return self.family_eff(calibration_family(model))
@@ -90,4 +92,5 @@ def load_engine(name: str) -> EngineProfile:
         if p.get("set") not in POINT_SETS:
             raise ValueError(f"{path}: point {p.get('id')!r} has set {p.get('set')!r}, not one of {POINT_SETS}")
     return EngineProfile(name, data.get("description", ""), efficiency or {}, data.get("features", {}),
-                         data.get("fitted_on", {}), points, tuple(data.get("runs", [])))
+                         data.get("fitted_on", {}), points, tuple(data.get("runs", [])),
+                         tuple(data.get("fitted_factors", [])))

@@ -87,7 +87,7 @@ def _sensitive(p: Point, eff: Efficiency, factor: str) -> bool:
     return share >= MIN_SENSITIVITY
 
 
-def _fit_one(points: list[Point], eff: Efficiency, factor: str, bounds: tuple[float, float]) -> float:
+def fit_one(points: list[Point], eff: Efficiency, factor: str, bounds: tuple[float, float]) -> float:
     """1-D least squares on log(planned / measured) over one factor (golden section in log space; on a
     tie it moves up, out of a range where the factor does not bind yet, as int4_multirow's floor)."""
     def loss(log_p: float) -> float:
@@ -163,7 +163,7 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
     for round_ in range(2):  # prefill depends a little on bandwidth and TPOT on prefill (queueing): twice
         prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
         if prefill:
-            eff = replace(eff, prefill_flops=_fit_one(prefill, eff, "prefill_flops", PREFILL_FLOPS_RANGE))
+            eff = replace(eff, prefill_flops=fit_one(prefill, eff, "prefill_flops", PREFILL_FLOPS_RANGE))
         decode = [p for p in points if p.fits == "decode" and _sensitive(p, eff, "memory_bandwidth")]
         if decode:
             bw, overhead = _fit_decode(decode, eff, notes if round_ == 1 else [])
@@ -179,7 +179,7 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
     for factor in FITTED_INT4:
         group = [p for p in int4 if p.fits == factor]
         if group:
-            eff = replace(eff, **{factor: round(_fit_one(group, eff, factor, INT4_RANGE), 3)})
+            eff = replace(eff, **{factor: round(fit_one(group, eff, factor, INT4_RANGE), 3)})
     bounds = {"prefill_flops": PREFILL_FLOPS_RANGE, "memory_bandwidth": MEMORY_BANDWIDTH_RANGE,
               "step_overhead_s": STEP_OVERHEAD_RANGE_S, "int4_read": INT4_RANGE}
     for name, (lo, hi) in bounds.items():
@@ -267,7 +267,7 @@ def _fit_prefill(points: list[Point], eff: Efficiency) -> Efficiency:
             free.append((factor, MOE_FLOPS_RANGE))
     for _ in range(1 if len(free) == 1 else 6):
         for factor, bounds in free:
-            eff = replace(eff, **{factor: _fit_one(points, eff, factor, bounds)})
+            eff = replace(eff, **{factor: fit_one(points, eff, factor, bounds)})
     return eff
 
 

@@ -14,11 +14,11 @@ from typing import Any
 from r1deploy.plan.catalog import Catalog
 from r1deploy.plan.engines import ENGINE_NAMES, EngineProfile, load_engine
 from r1deploy.plan.memory import plan_memory
-from r1deploy.plan.model_spec import load_model
+from r1deploy.plan.model_spec import ModelSpec, load_model
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
 from r1deploy.plan.points import error_pct, load_points
 from r1deploy.plan.precision import make_precision
-from r1deploy.plan.roofline import stage_cost
+from r1deploy.plan.roofline import Efficiency, stage_cost
 from r1deploy.plan.serving import Performance, Workload, predict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,15 +32,20 @@ METRICS = {
 }
 
 
-def _perf(profile: EngineProfile, point: dict[str, Any], catalog: Catalog, mtp: bool) -> Performance:
-    model = load_model(point["model"], point.get("config_overrides"))
+def point_model(point: dict[str, Any]) -> ModelSpec:
+    return load_model(point["model"], point.get("config_overrides"))
+
+
+def _perf(profile: EngineProfile, point: dict[str, Any], catalog: Catalog, mtp: bool,
+          eff: Efficiency | None) -> Performance:
+    model = point_model(point)
     gpu = catalog.get(point["gpu"])
     precision = make_precision(point.get("weights"), point.get("kv_cache_dtype", "auto"), None,
                                model.checkpoint_weights, model.checkpoint_group_size)
     tp = point["tp"]
     layout = Layout(point.get("num_gpus", tp), tp, 1, point.get("ep", 1), bool(point.get("dp_attention")),
                     DEFAULT_GPUS_PER_NODE)
-    cost = stage_cost(model, precision, layout, gpu, profile.eff(model))
+    cost = stage_cost(model, precision, layout, gpu, eff or profile.eff(model))
     n_in, n_out = point["input_len"], point["output_len"]
     concurrency, rate = point.get("concurrency"), point.get("request_rate")
     if concurrency == "max":  # the largest load the engine runs: KV capacity, capped by its batch limit
@@ -52,12 +57,13 @@ def _perf(profile: EngineProfile, point: dict[str, Any], catalog: Catalog, mtp: 
     return predict(cost, work, profile.spec_decode(model) if mtp else None)
 
 
-def predict_published(profile: EngineProfile, point: dict[str, Any], catalog: Catalog) -> float:
-    """The profile's prediction of one published point's metric."""
+def predict_published(profile: EngineProfile, point: dict[str, Any], catalog: Catalog,
+                      eff: Efficiency | None = None) -> float:
+    """The profile's prediction of one published point's metric (with `eff` instead of its factors, if given)."""
     gpus = point.get("num_gpus", point["tp"])
     if point["metric"] == "mtp_speedup":  # TPOT without MTP over TPOT with it
-        return (_perf(profile, point, catalog, False).tpot_s / _perf(profile, point, catalog, True).tpot_s)
-    return METRICS[point["metric"]](_perf(profile, point, catalog, bool(point.get("mtp"))), gpus)
+        return _perf(profile, point, catalog, False, eff).tpot_s / _perf(profile, point, catalog, True, eff).tpot_s
+    return METRICS[point["metric"]](_perf(profile, point, catalog, bool(point.get("mtp")), eff), gpus)
 
 
 def _row(engine: str, kind: str, set_: str, source: str, what: str, metric: str, measured: float,
@@ -71,6 +77,8 @@ def validate_engine(profile: EngineProfile, catalog: Catalog) -> list[dict[str, 
                  predict_published(profile, p, catalog)) for p in profile.points]
     held_out_runs = set(profile.fitted_on.get("held_out_runs", []))
     for run in profile.runs:
+        if not (REPO_ROOT / run).is_file():  # an installed package without the repository's benchmarks/
+            continue
         for pt in load_points([str(REPO_ROOT / run)]):
             set_ = "held_out" if run in held_out_runs or pt.fits is None else "fitted"
             rows.append(_row(profile.name, "measured", set_, pt.source, f"{pt.model}: {pt.workload}", pt.metric,

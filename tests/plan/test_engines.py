@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from r1deploy.cli import main
 from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog
+from r1deploy.plan.engine_fit import fit_profile
 from r1deploy.plan.engines import ENGINE_NAMES, load_engine
 from r1deploy.plan.parallel import Layout
 from r1deploy.plan.planner import build_settings
@@ -53,6 +55,44 @@ def test_every_point_is_marked_fitted_or_held_out_and_names_its_source() -> None
         held_ids = {p["id"] for p in profile.points if p["set"] == "held_out"}
         assert not fitted_ids & held_ids, name  # no factor was fitted on a held-out point
         assert fitted_ids <= {p["id"] for p in profile.points}, name
+
+
+@pytest.mark.parametrize("engine", PUBLISHED_ENGINES)
+def test_shipped_factors_are_the_fit_on_fitted_points_only(engine: str) -> None:
+    profile = load_engine(engine)
+    catalog = Catalog.load(None, None)
+    assert profile.fitted_factors and fit_profile(profile, catalog) == profile.efficiency
+    # the fit never sees a held-out point: moving every held-out point far away changes nothing
+    moved = replace(profile, points=tuple(p if p["set"] == "fitted" else {**p, "measured": p["measured"] * 10}
+                                          for p in profile.points))
+    assert fit_profile(moved, catalog) == profile.efficiency
+    # ... while moving a fitted point moves the factors
+    first = next(i for i, p in enumerate(profile.points) if p["set"] == "fitted")
+    shifted = replace(profile, points=tuple({**p, "measured": p["measured"] * 1.3} if i == first else p
+                                            for i, p in enumerate(profile.points)))
+    assert fit_profile(shifted, catalog) != profile.efficiency
+
+
+# Our own committed runs the r1deploy profile misses by more than 15% although it was fitted on them (the
+# targets' misses, reported in docs/benchmarks.md): each must stay under KNOWN_MISS_LIMIT_PCT; every other fitted
+# run point within 15%.
+KNOWN_MISSES = {
+    ("h200_r1_layers.json", "deepseek-r1 1d+0m: decode batch 1, context 1024"),
+    ("h200_r1_layers.json", "deepseek-r1 3d+0m: decode batch 32, context 1024"),
+    ("h200_r1_layers.json", "deepseek-r1 3d+8m: decode batch 1, context 1024"),
+    ("h200_r1_layers.json", "deepseek-r1 3d+8m: decode batch 256, context 1024"),
+    ("h200_r1_dry_tp2.json", "deepseek-r1 3d+14m: one wave of 32, 256/128 tok, 2x h200 TP2 EP2"),
+    ("h200_r1_dry_tp2.json", "deepseek-r1 3d+14m: one wave of 256, 256/128 tok, 2x h200 TP2 EP2"),
+}
+KNOWN_MISS_LIMIT_PCT = 30.0
+
+
+def test_r1deploy_fitted_runs(rows: dict) -> None:
+    fitted = [r for r in rows["r1deploy"] if r["set"] == "fitted"]
+    assert len(fitted) >= 20
+    for r in fitted:
+        limit = KNOWN_MISS_LIMIT_PCT if (r["source"], r["point"]) in KNOWN_MISSES else FITTED_LIMIT_PCT
+        assert abs(r["error_pct"]) <= limit, r
 
 
 def test_r1_dry_run_batch_one_closed(rows: dict) -> None:
