@@ -45,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-file", help="JSON {gpu: usd_per_gpu_hour}")
     p.add_argument("--gpu-file", help="JSON {gpu: {spec}} adding or overriding catalog GPUs")
     p.add_argument("--calibration", help="JSON of efficiency factors overriding the defaults")
-    p.add_argument("--engine", choices=ENGINE_NAMES, help="predict this engine (its fitted profile, engines/*.json); "
-                   "default: the datasheet roofline")
+    p.add_argument("--engine", choices=(*ENGINE_NAMES, "roofline"),
+                   help="predict this engine with its profile fitted on published or our runs (plan/engines/*.json); "
+                        "roofline: datasheet peaks x default efficiencies (default: r1deploy, or --calibration's)")
     p.add_argument("--validate", action="store_true", help="planned vs every published and measured point of the "
                    "engine profiles (--engine: one), with errors")
     p.add_argument("--offload", choices=("experts", "layers"),
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.plan import report
 
     options = {k: getattr(args, k) for k in _PLAN_OPTIONS if getattr(args, k) is not None}
+    if options.get("engine") == "roofline":  # the datasheet roofline with the named default factors
+        del options["engine"]
+    elif not args.calibration and not args.validate:
+        options.setdefault("engine", "r1deploy")  # our engine, fitted on our committed runs
     console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix or args.calibrate else 120))
     if args.calibration_out and not args.calibrate:
         raise UsageError("--calibration-out needs --calibrate RUN.json")

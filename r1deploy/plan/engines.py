@@ -8,8 +8,8 @@ A profile is data, r1deploy/plan/engines/NAME.json:
   all-to-all, FP8 KV, chunked prefill, CUDA graphs, its largest running batch);
 - `fitted_factors` (published engines): the factors engine_fit.py fits on the `fitted` points; `fitted_on`:
   per factor, the points (or runs) it was fitted on, and how, and where the others come from;
-- `points`: published runs, each marked `set: fitted` (used to fit the factors) or `held_out` (never used
-  for fitting; they check that the profile generalises); `runs`: committed result files of this engine
+- `points`: published runs, each marked `set: fitted` (used to fit the factors), `held_out` (never used
+  for fitting; they check that the profile generalises) or `other_version` (an older release: shown only); `runs`: committed result files of this engine
   (benchmarks/results/*.json, read by points.py), relative to the repository root.
 validate.py predicts every point with the profile and reports the errors.
 """
@@ -28,7 +28,9 @@ from r1deploy.plan.serving import SpecDecode
 
 ENGINES_DIR = Path(__file__).resolve().parent / "engines"
 ENGINE_NAMES = ("r1deploy", "sglang", "vllm", "trtllm")
-POINT_SETS = ("fitted", "held_out")
+# fitted: the factors were fitted on it; held_out: never used for fitting, checked against 25%; other_version: the
+# same engine a major version apart (shown with its error, outside the targets).
+POINT_SETS = ("fitted", "held_out", "other_version")
 
 
 @dataclass(frozen=True)

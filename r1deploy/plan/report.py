@@ -61,14 +61,16 @@ def render_plan(plan: Plan, console: Console) -> None:
         ("KV capacity", (f"{mem['kv_capacity_tokens']:,} tokens = {mem['max_concurrency']:,} requests "
                         f"of {w['input_len'] + w['output_len']:,} tokens")),
     ]))
-    console.print(_table("Performance (roofline x efficiency)", [
+    sd = perf["spec_decode"]
+    console.print(_table(f"Performance (roofline x {dep['engine'] + ' profile' if dep['engine'] else 'efficiency'})", [
         ("TTFT p99", (f"{perf['ttft_s'] * 1e3:,.0f} ms (prefill alone {perf['prefill_s'] * 1e3:,.0f} ms, "
                      f"{perf['prefill_bound']}-bound)")),
         ("TPOT", (f"{perf['tpot_s'] * 1e3:,.1f} ms ({perf['tokens_per_s_per_user']:.1f} tok/s per user, "
                  f"decode {perf['decode_bound']}-bound)")),
         ("output tokens/s", (f"{perf['output_tokens_per_s']:,.0f} total, {perf['output_tokens_per_s_per_gpu']:,.0f} "
                             f"per GPU at {perf['concurrency']:.0f} in flight")),
-    ]))
+    ] + ([("with MTP", (f"{sd['draft_tokens']} draft tokens at {sd['acceptance']:.0%} acceptance: TPOT "
+                        f"{sd['tpot_s'] * 1e3:,.1f} ms, {sd['output_tokens_per_s']:,.0f} tok/s"))] if sd else [])))
     console.print(_table("Cost", [
         ("$/hour", f"${cost['usd_per_hour']:,.2f} ({dep['num_gpus']} x ${cost['usd_per_gpu_hour']:.2f})"),
         ("$ per M output tokens", f"${cost['usd_per_million_output_tokens']:,.2f}"),

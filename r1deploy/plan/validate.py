@@ -2,7 +2,8 @@
 
 Published points (engines/NAME.json `points`) are predicted on their own hardware and layout with the
 engine's profile; measured points are the engine's committed runs (`runs`, read by points.py) predicted
-with its factors. Each row carries its set: `fitted` (the profile was fitted on it) or `held_out`.
+with its factors. Each row carries its set: `fitted` (the profile was fitted on it), `held_out`, or
+`other_version` (shown, outside the targets).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for r in rows:
         s = out.setdefault(r["engine"], {"fitted_points": 0, "held_out_points": 0, "fitted_max_abs_error_pct": 0.0,
                                          "held_out_max_abs_error_pct": 0.0})
-        key = "fitted" if r["set"] == "fitted" else "held_out"
+        if r["set"] == "other_version":
+            continue
+        key = r["set"]
         s[f"{key}_points"] += 1
         s[f"{key}_max_abs_error_pct"] = max(s[f"{key}_max_abs_error_pct"], abs(r["error_pct"]))
     for s in out.values():

@@ -50,7 +50,7 @@ def test_every_point_is_marked_fitted_or_held_out_and_names_its_source() -> None
     for name in ENGINE_NAMES:
         profile = load_engine(name)
         for p in profile.points:
-            assert p["set"] in ("fitted", "held_out") and p["source"], p
+            assert p["set"] in ("fitted", "held_out", "other_version") and p["source"], p
         fitted_ids = {i for f in profile.fitted_on.values() if isinstance(f, dict) for i in f.get("points", [])}
         held_ids = {p["id"] for p in profile.points if p["set"] == "held_out"}
         assert not fitted_ids & held_ids, name  # no factor was fitted on a held-out point
@@ -131,6 +131,8 @@ def test_plan_engine_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
     sd = d["performance"]["spec_decode"]
     assert sd["draft_tokens"] == 2 and sd["tpot_s"] < d["performance"]["tpot_s"]
     assert main(["plan", "--json", "--num-gpus", "8", "--tp", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["deployment"]["engine"] == "r1deploy"  # the default
+    assert main(["plan", "--json", "--num-gpus", "8", "--tp", "8", "--engine", "roofline"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["deployment"]["engine"] is None and plain["performance"]["spec_decode"] is None
     assert plain["performance"]["tpot_s"] < d["performance"]["tpot_s"]  # SGLang's latency floor
