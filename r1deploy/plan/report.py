@@ -184,6 +184,9 @@ def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
         f"FLOPs/GPU = 2 x N_active x B / TP + attention = {dec.flops / 1e12:.2f} TFLOP -> {dec.compute_s * 1e3:.2f} ms",
         (f"collectives: {'EP all-to-all' if lay.dp_attention else 'TP all-reduce'} 2(n-1)/n x B x hidden x 2 B per "
         f"layer over {'InfiniBand' if lay.tp_crosses_nodes else 'NVLink/PCIe'} = {dec.comm_s * 1e3:.2f} ms"),
+        *([(f"fixed latency = layers x {s.eff.layer_overhead_s * 1e6:.0f} us + FP8 MoE layers x "
+            f"{s.eff.fp8_moe_layer_overhead_s * 1e6:.0f} us = {dec.fixed_s * 1e3:.2f} ms (kernel chains; TP does not "
+            "divide them)")] if dec.fixed_s else []),
         f"TPOT = (PP x step + overhead {s.eff.step_overhead_s * 1e3:.1f} ms) / (1 - rho) = {perf.tpot_s * 1e3:.1f} ms",
     ]))
     out.append(("Serving", [
