@@ -171,6 +171,8 @@ def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
         f"{s.eff.prefill_flops}) = {pre.compute_s * 1e3:.1f} ms; memory = {gb(pre.bytes)} / "
         f"({gpu.memory_bandwidth_tb_s} TB/s x {s.eff.memory_bandwidth}) = {pre.memory_s * 1e3:.1f} ms; "
         f"collectives {pre.comm_s * 1e3:.1f} ms"),
+        *([(f"  routed experts' GEMMs at moe_flops {s.eff.moe_flops} and FP8 linears at fp8_flops {s.eff.fp8_flops} of "
+            "that rate (the engine profile's)")] if (s.eff.moe_flops, s.eff.fp8_flops) != (1.0, 1.0) else []),
         f"prefill = PP x max(compute, memory) + comm = {perf.prefill_s * 1e3:.1f} ms",
     ]))
     micro = max(perf.concurrency / lay.replicas / lay.pp, 1)
