@@ -17,6 +17,7 @@ from r1deploy.plan.engines import ENGINE_NAMES, EngineProfile, load_engine
 from r1deploy.plan.memory import plan_memory
 from r1deploy.plan.model_spec import ModelSpec, load_model
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
+from r1deploy.plan.planner import DEFAULT_GPU_MEMORY_UTILIZATION
 from r1deploy.plan.points import error_pct, load_points
 from r1deploy.plan.precision import make_precision
 from r1deploy.plan.roofline import Efficiency, stage_cost
@@ -50,7 +51,7 @@ def _perf(profile: EngineProfile, point: dict[str, Any], catalog: Catalog, mtp: 
     n_in, n_out = point["input_len"], point["output_len"]
     concurrency, rate = point.get("concurrency"), point.get("request_rate")
     if concurrency == "max":  # the largest load the engine runs: KV capacity, capped by its batch limit
-        mem = plan_memory(model, precision, layout, gpu, point.get("gpu_memory_utilization", 0.9))
+        mem = plan_memory(model, precision, layout, gpu, DEFAULT_GPU_MEMORY_UTILIZATION)
         concurrency = mem.kv_capacity_tokens // (n_in + n_out) * layout.replicas
         if profile.max_running:
             concurrency = min(concurrency, profile.max_running * layout.replicas)
@@ -76,12 +77,11 @@ def _row(engine: str, kind: str, set_: str, source: str, what: str, metric: str,
 def validate_engine(profile: EngineProfile, catalog: Catalog) -> list[dict[str, Any]]:
     rows = [_row(profile.name, "published", p["set"], p["source"], p["id"], p["metric"], p["measured"],
                  predict_published(profile, p, catalog)) for p in profile.points]
-    held_out_runs = set(profile.fitted_on.get("held_out_runs", []))
     for run in profile.runs:
         if not (REPO_ROOT / run).is_file():  # an installed package without the repository's benchmarks/
             continue
         for pt in load_points([str(REPO_ROOT / run)]):
-            set_ = "held_out" if run in held_out_runs or pt.fits is None else "fitted"
+            set_ = "fitted" if pt.fits else "held_out"  # `plan --calibrate` fits on every point with a `fits`
             rows.append(_row(profile.name, "measured", set_, pt.source, f"{pt.model}: {pt.workload}", pt.metric,
                              pt.measured, pt.predict(profile.family_eff(pt.family))))
     return rows
