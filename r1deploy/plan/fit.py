@@ -50,6 +50,7 @@ MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
 MOE_DECODE_FLOPS_RANGE = (0.01, 1.0)
 MOE_MEMORY_BANDWIDTH_RANGE = (0.1, 1.0)
 MOE_FLOPS_RANGE = (0.05, 1.0)
+PREFILL_ROUNDS = 200
 LAYER_OVERHEAD_RANGE_S = (0.0, 0.005)
 
 
@@ -265,9 +266,12 @@ def _fit_prefill(points: list[Point], eff: Efficiency) -> Efficiency:
         bound = [_sensitive(p, eff, factor) for p in points]
         if any(bound) and not all(bound):
             free.append((factor, MOE_FLOPS_RANGE))
-    for _ in range(1 if len(free) == 1 else 6):
+    for _ in range(1 if len(free) == 1 else PREFILL_ROUNDS):  # coordinate descent until it settles
+        before = eff
         for factor, bounds in free:
             eff = replace(eff, **{factor: fit_one(points, eff, factor, bounds)})
+        if all(math.isclose(getattr(eff, f), getattr(before, f), rel_tol=1e-4) for f, _ in free):
+            break
     return eff
 
 
