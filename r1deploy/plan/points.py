@@ -327,8 +327,10 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
     layers) on `num_gpus` GPUs at TP `tp` (EP = TP), one wave per `decode` entry: `concurrency` prompts sent at
     once, each `input_len` in / `output_len` out. A wave is not a steady state: every prompt is prefilled
     first (one after another, the last waits for all), then all decode together; so the wave lasts
-    c x prefill + output_len x step(c), the mean TTFT is half the prefill, and the mean TPOT is the rest of
-    the wave over output_len - 1 tokens (a steady-state queue model would be optimistic here)."""
+    c x prefill + output_len x step(c), the mean TTFT is (c + 1) / 2 prefills, and the mean TPOT is the rest of
+    the wave over output_len - 1 tokens (a steady-state queue model would be optimistic here). The engine
+    really prefills whole prompts in chunks of its step's token budget, mixed with decode steps; a chunked
+    model fitted these runs worse (docs/benchmarks.md)."""
     from r1deploy.plan.model_spec import load_model
     from r1deploy.plan.precision import make_precision
 
@@ -353,21 +355,27 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
         if not all(isinstance(v, int) and v >= 1 for v in (c, n_in, n_out)) or n_out < 2:
             raise UsageError(f"{where}: concurrency, input_len and output_len must be positive integers")
 
-        def wave(eff: Efficiency, c: int = c, n_in: int = n_in, n_out: int = n_out) -> tuple[float, float]:
+        def wave(eff: Efficiency, c: int = c, n_in: int = n_in, n_out: int = n_out) -> tuple[float, float, float]:
+            """(whole wave, mean TTFT, mean TPOT) in seconds."""
             at = replace(cost, eff=eff)
-            prefill_s = c * prefill_stage(at, n_in).total_s
+            prefill_s = prefill_stage(at, n_in).total_s
             step_s = decode_stage(at, c, n_in + n_out / 2).total_s + eff.step_overhead_s
-            return prefill_s, step_s
+            wave_s, ttft_s = c * prefill_s + n_out * step_s, (c + 1) / 2 * prefill_s
+            return wave_s, ttft_s, (wave_s - ttft_s) / (n_out - 1)
 
         desc = f"one wave of {c}, {n_in}/{n_out} tok, {layout.num_gpus}x {gpu.name} {layout.describe()}"
         common = {"source": Path(path).name, "model": name, "workload": desc, "family": calibration_family(spec)}
-        tpot, tput = _number(entry, "mean_tpot_ms", where), _number(entry, "output_tok_s", where)
+        ttft, tpot = _number(entry, "mean_ttft_ms", where), _number(entry, "mean_tpot_ms", where)
+        tput = _number(entry, "output_tok_s", where)
+        if ttft is not None:
+            points.append(Point(**common, metric="TTFT ms (mean)", measured=ttft, fits=None,
+                                predict=lambda eff, w=wave: w(eff)[1] * 1e3))
         if tpot is not None:
             points.append(Point(**common, metric="TPOT ms (mean)", measured=tpot, fits="decode",
-                                predict=lambda eff, w=wave, n=n_out: (w(eff)[0] / 2 + n * w(eff)[1]) / (n - 1) * 1e3))
+                                predict=lambda eff, w=wave: w(eff)[2] * 1e3))
         if tput is not None:
             points.append(Point(**common, metric="output tok/s", measured=tput, fits=None,
-                                predict=lambda eff, w=wave, c=c, n=n_out: c * n / (w(eff)[0] + n * w(eff)[1])))
+                                predict=lambda eff, w=wave, c=c, n=n_out: c * n / w(eff)[0]))
     return points
 
 
