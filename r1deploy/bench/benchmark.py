@@ -173,7 +173,7 @@ async def _http_target(args: argparse.Namespace) -> Setup:
         raise
     telemetry = Telemetry(args.telemetry_interval, memory=scrape_metrics(backend.base, args.api_key),
                           memory_reason="the server's /metrics has no allocator reserved/allocated bytes")
-    plan = planlink.plan(args.model, **_plan_workload(args)) if args.model else None
+    plan = planlink.plan(args.model, **_plan_workload(args), **_plan_engine(args)) if args.model else None
     return Setup(backend, PromptMaker(tokenizer=tokenizer), telemetry, plan,
                   f"{args.url} ({_api(args)}, model {backend.model})")
 
@@ -183,6 +183,11 @@ def _plan_workload(args: argparse.Namespace) -> dict[str, Any]:
     concurrency = args.batch or args.concurrency or args.max_concurrency or DEFAULT_BATCH
     return {"input_len": args.input_len, "output_len": args.output_len or DEFAULT_OUTPUT_LEN,
             "concurrency": concurrency}
+
+
+def _plan_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """--plan-engine: the engine profile (plan/engines/*.json) the planned-vs-measured section predicts."""
+    return {"engine": args.plan_engine} if getattr(args, "plan_engine", None) else {}
 
 
 def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> Setup:
@@ -203,7 +208,7 @@ def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> 
                           memory_reason="no CUDA allocator in this process (CPU run)")
     # The plan at the run's layout, so planned-vs-measured (MBU, MFU) compares like with like.
     layout = {"num_gpus": args.tp, "tp": args.tp, "dp_attention": args.dp_attention} if args.tp > 1 else {}
-    plan = planlink.plan(model, **_plan_workload(args), **layout) if model else None
+    plan = planlink.plan(model, **_plan_workload(args), **layout, **_plan_engine(args)) if model else None
     store = getattr(engine.loaded.model, "expert_store", None)
     description = f"in-process engine ({model or 'embedded model'}"
     if args.tp > 1:

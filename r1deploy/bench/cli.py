@@ -10,6 +10,7 @@ import argparse
 import os
 
 from r1deploy.bench.slo import PROFILES
+from r1deploy.plan.engines import ENGINE_NAMES
 
 EPILOG = """\
 metrics (vLLM-compatible): TTFT = first token-bearing chunk - send; TPOT = (E2E - TTFT) / (output
@@ -78,6 +79,9 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-attention", action="store_true",
                    help="in-process, with --tp N, DeepSeek (MLA) models: each rank runs attention for its own "
                         "requests with its own latent KV cache (N x the KV capacity), as `serve --dp-attention`")
+    g.add_argument("--plan-engine", choices=ENGINE_NAMES, default=None,
+                   help="predict planned-vs-measured with this engine's profile (e.g. vllm for a vLLM --url); "
+                        "default: the planner's datasheet roofline")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 

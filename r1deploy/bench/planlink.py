@@ -57,7 +57,8 @@ def deployment_hint(result: dict[str, Any] | None) -> str | None:
     if precision:
         parts.append(precision.upper())
     inner = ", ".join(p for p in parts if p)
-    return f"{gpus}x {str(gpu).upper()}" + (f" ({inner})" if inner else "")
+    engine = get(result, "deployment.engine")
+    return f"{gpus}x {str(gpu).upper()}" + (f" ({inner})" if inner else "") + (f", {engine} profile" if engine else "")
 
 
 def dense_weights_bytes(config: dict[str, Any]) -> int | None:

@@ -9,11 +9,12 @@ import sys
 from typing import Any
 
 from r1deploy.errors import UsageError
+from r1deploy.plan.engines import ENGINE_NAMES
 from r1deploy.plan.precision import KV_DTYPES, WEIGHT_FORMATS
 
 _PLAN_OPTIONS = ("num_gpus", "tp", "pp", "ep", "weights", "group_size", "kv_cache_dtype", "concurrency",
                  "request_rate", "input_len", "output_len", "max_model_len", "gpu_memory_utilization",
-                 "slo_ttft_ms", "slo_tpot_ms", "gpus_per_node", "price_file", "gpu_file", "calibration")
+                 "slo_ttft_ms", "slo_tpot_ms", "gpus_per_node", "price_file", "gpu_file", "calibration", "engine")
 # Options that describe one deployment and make no sense for the fixed-band matrix.
 _NOT_WITH_MATRIX = ("num_gpus", "tp", "pp", "ep", "dp_attention", "gpu", "model", "model_pos", "explain")
 
@@ -44,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-file", help="JSON {gpu: usd_per_gpu_hour}")
     p.add_argument("--gpu-file", help="JSON {gpu: {spec}} adding or overriding catalog GPUs")
     p.add_argument("--calibration", help="JSON of efficiency factors overriding the defaults")
+    p.add_argument("--engine", choices=(*ENGINE_NAMES, "roofline"),
+                   help="predict this engine with its profile fitted on published or our runs (plan/engines/*.json); "
+                        "roofline: datasheet peaks x default efficiencies (default: r1deploy, or --calibration's)")
+    p.add_argument("--validate", action="store_true", help="planned vs every published and measured point of the "
+                   "engine profiles (--engine: one), with errors")
     p.add_argument("--offload", choices=("experts", "layers"),
                    help="also plan one GPU + host memory: experts = routed experts in pinned host RAM, a GPU cache of "
                         "them; layers = decoder layers beyond the budget streamed from pinned host RAM every step")
@@ -123,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.plan import report
 
     options = {k: getattr(args, k) for k in _PLAN_OPTIONS if getattr(args, k) is not None}
+    if options.get("engine") == "roofline":  # the datasheet roofline with the named default factors
+        del options["engine"]
+    elif not args.calibration and not args.validate:
+        options.setdefault("engine", "r1deploy")  # our engine, fitted on our committed runs
     console = Console(soft_wrap=False, width=max(Console().width, 160 if args.matrix or args.calibrate else 120))
     if args.calibration_out and not args.calibrate:
         raise UsageError("--calibration-out needs --calibrate RUN.json")
@@ -136,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--{expert_only[0].replace('_', '-')} applies to --offload experts only")
     if args.offload and (args.matrix or args.calibrate):
         raise UsageError("--offload plans one deployment; drop --matrix/--calibrate")
-    if args.emit and (args.matrix or args.calibrate):
-        raise UsageError("--emit writes files for one deployment; drop --matrix/--calibrate")
+    if args.emit and (args.matrix or args.calibrate or args.validate):
+        raise UsageError("--emit writes files for one deployment; drop --matrix/--calibrate/--validate")
+    if args.validate:
+        from r1deploy.plan.validate import run_validate
+
+        return run_validate(args.engine, args.json, console, args.gpu_file)
     if args.calibrate:
         if args.matrix or args.explain:
             raise UsageError("--calibrate is its own output; drop --matrix/--explain")

@@ -7,6 +7,7 @@ from typing import Any
 
 from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog, GpuSpec
+from r1deploy.plan.engines import load_engine, spec_decode_dict
 from r1deploy.plan.host_requirements import HostPlan, host_requirements
 from r1deploy.plan.launch import launch_commands
 from r1deploy.plan.memory import weights_bytes_total
@@ -84,7 +85,7 @@ class Plan:
                 "nodes": lay.nodes, "gpus_per_node": lay.gpus_per_node, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep,
                 "dp_attention": lay.dp_attention, "replicas": lay.replicas, "layout": lay.describe(),
                 "gpu_memory_bytes": gpu.memory_bytes, "fp8_compute": gpu.fp8_compute,
-                "searched_catalog": self.searched_catalog,
+                "searched_catalog": self.searched_catalog, "engine": s.engine,
             },
             "performance": {
                 "ttft_s": perf.ttft_s, "prefill_s": perf.prefill_s, "tpot_s": perf.tpot_s,
@@ -93,6 +94,7 @@ class Plan:
                 "tokens_per_s_per_user": perf.tokens_per_s_per_user, "concurrency": perf.concurrency,
                 "request_rate": perf.request_rate, "prefill_utilization": perf.prefill_utilization,
                 "prefill_bound": perf.prefill.bound, "decode_bound": perf.decode.bound,
+                "spec_decode": spec_decode_dict(s, c),
             },
             "cost": {"usd_per_gpu_hour": gpu.price_usd_per_hour, "usd_per_hour": c.usd_per_hour,
                      "usd_per_million_output_tokens": c.usd_per_million_output_tokens},
@@ -116,7 +118,8 @@ def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, gr
                    input_len: int = DEFAULT_INPUT_LEN, output_len: int = DEFAULT_OUTPUT_LEN,
                    max_model_len: int | None = None, gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
                    slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                   gpus_per_node: int = DEFAULT_GPUS_PER_NODE, calibration: str | None = None) -> Settings:
+                   gpus_per_node: int = DEFAULT_GPUS_PER_NODE, calibration: str | None = None,
+                   engine: str | None = None) -> Settings:
     spec = load_model(model)
     if concurrency is None and request_rate is None:
         concurrency = DEFAULT_CONCURRENCY
@@ -135,9 +138,10 @@ def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, gr
     precision = make_precision(weights, kv_cache_dtype, group_size, spec.checkpoint_weights,
                                spec.checkpoint_group_size)
     # A calibration file's "moe" section (if any) is what MoE/MLA models (DeepSeek) use; dense models its top level.
-    eff = load_calibration(calibration, calibration_family(spec))
-    return Settings(spec, precision, work, slo, eff, gpu_memory_utilization,
-                    gpus_per_node)
+    if engine and calibration:
+        raise UsageError("--engine and --calibration both set the efficiency factors; give one")
+    eff = load_engine(engine).eff(spec) if engine else load_calibration(calibration, calibration_family(spec))
+    return Settings(spec, precision, work, slo, eff, gpu_memory_utilization, gpus_per_node, engine)
 
 
 def make_plan(model: str = DEFAULT_MODEL, gpu: str | None = DEFAULT_GPU, *, num_gpus: int | None = None,

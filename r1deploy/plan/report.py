@@ -61,14 +61,16 @@ def render_plan(plan: Plan, console: Console) -> None:
         ("KV capacity", (f"{mem['kv_capacity_tokens']:,} tokens = {mem['max_concurrency']:,} requests "
                         f"of {w['input_len'] + w['output_len']:,} tokens")),
     ]))
-    console.print(_table("Performance (roofline x efficiency)", [
+    sd = perf["spec_decode"]
+    console.print(_table(f"Performance (roofline x {dep['engine'] + ' profile' if dep['engine'] else 'efficiency'})", [
         ("TTFT p99", (f"{perf['ttft_s'] * 1e3:,.0f} ms (prefill alone {perf['prefill_s'] * 1e3:,.0f} ms, "
                      f"{perf['prefill_bound']}-bound)")),
         ("TPOT", (f"{perf['tpot_s'] * 1e3:,.1f} ms ({perf['tokens_per_s_per_user']:.1f} tok/s per user, "
                  f"decode {perf['decode_bound']}-bound)")),
         ("output tokens/s", (f"{perf['output_tokens_per_s']:,.0f} total, {perf['output_tokens_per_s_per_gpu']:,.0f} "
                             f"per GPU at {perf['concurrency']:.0f} in flight")),
-    ]))
+    ] + ([("with MTP", (f"{sd['draft_tokens']} draft tokens at {sd['acceptance']:.0%} acceptance: TPOT "
+                        f"{sd['tpot_s'] * 1e3:,.1f} ms, {sd['output_tokens_per_s']:,.0f} tok/s"))] if sd else [])))
     console.print(_table("Cost", [
         ("$/hour", f"${cost['usd_per_hour']:,.2f} ({dep['num_gpus']} x ${cost['usd_per_gpu_hour']:.2f})"),
         ("$ per M output tokens", f"${cost['usd_per_million_output_tokens']:,.2f}"),
@@ -169,6 +171,8 @@ def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
         f"{s.eff.prefill_flops}) = {pre.compute_s * 1e3:.1f} ms; memory = {gb(pre.bytes)} / "
         f"({gpu.memory_bandwidth_tb_s} TB/s x {s.eff.memory_bandwidth}) = {pre.memory_s * 1e3:.1f} ms; "
         f"collectives {pre.comm_s * 1e3:.1f} ms"),
+        *([(f"  routed experts' GEMMs at moe_flops {s.eff.moe_flops} and FP8 linears at fp8_flops {s.eff.fp8_flops} of "
+            "that rate (the engine profile's)")] if (s.eff.moe_flops, s.eff.fp8_flops) != (1.0, 1.0) else []),
         f"prefill = PP x max(compute, memory) + comm = {perf.prefill_s * 1e3:.1f} ms",
     ]))
     micro = max(perf.concurrency / lay.replicas / lay.pp, 1)
@@ -182,6 +186,9 @@ def explain_lines(plan: Plan) -> list[tuple[str, list[str]]]:
         f"FLOPs/GPU = 2 x N_active x B / TP + attention = {dec.flops / 1e12:.2f} TFLOP -> {dec.compute_s * 1e3:.2f} ms",
         (f"collectives: {'EP all-to-all' if lay.dp_attention else 'TP all-reduce'} 2(n-1)/n x B x hidden x 2 B per "
         f"layer over {'InfiniBand' if lay.tp_crosses_nodes else 'NVLink/PCIe'} = {dec.comm_s * 1e3:.2f} ms"),
+        *([(f"fixed latency = layers x {s.eff.layer_overhead_s * 1e6:.0f} us + FP8 MoE layers x "
+            f"{s.eff.fp8_moe_layer_overhead_s * 1e6:.0f} us = {dec.fixed_s * 1e3:.2f} ms (kernel chains; TP does not "
+            "divide them)")] if dec.fixed_s else []),
         f"TPOT = (PP x step + overhead {s.eff.step_overhead_s * 1e3:.1f} ms) / (1 - rho) = {perf.tpot_s * 1e3:.1f} ms",
     ]))
     out.append(("Serving", [

@@ -54,14 +54,28 @@ class Efficiency:
     # Fixed time per decoder layer per decode step, beyond its roofline (the latency of a chain of
     # small kernels: a graph replay still pays each kernel's launch and tail). 0 = pure roofline.
     layer_overhead_s: float = 0.0
+    # MoE grouped GEMM: share of the phase's MFU (prefill_flops / decode_flops) the routed experts' GEMMs reach.
+    # Experts run as many small GEMMs of uneven M (tokens sorted per expert), below dense GEMMs' MFU. 1 = same.
+    moe_flops: float = 1.0
+    # FP8 linears on GPUs with FP8 tensor cores: share of the phase's MFU they reach against the FP8 peak (1 = the
+    # same share as bf16 GEMMs of the bf16 peak; a block-scaled Triton GEMM no faster than cuBLAS bf16 is ~0.5).
+    fp8_flops: float = 1.0
+    # Fixed time per MoE layer per decode step when the experts are block-scaled FP8, beyond layer_overhead_s:
+    # the fused-MoE kernel dequantises block scales per tile and, at small M, waits on latency, not bytes.
+    # Like layer_overhead_s it does not shrink with TP/EP. 0 = pure roofline.
+    fp8_moe_layer_overhead_s: float = 0.0
     # Share of the (untied) input embedding table read per forward: 1 counts it like any weight (the
     # conservative default the dense calibration was fitted with); 0 = a lookup reads only the batch's
     # rows, as engines do.
     embedding_read: float = 1.0
+    # Share of a prompt's rows the logits GEMM runs on in prefill: 1 counts every row (the conservative default
+    # the dense calibration was fitted with); 0 = only the last row, as engines sample (R1: 3.8 TFLOP saved
+    # per 2,048-token prompt).
+    prefill_logits: float = 1.0
 
 
 # Efficiency factors that may be 0 in a calibration file (besides the *_s latencies).
-ZERO_OK = ("embedding_read",)
+ZERO_OK = ("embedding_read", "prefill_logits")
 # Calibration sections: a calibration file's top-level factors apply to every model; a "moe" object
 # in it overrides them for MoE and/or MLA models (DeepSeek), fitted separately (calibrate.py).
 CALIBRATION_FAMILIES = ("dense", "moe")
@@ -81,17 +95,24 @@ def load_calibration(path: str | Path | None, family: str = "dense") -> Efficien
         data = json.loads(Path(path).expanduser().read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--calibration {path}: {exc}") from None
+    return calibration_from_dict(data, family, str(path))
+
+
+def calibration_from_dict(data: object, family: str, where: str, base: Efficiency | None = None) -> Efficiency:
+    """A calibration object's factors for `family` over `base` (default: Efficiency's): the top level, then the
+    family's section. Engine profiles (engines.py) hold the same object."""
     if not isinstance(data, dict):
-        raise UsageError(f"--calibration {path}: expected a JSON object of efficiency factors, got {data!r}")
+        raise UsageError(f"--calibration {where}: expected a JSON object of efficiency factors, got {data!r}")
+    data = dict(data)
     sections = {k: data.pop(k) for k in CALIBRATION_FAMILIES[1:] if k in data}
-    values = _check_factors(path, data)
+    values = _check_factors(where, data)
     for name, section in sections.items():
         if not isinstance(section, dict):
-            raise UsageError(f"--calibration {path}: {name!r} must be an object of efficiency factors")
-        override = _check_factors(f"{path} [{name}]", section)
+            raise UsageError(f"--calibration {where}: {name!r} must be an object of efficiency factors")
+        override = _check_factors(f"{where} [{name}]", section)
         if name == family:
             values = {**values, **override}
-    return replace(Efficiency(), **values)
+    return replace(base or Efficiency(), **values)
 
 
 def _check_factors(where: str | Path, data: dict[str, object]) -> dict[str, float]:
@@ -149,6 +170,10 @@ class StageCost:
     int4_nonexpert_bytes: float = 0.0  # of nonexpert_bytes: attention, dense MLP and shared-expert linears
     int4_experts: bool = False  # the routed experts (expert_bytes) are INT4 too
     int4_to_16bit: float = 0.0  # 16-bit bytes of the same weights per INT4 byte (~3.8 at group 128)
+    expert_params: float = 0.0  # of other_params: the routed experts' active (top-k) params (Efficiency.moe_flops)
+    logits_params: float = 0.0  # of other_params: the logits GEMM, run for the last prompt token only in prefill
+    fp8_weights: bool = False  # block-scaled FP8 linears (Efficiency.fp8_moe_layer_overhead_s)
+    fp8_compute: bool = False  # ... run on FP8 tensor cores (linear_tflops is the FP8 peak; Efficiency.fp8_flops)
 
     @property
     def layers(self) -> int:
@@ -158,18 +183,20 @@ class StageCost:
 def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuSpec, eff: Efficiency) -> StageCost:
     dense, moe = heaviest_stage(model, layout.pp)
     counts = {"layer": dense + moe, "dense": dense, "moe": moe}
-    attn = other = 0.0
+    attn = other = experts = 0.0
     for t in model.tensors:
         if t.kind not in ("linear", "router") or t.scope not in counts:
             continue
         n = t.numel * t.copies * counts[t.scope]
         if t.part == "routed_experts":
             n *= model.num_experts_per_tok / model.n_routed_experts
+            experts += n
         if t.part == "attention":
             attn += n
         else:
             other += n
-    other += model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
+    logits = model.lm_head_params or model.embedding_params  # logits GEMM (tied head reuses the embedding)
+    other += logits
     all_parts = ("attention", "dense_mlp", "shared_experts", "router", "norm", "embedding", "lm_head")
     fp8 = precision.weights == "fp8" and gpu.fp8_compute
     int4_nonexpert = int4_to_16bit = 0.0
@@ -188,6 +215,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
         embedding_bytes=(weights_bytes_per_gpu(model, precision, layout, parts=("embedding",))
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
         int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
+        fp8_weights=precision.weights == "fp8", fp8_compute=fp8, logits_params=logits, expert_params=experts,
     )
 
 
@@ -231,10 +259,16 @@ def collectives(cost: StageCost, tokens: float) -> tuple[float, float, float]:
 
 
 def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flops_eff: float,
-          attention_ways: int, fixed_s: float = 0.0) -> StepTime:
+          attention_ways: int, fixed_s: float = 0.0, logit_rows: float | None = None) -> StepTime:
+    """`logit_rows`: rows the logits GEMM runs on (default every token; a prefill needs only the last)."""
     lay, gpu, eff = cost.layout, cost.gpu, cost.eff
-    linear = 2 * tokens * (cost.attn_params / attention_ways + cost.other_params / lay.tp)
-    compute = linear / (cost.linear_tflops * 1e12 * flops_eff) + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff)
+    rows = tokens if logit_rows is None else logit_rows
+    linear = 2 * tokens * (cost.attn_params / attention_ways + (cost.other_params - cost.logits_params) / lay.tp) + (
+        2 * rows * cost.logits_params / lay.tp)
+    expert_linear = 2 * tokens * cost.expert_params / lay.tp  # part of `linear`, at the grouped GEMM's rate
+    linear_eff = flops_eff * (eff.fp8_flops if cost.fp8_compute else 1.0)
+    compute = ((linear - expert_linear + expert_linear / eff.moe_flops) / (cost.linear_tflops * 1e12 * linear_eff)
+               + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff))
     experts = cost.expert_bytes * experts_touched(cost.model, tokens)
     int4 = cost.int4_nonexpert_bytes + (experts if cost.int4_experts else 0.0)
     hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read) + experts + kv_read)
@@ -257,21 +291,24 @@ def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
     else:
         attn = 2 * cost.layers * m.num_heads * m.head_dim * s * s
     ways = cost.layout.attention_tp
-    return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways)
+    return _step(cost, s, attn / ways, 0.0, cost.eff.prefill_flops, ways, logit_rows=1 + (s - 1) * cost.eff.prefill_logits)
 
 
-def decode_stage(cost: StageCost, batch: float, context: float) -> StepTime:
-    """One decode step of `batch` sequences at average `context` tokens. Attention per token: GQA
-    4*L*H*d*ctx; absorbed MLA 2*L*H*(2*kv_lora + rope)*ctx. KV read: every attention rank reads the
-    cache of the sequences it serves (MLA latents are not TP-split, so each TP rank reads all)."""
+def decode_stage(cost: StageCost, batch: float, context: float, query_tokens: int = 1) -> StepTime:
+    """One decode step of `batch` sequences at average `context` tokens, `query_tokens` per sequence (1, or
+    1 + draft tokens for a speculative verify step: the KV cache is read once for all of them). Attention
+    per token: GQA 4*L*H*d*ctx; absorbed MLA 2*L*H*(2*kv_lora + rope)*ctx. KV read: every attention rank
+    reads the cache of the sequences it serves (MLA latents are not TP-split, so each TP rank reads all)."""
     m, lay = cost.model, cost.layout
     if m.mla:
         per_token = 2 * cost.layers * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * context
     else:
         per_token = 4 * cost.layers * m.num_heads * m.head_dim * context
-    attn = per_token * batch / lay.tp
+    attn = per_token * batch * query_tokens / lay.tp
     kv_read = batch / lay.attention_dp * context * cost.kv_bytes_per_token
-    return _step(cost, batch, attn, kv_read, cost.eff.decode_flops, lay.tp, cost.layers * cost.eff.layer_overhead_s)
+    fixed_s = cost.layers * cost.eff.layer_overhead_s + (
+        cost.moe_layers * cost.eff.fp8_moe_layer_overhead_s if cost.fp8_weights else 0.0)
+    return _step(cost, batch * query_tokens, attn, kv_read, cost.eff.decode_flops, lay.tp, fixed_s)
 
 
 def pipeline_send_s(cost: StageCost, tokens: float) -> float:

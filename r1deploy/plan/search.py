@@ -41,6 +41,7 @@ class Settings:
     eff: Efficiency
     gpu_memory_utilization: float
     gpus_per_node: int
+    engine: str | None = None  # the engine profile the factors come from (engines.py); None: the datasheet roofline
 
 
 @dataclass(frozen=True)

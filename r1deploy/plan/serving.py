@@ -54,6 +54,25 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class SpecDecode:
+    """Speculative decoding (MTP / EAGLE): `draft_tokens` proposed per step, each accepted with probability
+    `acceptance` given the ones before it were, so a step yields 1 + a + a^2 + ... + a^k tokens. The step
+    verifies 1 + k query tokens per sequence, and each draft costs one extra decoder layer's step
+    (DeepSeek's MTP module is one layer)."""
+
+    draft_tokens: int
+    acceptance: float
+
+    def __post_init__(self) -> None:
+        if self.draft_tokens < 1 or not 0 <= self.acceptance < 1:
+            raise UsageError("speculative decoding needs draft_tokens >= 1 and an acceptance rate in [0, 1)")
+
+    @property
+    def tokens_per_step(self) -> float:
+        return sum(self.acceptance ** i for i in range(self.draft_tokens + 1))
+
+
+@dataclass(frozen=True)
 class Performance:
     concurrency: float  # requests in flight, all replicas
     request_rate: float  # requests/s, all replicas
@@ -76,7 +95,7 @@ def _mean_wait(rho: float, service_s: float) -> float:
     return rho / (2 * (1 - rho)) * service_s
 
 
-def predict(cost: StageCost, work: Workload) -> Performance:
+def predict(cost: StageCost, work: Workload, spec: SpecDecode | None = None) -> Performance:
     lay = cost.layout
     replicas, pp = lay.replicas, lay.pp
     pre = prefill_stage(cost, work.input_len)
@@ -87,7 +106,12 @@ def predict(cost: StageCost, work: Workload) -> Performance:
     def tpot_at(conc_per_replica: float) -> tuple[float, StepTime]:
         micro = max(conc_per_replica / pp, 1.0)  # pp micro-batches in flight
         step = decode_stage(cost, micro, work.mean_context)
-        return pp * step.total_s + pipeline_send_s(cost, micro) + cost.eff.step_overhead_s, step
+        if spec is None:
+            return pp * step.total_s + pipeline_send_s(cost, micro) + cost.eff.step_overhead_s, step
+        verify = decode_stage(cost, micro, work.mean_context, 1 + spec.draft_tokens)
+        draft_s = spec.draft_tokens * step.total_s / cost.layers
+        step_s = pp * (verify.total_s + draft_s) + pipeline_send_s(cost, micro) + cost.eff.step_overhead_s
+        return step_s / spec.tokens_per_step, verify
 
     rho, overloaded = 0.0, False
     if work.request_rate is None:

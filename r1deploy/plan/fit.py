@@ -1,0 +1,321 @@
+"""Fitting the roofline's efficiency factors to measured points (points.py).
+
+Points are fitted per calibration family (roofline.calibration_family): dense models with the fit
+below, written as the file's top-level factors; MoE/MLA models (DeepSeek) separately, written as its
+"moe" section, which the planner uses for those models (`fit_moe`, below).
+
+Fit (numerical derivatives of the planner's own predictions, so any layout works):
+1. prefill_flops from the TTFT points whose prefill is compute-bound: a 1-D least squares on
+   log(planned / measured) (closed form for one point: eff x planned / measured);
+2. memory_bandwidth and step_overhead_s from the TPOT points whose step is bandwidth-bound:
+   t = a / memory_bandwidth + overhead + rest, linear in (1 / memory_bandwidth, overhead), solved by
+   least squares on relative errors; with one point, or points that cannot tell the slope from the
+   intercept, only memory_bandwidth is fitted and the overhead kept.
+Both are clamped to the ranges below; a clamped factor is fixed and the other refitted.
+3. with AWQ points, last (they are shares of the 16-bit read rate fitted in 2): int4_read from the AWQ
+   batch-1 step and int4_multirow from the AWQ multi-row throughputs, each a 1-D least squares on log error.
+
+MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
+pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
+wider: prefill_flops as above (wider range) from the prompts that meet no routed expert (dense-only depths),
+and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then decode_flops and
+memory_bandwidth by a search over a log grid, and for each pair step_overhead_s and layer_overhead_s (linear in
+them) by least squares on relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's
+rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from r1deploy.plan.points import Point
+from r1deploy.plan.roofline import Efficiency
+
+# Sane ranges for fitted factors.
+PREFILL_FLOPS_RANGE = (0.1, 1.0)
+MEMORY_BANDWIDTH_RANGE = (0.3, 1.0)
+STEP_OVERHEAD_RANGE_S = (0.0, 0.02)
+# A point informs a factor when that factor's term is at least this share of the predicted time.
+MIN_SENSITIVITY = 0.3
+
+FITTED = ("prefill_flops", "memory_bandwidth", "step_overhead_s")
+# Fitted too when INT4 points are given (an AWQ file), each from the points whose `fits` names it.
+FITTED_INT4 = ("int4_read", "int4_multirow")
+INT4_RANGE = (0.1, 1.0)
+# The MoE/MLA family's fitted set and ranges (fit_moe).
+FITTED_MOE = ("prefill_flops", "moe_flops", "fp8_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
+MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
+MOE_DECODE_FLOPS_RANGE = (0.01, 1.0)
+MOE_MEMORY_BANDWIDTH_RANGE = (0.1, 1.0)
+MOE_FLOPS_RANGE = (0.05, 1.0)
+PREFILL_ROUNDS = 200
+LAYER_OVERHEAD_RANGE_S = (0.0, 0.005)
+
+
+@dataclass(frozen=True)
+class Fit:
+    start: Efficiency
+    fitted: Efficiency
+    used: dict[str, int]  # factor group -> points it was fitted from
+    notes: list[str]
+    family: str = "dense"
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        if self.family == "moe":
+            return FITTED_MOE
+        return FITTED + FITTED_INT4 if self.used.get("int4") else FITTED
+
+    def calibration(self) -> dict[str, Any]:
+        """The --calibration JSON: fitted factors plus any non-default starting ones."""
+        default = asdict(Efficiency())
+        out = {k: v for k, v in asdict(self.fitted).items() if k in self.factors or v != default[k]}
+        return out
+
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def _sensitive(p: Point, eff: Efficiency, factor: str) -> bool:
+    """Share of the predicted time that scales with 1/factor (1 = wholly bound by it)."""
+    base = p.predict(eff)
+    bumped = p.predict(replace(eff, **{factor: getattr(eff, factor) * 1.01}))
+    share = (base - bumped) / base / (1 - 1 / 1.01) if base > 0 else 0.0
+    return share >= MIN_SENSITIVITY
+
+
+def fit_one(points: list[Point], eff: Efficiency, factor: str, bounds: tuple[float, float]) -> float:
+    """1-D least squares on log(planned / measured) over one factor (golden section in log space; on a
+    tie it moves up, out of a range where the factor does not bind yet, as int4_multirow's floor)."""
+    def loss(log_p: float) -> float:
+        e = replace(eff, **{factor: math.exp(log_p)})
+        return sum(math.log(p.predict(e) / p.measured) ** 2 for p in points)
+
+    lo, hi = (math.log(v) for v in bounds)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return _clamp(math.exp((a + b) / 2), bounds)
+
+
+def _fit_decode(points: list[Point], eff: Efficiency, notes: list[str]) -> tuple[float, float]:
+    """(memory_bandwidth, step_overhead_s): t_i = a_i x + b_i o + c_i with x = 1 / memory_bandwidth,
+    o = step_overhead_s, linearised numerically and solved by least squares on relative errors; a
+    Gauss-Newton step repeated a few times (exact in one step when the steps are bandwidth-bound)."""
+    x, o = 1 / eff.memory_bandwidth, eff.step_overhead_s
+    x_lo, x_hi = 1 / MEMORY_BANDWIDTH_RANGE[1], 1 / MEMORY_BANDWIDTH_RANGE[0]
+    intercept = True
+    for _ in range(4):
+        rows = []
+        for p in points:
+            e = replace(eff, memory_bandwidth=1 / x, step_overhead_s=o)
+            t0 = p.predict(e)
+            dx, do = 1e-3 * x, 1e-4
+            a = (p.predict(replace(e, memory_bandwidth=1 / (x + dx))) - t0) / dx
+            b = (p.predict(replace(e, step_overhead_s=o + do)) - t0) / do
+            w = 1 / p.measured
+            rows.append((a * w, b * w, (p.measured - (t0 - a * x - b * o)) * w))  # a x + b o = m - c
+        saa = sum(r[0] ** 2 for r in rows)
+        sbb = sum(r[1] ** 2 for r in rows)
+        sab = sum(r[0] * r[1] for r in rows)
+        say = sum(r[0] * r[2] for r in rows)
+        sby = sum(r[1] * r[2] for r in rows)
+        det = saa * sbb - sab ** 2
+        intercept = len(rows) >= 2 and det > 1e-6 * saa * sbb
+        if intercept:
+            nx, no = (sbb * say - sab * sby) / det, (saa * sby - sab * say) / det
+            if not x_lo <= nx <= x_hi:  # slope out of range: fix it, refit the intercept
+                nx = _clamp(nx, (x_lo, x_hi))
+                no = (sby - sab * nx) / sbb
+            if not STEP_OVERHEAD_RANGE_S[0] <= no <= STEP_OVERHEAD_RANGE_S[1]:
+                no = _clamp(no, STEP_OVERHEAD_RANGE_S)
+                nx = _clamp((say - sab * no) / saa, (x_lo, x_hi))
+        else:
+            no, nx = o, _clamp((say - sab * o) / saa, (x_lo, x_hi))
+        done = abs(nx - x) < 1e-9 * x and abs(no - o) < 1e-12
+        x, o = nx, no
+        if done:
+            break
+    if not intercept:
+        notes.append("step_overhead_s kept: one decode point (or points that share a slope) cannot separate "
+                     "bandwidth from per-step overhead; measure several batch sizes or models")
+    return 1 / x, o
+
+
+def fit(points: list[Point], start: Efficiency) -> Fit:
+    notes: list[str] = []
+    eff = start
+    prefill: list[Point] = []
+    decode: list[Point] = []
+    for round_ in range(2):  # prefill depends a little on bandwidth and TPOT on prefill (queueing): twice
+        prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
+        if prefill:
+            eff = replace(eff, prefill_flops=fit_one(prefill, eff, "prefill_flops", PREFILL_FLOPS_RANGE))
+        decode = [p for p in points if p.fits == "decode" and _sensitive(p, eff, "memory_bandwidth")]
+        if decode:
+            bw, overhead = _fit_decode(decode, eff, notes if round_ == 1 else [])
+            eff = replace(eff, memory_bandwidth=bw, step_overhead_s=overhead)
+    if not prefill:
+        notes.append("prefill_flops kept: no compute-bound TTFT point")
+    if not decode:
+        notes.append("memory_bandwidth and step_overhead_s kept: no bandwidth-bound TPOT point")
+    eff = replace(eff, prefill_flops=round(eff.prefill_flops, 3), memory_bandwidth=round(eff.memory_bandwidth, 3),
+                  step_overhead_s=round(eff.step_overhead_s, 6))
+    # INT4 factors last: they are shares of the 16-bit read rate the bf16 points fitted above.
+    int4 = [p for p in points if p.fits in FITTED_INT4]
+    for factor in FITTED_INT4:
+        group = [p for p in int4 if p.fits == factor]
+        if group:
+            eff = replace(eff, **{factor: round(fit_one(group, eff, factor, INT4_RANGE), 3)})
+    bounds = {"prefill_flops": PREFILL_FLOPS_RANGE, "memory_bandwidth": MEMORY_BANDWIDTH_RANGE,
+              "step_overhead_s": STEP_OVERHEAD_RANGE_S, "int4_read": INT4_RANGE}
+    for name, (lo, hi) in bounds.items():
+        value = getattr(eff, name)
+        if value != getattr(start, name) and (math.isclose(value, lo) or math.isclose(value, hi)):
+            notes.append(f"{name} clamped to {value:g} (range {lo:g}-{hi:g}): the planner's model does not "
+                         "explain these measurements well")
+    if eff.int4_multirow != start.int4_multirow and math.isclose(eff.int4_multirow, INT4_RANGE[1]):
+        notes.append("int4_multirow at its cap 1: INT4 beyond one token row is no faster than bf16 here")
+    used = {"prefill": len(prefill), "decode": len(decode)}
+    return Fit(start, eff, {**used, "int4": len(int4)} if int4 else used, notes)
+
+
+def _log_grid(bounds: tuple[float, float], n: int) -> list[float]:
+    lo, hi = (math.log(v) for v in bounds)
+    return [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+
+
+def _fit_fixed(points: list[Point], base: list[float], per_layer: list[float]) -> tuple[float, float, float]:
+    """(step_overhead_s, layer_overhead_s, loss) minimising sum(((base + o + L l) / measured - 1)^2) within
+    their ranges; base and per_layer (L, layers per step) in ms, o and l in seconds."""
+    rows = [(1e3 / p.measured, lay * 1e3 / p.measured, 1 - b / p.measured) for p, b, lay in zip(points, base, per_layer)]
+
+    def loss(o: float, l_: float) -> float:
+        return sum((a * o + c * l_ - y) ** 2 for a, c, y in rows)
+
+    def best_one(fixed: float, which: int, bounds: tuple[float, float]) -> float:
+        # minimise over the free variable with the other fixed
+        num = sum((y - (a * fixed if which == 0 else c * fixed)) * (c if which == 0 else a) for a, c, y in rows)
+        den = sum((c if which == 0 else a) ** 2 for a, c, y in rows)
+        return _clamp(num / den if den > 0 else bounds[0], bounds)
+
+    saa = sum(a * a for a, _, _ in rows)
+    scc = sum(c * c for _, c, _ in rows)
+    sac = sum(a * c for a, c, _ in rows)
+    say = sum(a * y for a, _, y in rows)
+    scy = sum(c * y for _, c, y in rows)
+    det = saa * scc - sac ** 2
+    candidates = []
+    if det > 1e-9 * saa * scc:
+        o, l_ = (scc * say - sac * scy) / det, (saa * scy - sac * say) / det
+        if STEP_OVERHEAD_RANGE_S[0] <= o <= STEP_OVERHEAD_RANGE_S[1] and \
+                LAYER_OVERHEAD_RANGE_S[0] <= l_ <= LAYER_OVERHEAD_RANGE_S[1]:
+            candidates.append((o, l_))
+    for o in STEP_OVERHEAD_RANGE_S:
+        candidates.append((o, best_one(o, 0, LAYER_OVERHEAD_RANGE_S)))
+    for l_ in LAYER_OVERHEAD_RANGE_S:
+        candidates.append((best_one(l_, 1, STEP_OVERHEAD_RANGE_S), l_))
+    o, l_ = min(candidates, key=lambda c: loss(*c))
+    return o, l_, loss(o, l_)
+
+
+def _fit_moe_decode(points: list[Point], eff: Efficiency, fit_flops: bool) -> Efficiency:
+    """decode_flops and memory_bandwidth on a log grid (refined twice around the best cell); for each,
+    the fixed latencies in closed form."""
+    zero = replace(eff, step_overhead_s=0.0, layer_overhead_s=0.0)
+    per_layer = [(p.predict(replace(zero, layer_overhead_s=1e-3)) - p.predict(zero)) for p in points]  # ms per ms
+
+    def solve(bw: float, df: float) -> tuple[float, Efficiency]:
+        e = replace(zero, memory_bandwidth=bw, decode_flops=df)
+        o, l_, loss = _fit_fixed(points, [p.predict(e) for p in points], per_layer)
+        return loss, replace(e, step_overhead_s=o, layer_overhead_s=l_)
+
+    bw_range, df_range = MOE_MEMORY_BANDWIDTH_RANGE, MOE_DECODE_FLOPS_RANGE if fit_flops else (eff.decode_flops,) * 2
+    best = (math.inf, eff)
+    for _ in range(3):
+        bws, dfs = _log_grid(bw_range, 25), _log_grid(df_range, 25 if fit_flops else 1)
+        best = min((solve(bw, df) for bw in bws for df in dfs), key=lambda r: r[0])
+        bw, df = best[1].memory_bandwidth, best[1].decode_flops
+        step_bw, step_df = (bws[1] / bws[0]) ** 2, ((dfs[1] / dfs[0]) ** 2 if fit_flops else 1.0)
+        bw_range = (_clamp(bw / step_bw, MOE_MEMORY_BANDWIDTH_RANGE), _clamp(bw * step_bw, MOE_MEMORY_BANDWIDTH_RANGE))
+        if fit_flops:
+            df_range = (_clamp(df / step_df, MOE_DECODE_FLOPS_RANGE), _clamp(df * step_df, MOE_DECODE_FLOPS_RANGE))
+    return best[1]
+
+
+def _fit_prefill(points: list[Point], eff: Efficiency) -> Efficiency:
+    """prefill_flops, plus moe_flops (routed experts' grouped GEMM) when some prompts meet experts and some do not,
+    and fp8_flops when some run FP8 linears and some do not (each else confounded with prefill_flops): a few
+    rounds of 1-D least squares on log error over all the points, one factor at a time."""
+    free = [("prefill_flops", MOE_PREFILL_FLOPS_RANGE)]
+    for factor in ("moe_flops", "fp8_flops"):
+        bound = [_sensitive(p, eff, factor) for p in points]
+        if any(bound) and not all(bound):
+            free.append((factor, MOE_FLOPS_RANGE))
+    for _ in range(1 if len(free) == 1 else PREFILL_ROUNDS):  # coordinate descent until it settles
+        before = eff
+        for factor, bounds in free:
+            eff = replace(eff, **{factor: fit_one(points, eff, factor, bounds)})
+        if all(math.isclose(getattr(eff, f), getattr(before, f), rel_tol=1e-4) for f, _ in free):
+            break
+    return eff
+
+
+def fit_moe(points: list[Point], start: Efficiency) -> Fit:
+    """The MoE/MLA family's fit (module docstring): prefill_flops, then decode_flops, memory_bandwidth,
+    step_overhead_s and layer_overhead_s, with the embedding read as a lookup."""
+    notes: list[str] = []
+    eff = replace(start, embedding_read=0.0)
+    prefill = [p for p in points if p.fits == "prefill"]
+    decode = [p for p in points if p.fits == "decode"]
+    flops = False
+    for _ in range(3):
+        prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
+        if prefill:
+            eff = _fit_prefill(prefill, eff)
+        if decode:
+            eff = _fit_moe_decode(decode, eff, fit_flops=True)
+            flops = any(_sensitive(p, eff, "decode_flops") for p in decode)
+            if not flops:  # no compute-bound step: decode_flops is not determined by these points
+                eff = _fit_moe_decode(decode, replace(eff, decode_flops=start.decode_flops), fit_flops=False)
+    if not prefill:
+        notes.append("prefill_flops kept: no compute-bound TTFT point")
+    if not decode:
+        notes.append("decode factors kept: no TPOT point")
+    elif not flops:
+        notes.append("decode_flops kept: no decode step is compute-bound")
+    eff = replace(eff, **{k: round(getattr(eff, k), 6 if k.endswith("_s") else 3) for k in FITTED_MOE})
+    bounds = {"prefill_flops": MOE_PREFILL_FLOPS_RANGE, "moe_flops": MOE_FLOPS_RANGE, "fp8_flops": MOE_FLOPS_RANGE,
+              "decode_flops": MOE_DECODE_FLOPS_RANGE,
+              "memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "step_overhead_s": STEP_OVERHEAD_RANGE_S,
+              "layer_overhead_s": LAYER_OVERHEAD_RANGE_S}
+    for name, (lo, hi) in bounds.items():
+        value = getattr(eff, name)
+        if value != getattr(start, name) and value != lo and (math.isclose(value, lo) or math.isclose(value, hi)):
+            notes.append(f"{name} clamped to {value:g} (range {lo:g}-{hi:g}): the planner's model does not "
+                         "explain these measurements well")
+    return Fit(start, eff, {"prefill": len(prefill), "decode": len(decode)}, notes, "moe")
+
+
+def fit_families(points: list[Point], starts: dict[str, Efficiency]) -> dict[str, Fit]:
+    """One fit per calibration family present in `points` (dense: `fit`, moe: `fit_moe`)."""
+    out = {}
+    for family in ("dense", "moe"):
+        group = [p for p in points if p.family == family]
+        if group:
+            out[family] = (fit_moe if family == "moe" else fit)(group, starts[family])
+    return out
