@@ -42,7 +42,7 @@ from cpu_embedded_vs_hf import cpu_model  # the benchmarks folder is not a packa
 from h200_quant import greedy_with_cache
 
 from r1deploy import LLM, SamplingParams
-from r1deploy.layers.attention import FP8_KV_DTYPE
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE
 from r1deploy.models import llama
 from r1deploy.models.loader import load_model
 

@@ -73,9 +73,6 @@ class DecodeGraphRunner:
             self.graphs[size] = _Graph(graph, logits)
         torch.cuda.synchronize()
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.num_seqs <= self.max_batch and all(n == 1 for n in batch.query_lens_cpu)
-
     def run(self, batch: ForwardBatch, pending: PendingTokens | None = None) -> torch.Tensor:
         """Logits [B, vocab] of a decode batch built in pinned host memory (ForwardBatch.build with
         device='cpu', pin_memory=True), so the copies into the static buffers do not block the host.

@@ -14,7 +14,8 @@ from r1deploy.engine.cuda_graphs import DecodeGraphRunner
 from r1deploy.engine.request import Request
 from r1deploy.engine.scheduler import ScheduledChunk, SchedulerOutput
 from r1deploy.errors import UsageError
-from r1deploy.layers.attention import is_fp8, resolve_kv_cache_dtype
+from r1deploy.kernels.kv_quant import is_fp8
+from r1deploy.layers.attention import resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from r1deploy.models.loader import LoadedModel
 

@@ -158,7 +158,7 @@ def decode_attention_ref(
     k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch, in q's dtype: gather each sequence's K/V through its table, softmax over seq_len keys."""
-    from r1deploy.layers.attention import dequantize_kv
+    from r1deploy.kernels.kv_quant import dequantize_kv
 
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]

@@ -69,7 +69,7 @@ def write_kv_cache_ref(
     k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Plain PyTorch: index_copy_ into the flattened slots, negative slots dropped (FP8: scaled, saturated)."""
-    from r1deploy.layers.attention import quantize_kv
+    from r1deploy.kernels.kv_quant import quantize_kv
 
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
@@ -132,7 +132,7 @@ def write_latent_cache_ref(
 ) -> None:
     """Plain PyTorch: index_copy_ of [latent ; k_pe] rows into the flattened slots, negative slots dropped
     (FP8: scaled, saturated)."""
-    from r1deploy.layers.attention import quantize_kv
+    from r1deploy.kernels.kv_quant import quantize_kv
 
     slots = kv_cache.view(-1, kv_cache.shape[-1])
     keep = slot_mapping >= 0

@@ -223,7 +223,7 @@ def mla_decode_attention_ref(
 ) -> torch.Tensor:
     """Plain PyTorch, in q's dtype: MQA of all heads over each sequence's cached rows, value = c_kv
     (FP8: dequantised rows)."""
-    from r1deploy.layers.attention import dequantize_kv
+    from r1deploy.kernels.kv_quant import dequantize_kv
 
     num_seqs, num_heads, _ = q.shape
     block_size = kv_cache.shape[1]

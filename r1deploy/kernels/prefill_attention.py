@@ -143,7 +143,7 @@ def prefill_attention_ref(
     seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch in q's dtype: per sequence, gather K/V through the table, bottom-right causal mask."""
-    from r1deploy.layers.attention import dequantize_kv
+    from r1deploy.kernels.kv_quant import dequantize_kv
 
     num_heads = q.shape[1]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from r1deploy.config import ModelConfig
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, dequantize_kv, is_fp8, quantize_kv
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.engine.batch import ForwardBatch
 
 
-FP8_KV_DTYPE = torch.float8_e4m3fn
-FP8_KV_MAX = 448.0  # largest finite e4m3fn value
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
@@ -38,24 +37,6 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> tor
     if kv_cache_dtype in ("fp8", "fp8_e4m3"):
         return FP8_KV_DTYPE
     raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-
-
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype == FP8_KV_DTYPE
-
-
-def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """What the cache stores for x: x itself in an ordinary dtype; x / scale saturated, in FP8."""
-    if not is_fp8(dtype):
-        return x.to(dtype)
-    return (x.float() / scale).clamp(-FP8_KV_MAX, FP8_KV_MAX).to(dtype)
-
-
-def dequantize_kv(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Cache contents back to dtype: FP8 values (exact in bf16/fp16/fp32) times the layer's scale."""
-    if not is_fp8(stored.dtype):
-        return stored.to(dtype)
-    return (stored.to(dtype) * scale) if scale != 1.0 else stored.to(dtype)
 
 
 def kv_scales_from_amax(k_amax: float, v_amax: float) -> tuple[float, float]:
@@ -80,13 +61,6 @@ def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tup
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Cache bytes one token costs across all layers (K and V)."""
     return 2 * config.num_hidden_layers * config.kv_size * dtype.itemsize
-
-
-def allocate_kv_caches(
-    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
-) -> list[torch.Tensor]:
-    shape = kv_cache_shape(config, num_blocks, block_size)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 
 def write_kv(

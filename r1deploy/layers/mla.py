@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1deploy.layers.attention import dequantize_kv, is_fp8, quantize_kv
+from r1deploy.kernels.kv_quant import dequantize_kv, is_fp8, quantize_kv
 from r1deploy.layers.linear import Linear
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear

@@ -7,7 +7,7 @@ import torch
 from kernel_inputs import DEVICE, REAL, SMALL, paged_cache, rel_err
 
 from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
-from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

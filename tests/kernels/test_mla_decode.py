@@ -11,7 +11,7 @@ from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.kernels import mla_decode
 from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention, mla_decode_attention_ref
-from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
 from r1deploy.layers.mla import absorbed_decode
 from r1deploy.models.deepseek_config import yarn_get_mscale
 

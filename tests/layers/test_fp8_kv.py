@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, dequantize_kv, quantize_kv
 from r1deploy.layers.attention import (
-    FP8_KV_DTYPE,
-    FP8_KV_MAX,
-    allocate_kv_caches,
-    dequantize_kv,
     kv_bytes_per_token,
+    kv_cache_shape,
     kv_scales_from_amax,
-    quantize_kv,
     resolve_kv_cache_dtype,
     set_kv_cache_scales,
 )
@@ -178,7 +175,8 @@ def _run(model, config, cache_dtype: torch.dtype, prompts: list[list[int]], step
     from r1deploy.engine.batch import ForwardBatch
 
     block_size = 4
-    caches = allocate_kv_caches(config, 64, block_size, cache_dtype, "cpu")
+    caches = [torch.zeros(kv_cache_shape(config, 64, block_size), dtype=cache_dtype)
+              for _ in range(config.num_hidden_layers)]
     tables = [list(range(16 * i, 16 * i + 16)) for i in range(len(prompts))]
     batch = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, "cpu")
     logits = model.compute_logits(model(batch, caches))
