@@ -145,7 +145,8 @@ def mla_default_splits(batch: int) -> int:
 
 
 def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 512, rope: int = 64) -> dict:
-    from r1deploy.kernels.mla_decode import mla_decode_attention, mla_decode_attention_ref
+    from r1deploy.attention.mla_torch import latent_attention
+    from r1deploy.kernels.mla_decode import mla_decode_attention
 
     block, width = 16, 4096 // 16 if context <= 4096 else math.ceil(context / 16)
     need = math.ceil(context / block)
@@ -157,7 +158,7 @@ def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 5
     scale = 1 / math.sqrt(192)
     out = mla_decode_attention(q, cache, tables, seq_lens, latent, scale)
     check = slice(0, min(batch, 4))
-    err = rel_err(out[check], mla_decode_attention_ref(q[check].float(), cache.float(), tables[check],
+    err = rel_err(out[check], latent_attention(q[check].float(), cache.float(), tables[check],
                                                          seq_lens[check], latent, scale))
     ms = median_ms(lambda: mla_decode_attention(q, cache, tables, seq_lens, latent, scale))
     read = batch * context * (latent + rope) * 2

@@ -8,6 +8,7 @@ tokens whose K/V already sit in the paged cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,9 @@ class ForwardBatch:
     query_lens_cpu: tuple[int, ...]  # the same lengths on the host, for loops and slicing
     seq_lens_cpu: tuple[int, ...]
     block_size: int
+    # The attention backend's metadata for this step (r1deploy/attention/base.py), built on the host before
+    # the forward by ModelRunner (AttentionBackend.build_metadata); None until then.
+    attn_metadata: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from r1deploy.attention.selector import default_attention_backend, make_attention_backend
 from r1deploy.engine.batch import ForwardBatch, PendingTokens, to_device
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import DecodeGraphRunner
@@ -69,6 +71,11 @@ class ModelRunner:
         if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
             raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
+        backend = config.attention_backend or default_attention_backend(self.device)
+        if backend == "triton" and self.device.type != "cuda":
+            raise UsageError("--attention-backend triton needs a CUDA device (use torch on the CPU)")
+        # Builds each step's attention metadata on the host, before the forward (r1deploy/attention).
+        self.attn_backend = make_attention_backend(backend, self.model.attention_kind)
         self.sampler = Sampler()
         self.pool = self._size_pool()
         self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
@@ -78,9 +85,9 @@ class ModelRunner:
         # too) and replays in lockstep: `graph_step` is a function of the step message alone.
         # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
         if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
-                and not self.dp_attention):
-            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
-                                            config.block_size, self.device)
+                and not self.dp_attention and self.attn_backend.supports_cuda_graphs):
+            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend, config.max_num_seqs,
+                                            max_model_len, config.block_size, self.device, config.graph_query_lens)
 
     def release(self) -> None:
         """Drop the KV cache and the captured graphs (and their memory pool) now, rather than whenever the
@@ -131,8 +138,8 @@ class ModelRunner:
         num_tokens = self.config.max_num_batched_tokens
         blocks = -(-num_tokens // self.config.block_size)
         scratch = self._allocate_kv_caches(blocks)
-        batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
-                                   self.config.block_size, self.device)
+        batch = self._with_attn_metadata(ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
+                                                            self.config.block_size, self.device))
         if self.dp_attention:  # every rank profiles a full step of its own at once (the MoE exchange joins them)
             hidden = self.model(batch, scratch, [num_tokens] * self.tp.size)
         else:
@@ -249,7 +256,7 @@ class ModelRunner:
         [R, vocab] fp32 (None when the step samples nothing); the other ranks return None."""
         assert self.tp is not None
         part = message.part(self.tp.rank)
-        batch = part.to_batch(self.device)
+        batch = self._with_attn_metadata(part.to_batch(self.device))
         counts = message.dp_sizes[:, 0].tolist()
         hidden = self.model(batch, self.kv_caches, counts)  # [T_rank, hidden]
         rows = part.sample_rows.to(self.device)
@@ -281,8 +288,11 @@ class ModelRunner:
 
     def graph_step(self, query_lens: list[int] | tuple[int, ...]) -> bool:
         """Whether a step with these per-sequence new-token counts replays a decode graph."""
-        return (self.graphs is not None and len(query_lens) <= self.graphs.max_batch
-                and all(n == 1 for n in query_lens))
+        return self.graphs is not None and self.graphs.covers(query_lens)
+
+    def _with_attn_metadata(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with its attention metadata, built on the host before the forward."""
+        return dataclasses.replace(batch, attn_metadata=self.attn_backend.build_metadata(batch))
 
     def execute(self, batch: ForwardBatch, rows: list[int], use_graph: bool = False,
                 pending: PendingTokens | None = None) -> torch.Tensor | None:
@@ -293,6 +303,7 @@ class ModelRunner:
             return self._select_rows(logits, rows, batch.num_seqs)
         if pending is not None:
             pending.fill(batch.input_ids)
+        batch = self._with_attn_metadata(batch)
         hidden = self.model(batch, self.kv_caches)
         indices = self._select_rows(batch.logits_indices, rows, batch.num_seqs)
         return None if indices is None else self.model.compute_logits(hidden[indices])
