@@ -22,7 +22,6 @@ import datetime
 import gc
 import json
 import math
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -215,8 +214,8 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int) -> float:
     tables = [list(range(i * need + 1, (i + 1) * need + 1)) for i in range(batch)]  # block 0 left alone
     step = ForwardBatch.build([[7 + i] for i in range(batch)], [context - 1] * batch, tables, block, "cpu")
     runner.execute(step, [0], use_graph=True)  # copies the step into the graph's static inputs (and replays)
-    graph = runner.graphs.graphs[runner.graphs.buckets[next(i for i, b in enumerate(runner.graphs.buckets)
-                                                            if b >= batch)]].graph
+    bucket = next(b for b in runner.graphs.buckets if b >= batch)
+    graph = runner.graphs.graphs[(bucket, 1)].graph  # graphs are keyed by (batch bucket, query length)
     return median_ms(graph.replay)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from r1deploy.attention.base import MLABackend, MLAMetadata
-from r1deploy.kernels.kv_quant import dequantize_kv, is_fp8, quantize_kv
+from r1deploy.kernels.kv_quant import dequantize_kv, gather_cache, is_fp8, quantize_kv
 
 
 def write_latent_cache(
@@ -84,7 +84,7 @@ def latent_attention(
     num_seqs, block_size = block_tables.shape[0], kv_cache.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
     num_blocks = block_tables.shape[1] if max_seq_len is None else math.ceil(max_seq_len / block_size)
-    cached = dequantize_kv(kv_cache[block_tables[:, :num_blocks].long()].flatten(1, 2), kv_scale, acc)  # [B, S, W]
+    cached = dequantize_kv(gather_cache(kv_cache, block_tables[:, :num_blocks].long()).flatten(1, 2), kv_scale, acc)
     query = q.to(acc).view(num_seqs, query_len, num_heads, width)
     scores = torch.einsum("bqhc,bsc->bqhs", query, cached) * scale  # [B, Q, H, S]
     visible = seq_lens.view(-1, 1) - (query_len - 1 - torch.arange(query_len, device=q.device))  # [B, Q]
@@ -133,7 +133,7 @@ def expanded_prefills(
     block_size = kv_cache.shape[1]
     for seq, start, query_len, seq_len in metadata.prefills:
         table = metadata.block_tables[seq, : math.ceil(seq_len / block_size)].long()
-        cached = dequantize_kv(kv_cache[table].flatten(0, 1)[:seq_len], kv_scale, q_nope.dtype)  # [S, dc + dr]
+        cached = dequantize_kv(gather_cache(kv_cache, table).flatten(0, 1)[:seq_len], kv_scale, q_nope.dtype)
         rows = slice(start, start + query_len)
         out[rows] = expanded_attention(q_nope[rows], q_pe[rows], cached, kv_b_weight, scale)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from r1deploy.attention.base import AttentionBackend, AttentionMetadata
-from r1deploy.kernels.kv_quant import dequantize_kv, is_fp8, quantize_kv
+from r1deploy.kernels.kv_quant import dequantize_kv, gather_cache, is_fp8, quantize_kv
 
 
 def write_kv(
@@ -52,8 +52,8 @@ def decode_attention(
     num_seqs, num_kv_heads = block_tables.shape[0], kv_cache.shape[3]
     acc = torch.promote_types(q.dtype, torch.float32)
     tables = block_tables[:, : gather_blocks or block_tables.shape[1]].long()  # [B, MB]
-    keys = dequantize_kv(kv_cache[0][tables].flatten(1, 2), k_scale, acc)  # [B, S, KV, D]
-    values = dequantize_kv(kv_cache[1][tables].flatten(1, 2), v_scale, acc)
+    keys = dequantize_kv(gather_cache(kv_cache, (0, tables)).flatten(1, 2), k_scale, acc)  # [B, S, KV, D]
+    values = dequantize_kv(gather_cache(kv_cache, (1, tables)).flatten(1, 2), v_scale, acc)
     queries = q.view(num_seqs, query_len, num_kv_heads, num_heads // num_kv_heads, head_dim).to(acc)
     scores = torch.einsum("bqkgd,bskd->bqkgs", queries, keys) * scale  # [B, Q, KV, G, S]
     visible = seq_lens.view(-1, 1) - (query_len - 1 - torch.arange(query_len, device=q.device))  # [B, Q]
@@ -83,8 +83,8 @@ def varlen_attention(
         if not query_len:
             continue
         table = block_tables[i, : -(-seq_len // block_size)].long()
-        keys = dequantize_kv(kv_cache[0][table].flatten(0, 1)[:seq_len], k_scale, q.dtype)  # [S, KV, D]
-        values = dequantize_kv(kv_cache[1][table].flatten(0, 1)[:seq_len], v_scale, q.dtype)
+        keys = dequantize_kv(gather_cache(kv_cache, (0, table)).flatten(0, 1)[:seq_len], k_scale, q.dtype)
+        values = dequantize_kv(gather_cache(kv_cache, (1, table)).flatten(0, 1)[:seq_len], v_scale, q.dtype)
         queries = q[start : start + query_len]  # [L, H, D]
         # SDPA's is_causal aligns top-left, which is only right when nothing was cached.
         mask = None

@@ -29,3 +29,11 @@ def dequantize_kv(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> tor
     if not is_fp8(stored.dtype):
         return stored.to(dtype)
     return (stored.to(dtype) * scale) if scale != 1.0 else stored.to(dtype)
+
+
+def gather_cache(cache: torch.Tensor, index: torch.Tensor | tuple) -> torch.Tensor:
+    """cache[index] for any cache dtype: an FP8 cache is indexed through its bytes (advanced indexing has no
+    float8 kernel on every device), then viewed back as FP8."""
+    if not is_fp8(cache.dtype):
+        return cache[index]
+    return cache.view(torch.uint8)[index].view(cache.dtype)

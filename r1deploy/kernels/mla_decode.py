@@ -25,7 +25,6 @@ the kernels are exactly the one-token decode kernels.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

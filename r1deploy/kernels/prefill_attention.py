@@ -11,7 +11,6 @@ into the softmax scale and v_scale into the output.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -57,7 +57,7 @@ def test_verify_step_graph_replays_the_eager_step(tiny_model_dir: Path) -> None:
     runner = engine.runner
     assert runner.graphs is not None and (4, 3) in runner.graphs.graphs and (4, 1) in runner.graphs.graphs
     assert runner.graph_step([3, 3, 3]) and not runner.graph_step([3, 1, 3])
-    tables = [list(range(0, 4)), list(range(4, 8)), list(range(8, 12))]
+    tables = [list(range(4)), list(range(4, 8)), list(range(8, 12))]
     prefill = ForwardBatch.build([[5, 6, 7, 8, 9], [4, 2], [11] * 9], [0, 0, 0], tables, 4, "cuda")
     runner.execute(prefill, [0, 1, 2])
     verify = ForwardBatch.build([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [5, 2, 9], tables, 4, "cpu", pin_memory=True)

@@ -7,8 +7,8 @@ import torch
 from kernel_inputs import DEVICE, REAL, SMALL, paged_cache, rel_err
 
 from r1deploy.attention.torch_backend import varlen_attention
-from r1deploy.kernels.prefill_attention import prefill_attention
 from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
+from r1deploy.kernels.prefill_attention import prefill_attention
 
 
 def _check(query_lens: list[int], cached: list[int], shape: dict, dtype: torch.dtype, tol: float,
