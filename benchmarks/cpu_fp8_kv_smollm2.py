@@ -42,8 +42,8 @@ from cpu_embedded_vs_hf import cpu_model  # the benchmarks folder is not a packa
 from h200_quant import greedy_with_cache
 
 from r1deploy import LLM, SamplingParams
-from r1deploy.layers.attention import FP8_KV_DTYPE
-from r1deploy.models import llama
+from r1deploy.attention.torch_backend import TorchAttentionBackend
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE
 from r1deploy.models.loader import load_model
 
 FP8_MIN_NORMAL = 2.0**-6
@@ -88,10 +88,10 @@ class KVStats:
         self.count = [0] * num_layers
         self.calls = 0
         self.num_layers = num_layers
-        self.original = llama.paged_attention
+        self.original = TorchAttentionBackend.forward  # the CPU's attention backend
 
     def __enter__(self) -> KVStats:  # noqa: PYI034
-        def wrapped(q, k, v, kv_cache, batch, *args, **kwargs):
+        def wrapped(backend, q, k, v, kv_cache, metadata, *args, **kwargs):
             layer = self.calls % self.num_layers
             self.calls += 1
             for j, x in enumerate((k, v)):
@@ -99,13 +99,13 @@ class KVStats:
                 self.amax[layer][j] = max(self.amax[layer][j], float(x.max()))
                 self.small[layer][j] += int((x < FP8_MIN_NORMAL).sum())
             self.count[layer] += k.numel()
-            return self.original(q, k, v, kv_cache, batch, *args, **kwargs)
+            return self.original(backend, q, k, v, kv_cache, metadata, *args, **kwargs)
 
-        llama.paged_attention = wrapped
+        TorchAttentionBackend.forward = wrapped
         return self
 
     def __exit__(self, *exc: object) -> None:
-        llama.paged_attention = self.original
+        TorchAttentionBackend.forward = self.original
 
     def summary(self) -> dict[str, Any]:
         k_amax, v_amax = [a[0] for a in self.amax], [a[1] for a in self.amax]

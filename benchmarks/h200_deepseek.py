@@ -22,7 +22,6 @@ import datetime
 import gc
 import json
 import math
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -145,7 +144,8 @@ def mla_default_splits(batch: int) -> int:
 
 
 def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 512, rope: int = 64) -> dict:
-    from r1deploy.kernels.mla_decode import mla_decode_attention, mla_decode_attention_ref
+    from r1deploy.attention.mla_torch import latent_attention
+    from r1deploy.kernels.mla_decode import mla_decode_attention
 
     block, width = 16, 4096 // 16 if context <= 4096 else math.ceil(context / 16)
     need = math.ceil(context / block)
@@ -157,7 +157,7 @@ def bench_mla_decode(batch: int, context: int, heads: int = 128, latent: int = 5
     scale = 1 / math.sqrt(192)
     out = mla_decode_attention(q, cache, tables, seq_lens, latent, scale)
     check = slice(0, min(batch, 4))
-    err = rel_err(out[check], mla_decode_attention_ref(q[check].float(), cache.float(), tables[check],
+    err = rel_err(out[check], latent_attention(q[check].float(), cache.float(), tables[check],
                                                          seq_lens[check], latent, scale))
     ms = median_ms(lambda: mla_decode_attention(q, cache, tables, seq_lens, latent, scale))
     read = batch * context * (latent + rope) * 2
@@ -215,8 +215,8 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int) -> float:
     step = ForwardBatch.build([[7 + i] for i in range(batch)], [context - 1] * batch, tables, block, "cpu",
                               pin_memory=True)
     runner.execute(step)  # copies the step into the graph's static inputs (and replays)
-    graph = runner.graphs.graphs[runner.graphs.buckets[next(i for i, b in enumerate(runner.graphs.buckets)
-                                                            if b >= batch)]].graph
+    bucket = next(b for b in runner.graphs.buckets if b >= batch)
+    graph = runner.graphs.graphs[(bucket, 1)].graph  # graphs are keyed by (batch bucket, query length)
     return median_ms(graph.replay)
 
 

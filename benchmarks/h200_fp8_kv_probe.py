@@ -16,8 +16,8 @@ position alone and the decode positions alone; argmax agreement; does the first 
                          up to instruction-level differences) if the FP8 kernels are right;
             perturb_4/6  bf16 cache with K and V multiplied by 1 + 2^-4 (2^-6) * U(-1, 1) as they are written: a
                          random perturbation of FP8's size (e4m3 rounds to within 2^-4 relative) and 4x smaller;
-            torch_bf16   the attention in plain PyTorch on the same device (layers/attention.py's CPU path and
-                         write_kv_cache_ref, patched in here), bf16 cache: the kernels' own noise floor;
+            torch_bf16   the attention in plain PyTorch on the same device (the Torch attention backend, the
+                         kernels' reference, made the default here), bf16 cache: the kernels' own noise floor;
             torch_fp8    that PyTorch path on an FP8 cache, compared with torch_bf16 (FP8's effect without any
                          Triton attention kernel) and with fp8 (the kernels against PyTorch on the same cache);
             fp32         the model in fp32 (weights cast exactly from bf16, fp32 cache, fp32 activations):
@@ -29,7 +29,7 @@ position alone and the decode positions alone; argmax agreement; does the first 
           on FP8 caches written by the Triton write kernel, against a float64 PyTorch reference computed from the
           same FP8 cache bytes; sequence lengths 17, 300, 2048 in one batch; K/V/Q random with the model's std,
           and the real q/k/v of the first and last layer captured from a 2048-token prefill. The same on a bf16
-          cache as the baseline, the Triton write kernel's bytes against write_kv_cache_ref, and the float64
+          cache as the baseline, the Triton write kernel's bytes against the Torch backend's write, and the float64
           reference on the FP8 cache against the float64 reference on the bf16 cache (FP8's intrinsic effect on
           one attention output).
   amax    per layer: max |q|, |k|, |v|, the fraction of |k|, |v| above 448 (saturated at scale 1.0) and below
@@ -81,10 +81,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # r1deploy from this checkout if not installed
 from h200_quant import BLOCK, greedy_with_cache, header, release, sync
 
+from r1deploy.attention import selector, torch_backend
+from r1deploy.attention.torch_backend import TorchAttentionBackend
 from r1deploy.engine.batch import ForwardBatch
-from r1deploy.layers import attention
-from r1deploy.layers.attention import FP8_KV_DTYPE, FP8_KV_MAX
-from r1deploy.models import llama
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX
 from r1deploy.models.loader import build_model
 from r1deploy.presets import resolve_config_path
 from r1deploy.weights.dummy import init_dummy_weights
@@ -122,7 +122,7 @@ def error_record(exc: BaseException) -> dict[str, str]:
     return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
 
 
-# ---- variants of the K/V path (patched into r1deploy.layers.attention for one run) ------------------------------
+# ---- variants of the K/V path (patched into the attention backends for one run) ---------------------------------
 
 
 def fake_fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -148,37 +148,32 @@ def perturbing_write(original: Callable, eps: float, seed: int, device: str) -> 
     return write
 
 
-def torch_attention(q, kv_cache, batch, scale, decode, k_scale=1.0, v_scale=1.0):
-    """layers/attention.py's plain-PyTorch path (device-agnostic) in place of the Triton kernels. An FP8 cache is
-    first widened whole to q's dtype with its scales (exact: what that path's dequantize_kv does per gathered
-    block), so no FP8 indexing kernel is needed on the device."""
-    if attention.is_fp8(kv_cache.dtype):
-        kv_cache = torch.stack((attention.dequantize_kv(kv_cache[0], k_scale, q.dtype),
-                                attention.dequantize_kv(kv_cache[1], v_scale, q.dtype)))
-        k_scale = v_scale = 1.0
-    if decode:
-        return attention._decode_attention(q, kv_cache, batch, scale, k_scale, v_scale)
-    return attention._prefill_attention(q, kv_cache, batch, scale, k_scale, v_scale)
+def write_modules(device: str) -> list[Any]:
+    """The modules whose cache-write function the default backend on `device` calls (patched by the variants)."""
+    if torch.device(device).type != "cuda":
+        return [torch_backend]
+    from r1deploy.attention import triton_backend
+
+    return [triton_backend]
 
 
-def torch_write(kv_cache, k, v, slots, k_scale=1.0, v_scale=1.0):
-    from r1deploy.kernels.kv_cache import write_kv_cache_ref
-
-    write_kv_cache_ref(kv_cache, k, v, slots, k_scale, v_scale)
+def _write_name(module: Any) -> str:
+    return "write_kv" if module is torch_backend else "write_kv_cache"
 
 
 @contextlib.contextmanager
 def variant(name: str, device: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        original = attention.write_kv
-        if name == "fp8_fake":
-            stack.enter_context(patched(attention, "write_kv", fake_quant_write(original)))
-        elif name.startswith("perturb_"):
-            exponent = int(name.split("_")[1])
-            stack.enter_context(patched(attention, "write_kv", perturbing_write(original, 2.0**-exponent, 7, device)))
-        elif name.startswith("torch_"):
-            stack.enter_context(patched(attention, "_triton_attention", torch_attention))
-            stack.enter_context(patched(attention, "write_kv", torch_write))
+        for module in write_modules(device):
+            write = _write_name(module)
+            original = getattr(module, write)
+            if name == "fp8_fake":
+                stack.enter_context(patched(module, write, fake_quant_write(original)))
+            elif name.startswith("perturb_"):
+                exponent = int(name.split("_")[1])
+                stack.enter_context(patched(module, write, perturbing_write(original, 2.0**-exponent, 7, device)))
+        if name.startswith("torch_"):  # models run without engine metadata take the default backend's
+            stack.enter_context(patched(selector, "default_attention_backend", lambda _device: "torch"))
         yield
 
 
@@ -186,7 +181,7 @@ def variant(name: str, device: str) -> Iterator[None]:
 
 
 class Capture:
-    """Wraps llama.paged_attention: per-layer statistics of q, k, v and (for `keep` layers) the tensors."""
+    """Wraps the attention backends' forward: per-layer statistics of q, k, v and (for `keep` layers) the tensors."""
 
     def __init__(self, model: torch.nn.Module, keep: tuple[int, ...] = ()) -> None:
         self.keep = set(keep)
@@ -195,7 +190,12 @@ class Capture:
         self.tensors: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.hooks = [layer.self_attn.register_forward_pre_hook(self._enter(i))
                       for i, layer in enumerate(model.model.layers)]
-        self.original = llama.paged_attention
+        self.backends = [TorchAttentionBackend]
+        if torch.cuda.is_available():
+            from r1deploy.attention.triton_backend import TritonAttentionBackend
+
+            self.backends.append(TritonAttentionBackend)
+        self.originals = [cls.forward for cls in self.backends]
 
     def _enter(self, index: int) -> Callable:
         def hook(module, args):
@@ -222,14 +222,18 @@ class Capture:
                 t[name].append(x.detach().clone())
 
     def __enter__(self) -> Self:
-        def wrapper(q, k, v, kv_cache, batch, scale, k_scale=1.0, v_scale=1.0):
-            self._record(q, k, v)
-            return self.original(q, k, v, kv_cache, batch, scale, k_scale, v_scale)
-        llama.paged_attention = wrapper
+        def wrap(original: Callable) -> Callable:
+            def forward(backend, q, k, v, kv_cache, metadata, scale, k_scale=1.0, v_scale=1.0):
+                self._record(q, k, v)
+                return original(backend, q, k, v, kv_cache, metadata, scale, k_scale, v_scale)
+            return forward
+        for cls, original in zip(self.backends, self.originals, strict=True):
+            cls.forward = wrap(original)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        llama.paged_attention = self.original
+        for cls, original in zip(self.backends, self.originals, strict=True):
+            cls.forward = original
         for h in self.hooks:
             h.remove()
 
@@ -358,8 +362,9 @@ def paged_tables(lens: list[int], block: int, width: int, gen: torch.Generator, 
 
 def write_cache(ks: list[torch.Tensor], vs: list[torch.Tensor], tables: torch.Tensor, num_blocks: int, block: int,
                 kv_dtype: torch.dtype, device: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Sequences' K/V [n, KV, D] into a fresh cache with the Triton write kernel; its bytes vs write_kv_cache_ref."""
-    from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
+    """Sequences' K/V [n, KV, D] into a fresh cache with the Triton write kernel; its bytes vs the Torch backend's."""
+    from r1deploy.attention.torch_backend import write_kv as write_kv_cache_ref
+    from r1deploy.kernels.kv_cache import write_kv_cache
 
     kv_heads, head_dim = ks[0].shape[1:]
     slots = []

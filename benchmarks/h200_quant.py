@@ -408,7 +408,7 @@ def greedy_with_cache(model: torch.nn.Module, config: Any, prompt: list[int], st
 
 def run_fp8kv(shape: str, device: str, dtype: torch.dtype, sizes: dict[str, int], result: dict[str, Any],
               raw: dict[str, Any] | None = None) -> None:
-    from r1deploy.layers.attention import FP8_KV_DTYPE
+    from r1deploy.kernels.kv_quant import FP8_KV_DTYPE
 
     r = result["fp8kv"] = {}
     if raw is None:

@@ -20,12 +20,16 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from r1deploy.attention.torch_backend import decode_attention as decode_attention_ref
+from r1deploy.attention.torch_backend import varlen_attention
+from r1deploy.attention.torch_backend import write_kv as write_kv_cache_ref
 from r1deploy.kernels.activation import silu_and_mul, silu_and_mul_ref
-from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
-from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
-from r1deploy.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from r1deploy.kernels.rmsnorm import rms_norm, rms_norm_ref
+from r1deploy.kernels.decode_attention import decode_attention
+from r1deploy.kernels.kv_cache import write_kv_cache
+from r1deploy.kernels.prefill_attention import prefill_attention
+from r1deploy.kernels.rmsnorm import rms_norm
 from r1deploy.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from r1deploy.layers.norm import rms_norm_torch as rms_norm_ref
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, HIDDEN, INTER = 28, 4, 128, 16, 3584, 18944  # R1-Distill-Qwen-7B
 MAX_MODEL_LEN = 4096  # decode tables are this wide, as a CUDA graph's static table would be
@@ -102,7 +106,7 @@ def bench_prefill(query_lens: list[int], cached: list[int]) -> dict:
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     scale = HEAD_DIM**-0.5
     run = lambda: prefill_attention(q, cache, tables, starts, lens, max(query_lens), scale)
-    err = rel_err(run(), prefill_attention_ref(q.float(), cache.float(), tables, starts, lens, scale))
+    err = rel_err(run(), varlen_attention(q.float(), cache.float(), tables, query_lens, seq_lens, scale))
     ms = median_ms(run)
     visible = sum(ql * (ql + 1) / 2 + ql * c for ql, c in zip(query_lens, cached, strict=True))
     flops = 4 * HEADS * HEAD_DIM * visible  # QK^T and PV, causal part only

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,9 @@ class ForwardBatch:
     seq_lens_cpu: tuple[int, ...]
     block_size: int
     num_sampled_cpu: tuple[int, ...]  # [B] positions sampled per sequence (its last ones); R = their sum
+    # The attention backend's metadata for this step (r1deploy/attention/base.py), built on the host before
+    # the forward by ModelRunner (AttentionBackend.build_metadata); None until then.
+    attn_metadata: Any = None
 
     @property
     def num_seqs(self) -> int:

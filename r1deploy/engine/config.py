@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from r1deploy.attention.base import DECODE_MAX_QUERY_LEN
+from r1deploy.attention.selector import ATTENTION_BACKENDS
 from r1deploy.layers.attention import KV_CACHE_DTYPES
 
 OFFLOAD_TARGETS = ("experts", "layers")
@@ -139,6 +141,12 @@ class EngineConfig:
     # auto|vllm|<folder> and --override-generation-config)
     generation_config: str = "auto"
     override_generation_config: Mapping[str, Any] | None = None
+    # Attention kernels (r1deploy/attention): "triton" (CUDA) or "torch" (plain PyTorch, the reference; runs
+    # without CUDA graphs); None: triton on CUDA, torch on the CPU.
+    attention_backend: str | None = None
+    # CUDA graphs are captured for steps whose sequences all have one of these numbers of new tokens:
+    # 1 = decode; 1+k = a speculative verify step of k draft tokens (each extra length costs graph memory).
+    graph_query_lens: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -154,5 +162,11 @@ class EngineConfig:
             raise ValueError("num_gpu_blocks_override must be >= 1")
         if self.speculative is not None and self.parallel.dp_attention:
             raise ValueError("speculative decoding does not run with --dp-attention yet")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if not self.graph_query_lens or not all(1 <= n <= DECODE_MAX_QUERY_LEN for n in self.graph_query_lens):
+            raise ValueError(f"graph_query_lens must hold lengths in [1, {DECODE_MAX_QUERY_LEN}], "
+                             f"got {self.graph_query_lens!r}")
         if self.offload is not None and self.parallel.tensor_parallel_size > 1:
             raise ValueError("offload: expert offload runs on one GPU; it does not combine with tensor parallelism")

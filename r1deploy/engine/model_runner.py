@@ -3,16 +3,19 @@ step's ForwardBatch and samples its logits. Which steps run, and on which ranks,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from r1deploy.attention.selector import default_attention_backend, make_attention_backend
 from r1deploy.engine.batch import ForwardBatch, PendingTokens, to_device
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import DecodeGraphRunner
 from r1deploy.errors import UsageError
-from r1deploy.layers.attention import is_fp8, resolve_kv_cache_dtype
+from r1deploy.kernels.kv_quant import is_fp8
+from r1deploy.layers.attention import resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput
 from r1deploy.models.loader import LoadedModel
 from r1deploy.startup import phase
@@ -51,6 +54,11 @@ class ModelRunner:
         if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
             raise UsageError(f"--kv-cache-dtype {config.kv_cache_dtype} (kv_cache_dtype) is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
+        backend = config.attention_backend or default_attention_backend(self.device)
+        if backend == "triton" and self.device.type != "cuda":
+            raise UsageError("--attention-backend triton needs a CUDA device (use torch on the CPU)")
+        # Builds each step's attention metadata on the host, before the forward (r1deploy/attention).
+        self.attn_backend = make_attention_backend(backend, self.model.attention_kind)
         self.sampler = Sampler()
         with phase("KV cache sizing and allocation"):
             self.pool = self._size_pool()
@@ -58,13 +66,13 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Only models whose forward has no host-side, data-dependent shapes can be captured. Under tensor
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
-        # too) and replays in lockstep: `graph_step` is a function of the step message alone.
+        # too) and replays in lockstep: whether a step replays a graph is a function of the step message alone.
         # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
         if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
-                and not self.dp_attention):
+                and not self.dp_attention and self.attn_backend.supports_cuda_graphs):
             with phase("CUDA graph capture"):
-                self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
-                                                config.block_size, self.device)
+                self.graphs = DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend, config.max_num_seqs,
+                                                max_model_len, config.block_size, self.device, config.graph_query_lens)
 
     def release(self) -> None:
         """Drop the KV cache and the captured graphs (and their memory pool) now, rather than whenever the
@@ -115,8 +123,8 @@ class ModelRunner:
         num_tokens = self.config.max_num_batched_tokens
         blocks = -(-num_tokens // self.config.block_size)
         scratch = self._allocate_kv_caches(blocks)
-        batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
-                                   self.config.block_size).to(self.device)
+        batch = self._with_attn_metadata(ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
+                                                            self.config.block_size).to(self.device))
         if self.dp_attention:  # every rank profiles a full step of its own at once (the MoE exchange joins them)
             hidden = self.model(batch, scratch, [num_tokens] * self.tp.size)
         else:
@@ -135,7 +143,7 @@ class ModelRunner:
         order (hidden states, not logits: hidden_size values a row instead of vocab). Rank 0 returns their
         logits [R, vocab] fp32 (None when the step samples nothing); the other ranks return None."""
         assert self.tp is not None
-        batch = message.part(self.tp.rank).to_batch(self.device)
+        batch = self._with_attn_metadata(message.part(self.tp.rank).to_batch(self.device))
         counts = message.dp_sizes[:, 0].tolist()
         hidden = self.model(batch, self.kv_caches, counts)  # [T_rank, hidden]
         own = hidden[batch.logits_indices]  # [R_rank, hidden]
@@ -144,23 +152,26 @@ class ModelRunner:
             return None
         return self.model.compute_logits(gathered)
 
-    def graph_step(self, batch: ForwardBatch) -> bool:
-        """Whether this step replays a decode graph: one new token per sequence, within the largest bucket."""
-        return (self.graphs is not None and batch.num_seqs <= self.graphs.max_batch
-                and all(n == 1 for n in batch.query_lens_cpu))
+    def _with_attn_metadata(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with its attention metadata, built on the host before the forward."""
+        return dataclasses.replace(batch, attn_metadata=self.attn_backend.build_metadata(batch))
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch, pending: PendingTokens | None = None) -> torch.Tensor | None:
         """Logits [R, vocab] fp32 of the batch's sampled positions (None when it samples none); writes the
-        step's K/V. A decode step replays a graph from a batch in pinned host memory; any other step runs
-        eagerly on the batch moved to the device. Tensor-parallel ranks call this in lockstep."""
-        if self.graph_step(batch):
-            logits = self.graphs.run(batch, pending)  # [B, vocab]
+        step's K/V. A step whose sequences all have one captured query length (decode, or a uniform verify
+        step) replays a graph from a batch in pinned host memory; any other step runs eagerly on the batch
+        moved to the device. Tensor-parallel ranks call this in lockstep."""
+        if self.graphs is not None and self.graphs.covers(batch.query_lens_cpu):
+            logits = self.graphs.run(batch, pending)  # decode: [B, vocab]; verify: the sampled rows [R, vocab]
+            if batch.query_lens_cpu[0] > 1:
+                return logits if batch.num_logits else None
             rows = [i for i, n in enumerate(batch.num_sampled_cpu) if n]
             return self._select_rows(logits, rows, batch.num_seqs)
         batch = batch.to(self.device)
         if pending is not None:
             pending.fill(batch.input_ids)
+        batch = self._with_attn_metadata(batch)
         hidden = self.model(batch, self.kv_caches)
         return self.model.compute_logits(hidden[batch.logits_indices]) if batch.num_logits else None
 

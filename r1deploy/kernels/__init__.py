@@ -1,5 +1,7 @@
-"""Triton kernels for the CUDA path of the dense models (a leaf package: imports only torch and triton).
+"""Triton kernels for the CUDA path (a leaf package: imports only torch and triton, nothing of the project).
 
-Each module holds one kernel, its launcher and a plain-PyTorch reference of the same function.
-The layers import these lazily, on CUDA tensors only, so CPU runs never need triton.
+Each module holds one kernel and its launcher. The attention kernels' plain-PyTorch reference is the Torch
+attention backend (r1deploy/attention: torch_backend.py, mla_torch.py) and RMSNorm's is
+layers/norm.rms_norm_torch, the code the CPU runs; the other kernels keep a `_ref` beside them. The attention
+backends and layers import these lazily, on CUDA only, so CPU runs never need triton.
 """

@@ -1,8 +1,11 @@
 """Paged GQA decode attention, split along the context (flash-decoding).
 
-One query token per sequence. Program (b, g, p) attends the G query heads of KV head g (packed
-into one tile, so each K/V row is read once) over context partition p of sequence b, and writes
-an fp32 partial output with its log-sum-exp; a second kernel merges the partitions of each head.
+QUERY_LEN query tokens per sequence (1 for decode, 1+k for a speculative verify step), rows of q in
+sequence order: row r is token r % QUERY_LEN of sequence r // QUERY_LEN and, causally, sees the first
+seq_len - (QUERY_LEN - 1 - r % QUERY_LEN) cached tokens. Program (r, g, p) attends the G query heads of
+KV head g (packed into one tile, so each K/V row is read once) over context partition p of row r, and
+writes an fp32 partial output with its log-sum-exp; a second kernel merges the partitions of each head.
+QUERY_LEN is a compile-time constant: at 1 the kernels are exactly the one-token decode kernels.
 The grid depends only on the block table's width (static under CUDA graphs), never on seq_lens'
 values: partitions past a sequence's end run zero iterations and are masked out in the merge.
 
@@ -18,19 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from r1deploy.kernels._common import dot_precision, pow2
+from r1deploy.kernels._common import dot_precision, pow2, query_row_sequence
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_partition_kernel(
-    q_ptr,  # [B, H, D]
+    q_ptr,  # [B * QUERY_LEN, H, D]
     cache_ptr,  # [2, NB, BS, KV, D], head_dim contiguous
     tables_ptr,  # [B, MB] int32
     seq_lens_ptr,  # [B] int32
-    part_out_ptr,  # [B, H, P, D] fp32, already divided by the partition's softmax sum
-    part_lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of the partition's scaled scores
+    part_out_ptr,  # [B * QUERY_LEN, H, P, D] fp32, already divided by the partition's softmax sum
+    part_lse_ptr,  # [B * QUERY_LEN, H, P] fp32, log2-sum-exp2 of the partition's scaled scores
     qk_scale,  # softmax scale * log2(e): scores live in the exp2 domain
     stride_qb, stride_qh,
     stride_ckv, stride_cblk, stride_coff, stride_chead,
@@ -38,12 +41,12 @@ def _decode_partition_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    v_scale, FP8: tl.constexpr,
+    v_scale, FP8: tl.constexpr, QUERY_LEN: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    row = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
+    b, seq_len = query_row_sequence(row, seq_lens_ptr, QUERY_LEN)
     start = part * PARTITION
     end = tl.minimum(start + PARTITION, seq_len)
 
@@ -52,7 +55,7 @@ def _decode_partition_kernel(
     heads = kvh * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)  # [G, D]
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -81,25 +84,26 @@ def _decode_partition_kernel(
     if FP8:
         out = out * v_scale
     live = start < seq_len
-    row = (b * NUM_HEADS + heads) * NUM_PARTS + part  # [G]
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
+    part_row = (row * NUM_HEADS + heads) * NUM_PARTS + part  # [G]
+    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], out,
              mask=gmask[:, None] & dmask[None, :] & live)
-    tl.store(part_lse_ptr + row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=gmask & live)
+    tl.store(part_lse_ptr + part_row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=gmask & live)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr,  # [B, H, P, D] fp32
-    part_lse_ptr,  # [B, H, P] fp32
+    part_out_ptr,  # [B * QUERY_LEN, H, P, D] fp32
+    part_lse_ptr,  # [B * QUERY_LEN, H, P] fp32
     seq_lens_ptr,  # [B] int32
-    out_ptr,  # [B, H, D]
+    out_ptr,  # [B * QUERY_LEN, H, D]
     stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_PARTS: tl.constexpr, PARTITION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_LEN: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0)  # the query row
     h = tl.program_id(1)
-    used = tl.cdiv(tl.load(seq_lens_ptr + b), PARTITION)
+    _, seq_len = query_row_sequence(b, seq_lens_ptr, QUERY_LEN)
+    used = tl.cdiv(seq_len, PARTITION)
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     pmask = p < used
@@ -115,7 +119,7 @@ def _decode_merge_kernel(
 
 
 def decode_attention(
-    q: torch.Tensor,  # [B, H, D]
+    q: torch.Tensor,  # [B * query_len, H, D]: each sequence's query_len new tokens, in order
     kv_cache: torch.Tensor,  # [2, NB, BS, KV, D]
     block_tables: torch.Tensor,  # [B, MB] int32; MB (static) bounds every sequence's length
     seq_lens: torch.Tensor,  # [B] int32 on the device, K/V of this step included
@@ -123,10 +127,11 @@ def decode_attention(
     partition_size: int = 256,
     k_scale: float = 1.0,  # FP8 caches: real K = stored * k_scale (ignored for other dtypes)
     v_scale: float = 1.0,
-) -> torch.Tensor:  # [B, H, D]
+    query_len: int = 1,
+) -> torch.Tensor:  # [B * query_len, H, D]
     """Graph-capturable: shapes and grid come from tensor shapes only, no host reads of seq_lens."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    num_seqs, num_heads, head_dim = q.shape
+    num_seqs, num_heads, head_dim = q.shape  # num_seqs: query rows (B * query_len)
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert kv_cache.stride(-1) == 1 and q.stride(-1) == 1 and partition_size % block_size == 0
     group = num_heads // num_kv_heads
@@ -143,34 +148,11 @@ def decode_attention(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
         NUM_PARTS=num_parts, PARTITION=partition_size, BLOCK_N=max(16, min(64, partition_size)),  # dots need K >= 16
         BLOCK_G=max(16, pow2(group)), BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-        v_scale=float(v_scale), FP8=fp8, num_warps=4, num_stages=2,
+        v_scale=float(v_scale), FP8=fp8, QUERY_LEN=query_len, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_PARTS=num_parts, PARTITION=partition_size,
-        BLOCK_P=pow2(num_parts), BLOCK_D=block_d, num_warps=4,
+        BLOCK_P=pow2(num_parts), BLOCK_D=block_d, QUERY_LEN=query_len, num_warps=4,
     )
-    return out
-
-
-def decode_attention_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-    k_scale: float = 1.0, v_scale: float = 1.0,
-) -> torch.Tensor:
-    """Plain PyTorch, in q's dtype: gather each sequence's K/V through its table, softmax over seq_len keys."""
-    from r1deploy.layers.attention import dequantize_kv
-
-    num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    out = torch.zeros_like(q)
-    for i in range(num_seqs):
-        n = int(seq_lens[i])
-        if n == 0:
-            continue
-        table = block_tables[i, : math.ceil(n / block_size)].long()
-        keys = dequantize_kv(kv_cache[0][table].flatten(0, 1)[:n], k_scale, q.dtype)  # [S, KV, D]
-        values = dequantize_kv(kv_cache[1][table].flatten(0, 1)[:n], v_scale, q.dtype)
-        queries = q[i].view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # [KV, G, D]
-        scores = torch.einsum("kgd,skd->kgs", queries, keys) * scale
-        out[i] = torch.einsum("kgs,skd->kgd", scores.softmax(-1), values).reshape(num_heads, head_dim)
     return out

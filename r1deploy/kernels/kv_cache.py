@@ -64,23 +64,6 @@ def write_kv_cache(
     )
 
 
-def write_kv_cache_ref(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-    k_scale: float = 1.0, v_scale: float = 1.0,
-) -> None:
-    """Plain PyTorch: index_copy_ into the flattened slots, negative slots dropped (FP8: scaled, saturated)."""
-    from r1deploy.layers.attention import quantize_kv
-
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    keep = slot_mapping >= 0
-    k, v = quantize_kv(k[keep], k_scale, kv_cache.dtype), quantize_kv(v[keep], v_scale, kv_cache.dtype)
-    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
-        slots, k, v = slots.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
-    slots[0].index_copy_(0, slot_mapping[keep], k)
-    slots[1].index_copy_(0, slot_mapping[keep], v)
-
-
 @triton.jit
 def _write_latent_kernel(
     latent_ptr,  # [T, DC]
@@ -124,19 +107,3 @@ def write_latent_cache(
         DC=latent_dim, DR=rope_dim, BLOCK_SIZE=kv_cache.shape[1], BLOCK_C=pow2(latent_dim),
         BLOCK_R=pow2(rope_dim), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
-
-
-def write_latent_cache_ref(
-    kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
-    scale: float = 1.0,
-) -> None:
-    """Plain PyTorch: index_copy_ of [latent ; k_pe] rows into the flattened slots, negative slots dropped
-    (FP8: scaled, saturated)."""
-    from r1deploy.layers.attention import quantize_kv
-
-    slots = kv_cache.view(-1, kv_cache.shape[-1])
-    keep = slot_mapping >= 0
-    rows = quantize_kv(torch.cat((latent[keep], k_pe[keep]), dim=-1), scale, kv_cache.dtype)
-    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
-        slots, rows = slots.view(torch.uint8), rows.view(torch.uint8)
-    slots.index_copy_(0, slot_mapping[keep], rows)

@@ -16,17 +16,20 @@ FP8 (float8_e4m3fn) caches hold row / kv_scale, one scale for the whole row (the
 value): tiles are widened to the query's dtype as they are loaded (exact), kv_scale folds into the
 softmax scale and into each split's output, so the inner loop does no extra math (as decode_attention).
 The query stays in the model dtype.
+
+QUERY_LEN query tokens per sequence (1 for decode, 1+k for a speculative verify step): q's rows are in
+sequence order, row r being token r % QUERY_LEN of sequence r // QUERY_LEN, which causally sees all but the
+sequence's last QUERY_LEN - 1 - r % QUERY_LEN cached tokens. QUERY_LEN is a compile-time constant: at 1
+the kernels are exactly the one-token decode kernels.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from r1deploy.kernels._common import dot_precision, pow2
+from r1deploy.kernels._common import dot_precision, pow2, query_row_sequence
 
 _LOG2E = 1.4426950408889634
 MERGE_BLOCK_P = 32  # splits per step of the merge loop
@@ -35,7 +38,7 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _mla_split_kernel(
-    q_ptr,  # [B, H, DC + DR]: [q_lat ; q_pe], in the cache dtype (an FP8 cache: the model dtype)
+    q_ptr,  # [B * QUERY_LEN, H, DC + DR]: [q_lat ; q_pe], in the cache dtype (an FP8 cache: the model dtype)
     cache_ptr,  # [NB, BS, DC + DR]
     tables_ptr,  # [B, MB]
     seq_lens_ptr,  # [B]
@@ -47,12 +50,12 @@ def _mla_split_kernel(
     NUM_HEADS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, QUERY_LEN: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    row = tl.program_id(0)  # query row: sequence b's token row % QUERY_LEN
     hg = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
+    b, seq_len = query_row_sequence(row, seq_lens_ptr, QUERY_LEN)
     split_len = tl.cdiv(seq_len, NUM_SPLITS)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -63,7 +66,7 @@ def _mla_split_kernel(
     r = tl.arange(0, BLOCK_R)
     cmask = c < DC
     rmask = r < DR
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q_rows = q_ptr + row * stride_qb + heads[:, None] * stride_qh
     q_lat = tl.load(q_rows + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)  # [H, C]
     q_pe = tl.load(q_rows + DC + r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)  # [H, R]
 
@@ -93,10 +96,10 @@ def _mla_split_kernel(
     if FP8:
         out = out * kv_scale
     live = start < seq_len  # splits past the end store nothing; the merge never reads them
-    row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # [H]
-    tl.store(part_out_ptr + row[:, None].to(tl.int64) * DC + c[None, :], out,
+    part_row = (row * NUM_HEADS + heads) * NUM_SPLITS + split  # [H]
+    tl.store(part_out_ptr + part_row[:, None].to(tl.int64) * DC + c[None, :], out,
              mask=hmask[:, None] & cmask[None, :] & live)
-    tl.store(part_lse_ptr + row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=hmask & live)
+    tl.store(part_lse_ptr + part_row, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=hmask & live)
 
 
 @triton.jit
@@ -106,14 +109,14 @@ def _mla_merge_kernel(
     seq_lens_ptr,  # [B]
     out_ptr,  # [B, H, DC] fp32
     NUM_HEADS: tl.constexpr, DC: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, QUERY_LEN: tl.constexpr,
 ):
-    # Program (b, h, channel chunk); splits in chunks of BLOCK_P.
+    # Program (query row b, h, channel chunk); splits in chunks of BLOCK_P.
     b = tl.program_id(0)
     h = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < DC
-    seq_len = tl.load(seq_lens_ptr + b)
+    _, seq_len = query_row_sequence(b, seq_lens_ptr, QUERY_LEN)
     used = tl.cdiv(seq_len, tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), 1))  # live splits (0 for an empty row)
     base = (b * NUM_HEADS + h) * NUM_SPLITS
     top_vec = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -144,7 +147,7 @@ def default_num_splits(num_seqs: int, head_groups: int, device: torch.device) ->
 
 
 def mla_decode_attention(
-    q: torch.Tensor,  # [B, H, DC + DR]: [q_lat ; q_pe]
+    q: torch.Tensor,  # [B * query_len, H, DC + DR]: [q_lat ; q_pe], each sequence's query_len rows in order
     kv_cache: torch.Tensor,  # [NB, BS, DC + DR]
     block_tables: torch.Tensor,  # [B, MB]
     seq_lens: torch.Tensor,  # [B] on the device, this step's token included
@@ -156,7 +159,8 @@ def mla_decode_attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     kv_scale: float = 1.0,  # FP8 caches: real row = stored * kv_scale (ignored for other dtypes)
-) -> torch.Tensor:  # [B, H, DC] fp32: softmax(scale * q . k) @ c_kv per head
+    query_len: int = 1,
+) -> torch.Tensor:  # [B * query_len, H, DC] fp32: softmax(scale * q . k) @ c_kv per head
     """Graph-capturable: shapes and grid from tensor shapes only, no host reads of seq_lens."""
     num_seqs, num_heads, width = q.shape
     _, block_size, cache_width = kv_cache.shape
@@ -178,14 +182,14 @@ def mla_decode_attention(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, DC=latent_dim, DR=rope_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_N=block_n or (32 if block_c >= 256 else 64), BLOCK_H=block_h, BLOCK_C=block_c,
-        BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype), FP8=fp8,
+        BLOCK_R=max(16, pow2(rope_dim)), PRECISION=dot_precision(q.dtype), FP8=fp8, QUERY_LEN=query_len,
         num_warps=num_warps or (4 if block_c <= 256 else 8), num_stages=num_stages,
     )
     merge_c = min(block_c, 128)
     _mla_merge_kernel[(num_seqs, num_heads, triton.cdiv(latent_dim, merge_c))](
         part_out, part_lse, seq_lens, out,
         NUM_HEADS=num_heads, DC=latent_dim, NUM_SPLITS=num_splits,
-        BLOCK_P=min(pow2(num_splits), MERGE_BLOCK_P), BLOCK_C=merge_c, num_warps=4,
+        BLOCK_P=min(pow2(num_splits), MERGE_BLOCK_P), BLOCK_C=merge_c, QUERY_LEN=query_len, num_warps=4,
     )
     return out
 
@@ -200,8 +204,9 @@ def mla_absorbed_decode(
     scale: float,
     num_splits: int | None = None,
     kv_scale: float = 1.0,  # FP8 caches only
-) -> torch.Tensor:  # [B, H, dv] in q_nope's dtype
-    """The absorbed decode of layers/mla.absorbed_decode, with the attention in Triton. The two
+    query_len: int = 1,  # q_nope / q_pe rows per sequence (B * query_len rows in all)
+) -> torch.Tensor:  # [B * query_len, H, dv] in q_nope's dtype
+    """The absorbed decode of attention/mla_torch.absorbed_decode, with the attention in Triton. The two
     absorptions run as batched GEMMs in the model dtype (fp32 accumulate), no weight copies."""
     _, num_heads, nope_dim = q_nope.shape
     latent_dim = kv_b_weight.shape[1]
@@ -212,28 +217,6 @@ def mla_absorbed_decode(
     dtype = q_nope.dtype if kv_cache.dtype == torch.float8_e4m3fn else kv_cache.dtype
     query = torch.cat((q_lat.to(dtype), q_pe.to(dtype)), dim=-1)  # [B, H, dc + dr]
     out_lat = mla_decode_attention(query, kv_cache, block_tables, seq_lens, latent_dim, scale, num_splits,
-                                   kv_scale=kv_scale)
+                                   kv_scale=kv_scale, query_len=query_len)
     out = torch.bmm(out_lat.to(w_uv.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
     return out.transpose(0, 1).to(q_nope.dtype)
-
-
-def mla_decode_attention_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    latent_dim: int, scale: float, kv_scale: float = 1.0,
-) -> torch.Tensor:
-    """Plain PyTorch, in q's dtype: MQA of all heads over each sequence's cached rows, value = c_kv
-    (FP8: dequantised rows)."""
-    from r1deploy.layers.attention import dequantize_kv
-
-    num_seqs, num_heads, _ = q.shape
-    block_size = kv_cache.shape[1]
-    out = torch.zeros(num_seqs, num_heads, latent_dim, dtype=q.dtype, device=q.device)
-    for i in range(num_seqs):
-        n = int(seq_lens[i])
-        if n == 0:
-            continue
-        table = block_tables[i, : math.ceil(n / block_size)].long()
-        rows = dequantize_kv(kv_cache[table].flatten(0, 1)[:n], kv_scale, q.dtype)  # [S, DC + DR]
-        probs = (torch.einsum("hc,sc->hs", q[i], rows) * scale).softmax(-1)
-        out[i] = probs @ rows[:, :latent_dim]
-    return out

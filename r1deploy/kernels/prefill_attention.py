@@ -11,8 +11,6 @@ into the softmax scale and v_scale into the output.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -135,29 +133,4 @@ def prefill_attention(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(head_dim), PRECISION=dot_precision(q.dtype),
         v_scale=float(v_scale), FP8=fp8, num_warps=warps, num_stages=3 if q.is_cuda else 1,
     )
-    return out
-
-
-def prefill_attention_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-) -> torch.Tensor:
-    """Plain PyTorch in q's dtype: per sequence, gather K/V through the table, bottom-right causal mask."""
-    from r1deploy.layers.attention import dequantize_kv
-
-    num_heads = q.shape[1]
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    out = torch.empty_like(q)
-    for i in range(block_tables.shape[0]):
-        start, stop, n = int(query_start_loc[i]), int(query_start_loc[i + 1]), int(seq_lens[i])
-        table = block_tables[i, : math.ceil(n / block_size)].long()
-        keys = dequantize_kv(kv_cache[0][table].flatten(0, 1)[:n], k_scale, q.dtype)  # [S, KV, D]
-        values = dequantize_kv(kv_cache[1][table].flatten(0, 1)[:n], v_scale, q.dtype)
-        group = num_heads // num_kv_heads
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [S, H, D]
-        scores = torch.einsum("lhd,shd->hls", q[start:stop], keys) * scale  # [H, L, S]
-        q_pos = torch.arange(stop - start) + (n - (stop - start))
-        visible = torch.arange(n)[None, :] <= q_pos[:, None]  # [L, S]
-        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
-        out[start:stop] = torch.einsum("hls,shd->lhd", scores.softmax(-1), values)
     return out

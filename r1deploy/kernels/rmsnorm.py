@@ -57,13 +57,3 @@ def rms_norm(
         N=n, BLOCK=pow2(n), HAS_RESIDUAL=residual is not None, num_warps=8 if n >= 2048 else 4,
     )
     return out if residual is None else (out, res_out)
-
-
-def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch, the rounding of layers/norm.py."""
-    s = x if residual is None else x + residual
-    s32 = s.float()
-    out = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
-    return out if residual is None else (out, s)

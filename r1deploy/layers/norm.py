@@ -1,4 +1,5 @@
-"""RMSNorm, rounded like transformers: normalise in fp32, cast back, then scale."""
+"""RMSNorm, rounded like transformers: normalise in fp32, cast back, then scale. rms_norm_torch is the plain-PyTorch
+form (the CPU's path and the reference of kernels/rmsnorm.py); CUDA runs the Triton kernel."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ class RMSNorm(nn.Module):
             from r1deploy.kernels.rmsnorm import rms_norm  # triton only where there is a GPU
 
             return rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
+        return rms_norm_torch(x, self.weight, self.eps, residual)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """norm(x), or (norm(x + residual), x + residual) with the add in x's dtype."""
+    s = x if residual is None else x + residual
+    s32 = s.float()
+    out = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return out if residual is None else (out, s)

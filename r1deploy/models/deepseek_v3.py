@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from r1deploy.attention.base import MLAMetadata
+from r1deploy.attention.selector import step_metadata
 from r1deploy.errors import UsageError
 from r1deploy.layers.embedding import Embedding
 from r1deploy.layers.linear import Linear, default_weight_loader
-from r1deploy.layers.mla import MLAPlan, MLAttention
+from r1deploy.layers.mla import MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
@@ -74,17 +76,17 @@ class DeepseekDecoderLayer(nn.Module):
                              prefix=f"{prefix}.mlp"))
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, plan: MLAPlan,
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, attn: MLAMetadata,
         dp_token_counts: list[int] | None = None,
     ) -> torch.Tensor:  # [T, hidden]
         if dp_token_counts is None:
-            h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, plan)
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn)
             return h + self.mlp(self.post_attention_layernorm(h))
         if not h.shape[0]:  # --dp-attention, no sequences on this rank this step: only join the MoE's exchange
             if isinstance(self.mlp, DeepseekMoE):
                 self.mlp(h, dp_token_counts)
             return h
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, plan)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn)
         if isinstance(self.mlp, DeepseekMoE):
             return h + self.mlp(self.post_attention_layernorm(h), dp_token_counts)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -105,12 +107,12 @@ class DeepseekModel(nn.Module):
                 dp_token_counts: list[int] | None = None) -> torch.Tensor:
         h = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(batch.positions)  # [T, dr/2] each, shared by all layers
-        plan = MLAPlan.build(batch)
+        attn = step_metadata(batch, "mla")
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             if dp_token_counts is None:
-                h = layer(h, cos, sin, kv_cache, plan)
+                h = layer(h, cos, sin, kv_cache, attn)
             else:
-                h = layer(h, cos, sin, kv_cache, plan, dp_token_counts)
+                h = layer(h, cos, sin, kv_cache, attn, dp_token_counts)
         if not h.shape[0]:  # --dp-attention: a rank without sequences (no kernel launch for zero rows)
             return h
         return self.norm(h)
@@ -118,7 +120,8 @@ class DeepseekModel(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     config_class = DeepseekConfig  # the loader builds this from config.json instead of ModelConfig
-    fp8_kv_cache = True  # layers/mla.py quantises the latent rows on write and dequantises them on read
+    attention_kind = "mla"  # the engine builds its step metadata with an MLA backend (r1deploy/attention)
+    fp8_kv_cache = True  # the MLA backends quantise the latent rows on write and dequantise them on read
     supports_dp_attention = True  # MLA: --dp-attention (r1deploy.distributed)
 
     @property

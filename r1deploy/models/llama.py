@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from r1deploy.attention.base import AttentionMetadata
+from r1deploy.attention.selector import step_metadata
 from r1deploy.config import ModelConfig
 from r1deploy.layers import attention
 from r1deploy.layers.activation import silu_and_mul
-from r1deploy.layers.attention import paged_attention
 from r1deploy.layers.embedding import Embedding
 from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.layers.norm import RMSNorm
@@ -79,14 +80,14 @@ class LlamaAttention(nn.Module):
         cos: torch.Tensor,  # [T, D]
         sin: torch.Tensor,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
-        batch: ForwardBatch,
+        attn: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
         k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, KV, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, batch, self.scale, self.k_scale, self.v_scale)  # [T, H, D]
+        out = attn.backend.forward(q, k, v, kv_cache, attn, self.scale, self.k_scale, self.v_scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -119,7 +120,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        kv_cache: torch.Tensor, batch: ForwardBatch,
+        kv_cache: torch.Tensor, attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(block output, residual stream before it) [T, hidden] each. The residual add is fused into the
         next norm (one kernel on CUDA); the sum is the same `h = h + f(h)` of the reference."""
@@ -127,7 +128,7 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(x, cos, sin, kv_cache, batch)
+        h = self.self_attn(x, cos, sin, kv_cache, attn)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual
 
@@ -148,8 +149,9 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(batch.positions, h.dtype)  # [T, D] each, shared by all layers
         residual = None
+        attn = step_metadata(batch, "gqa")
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, cos, sin, kv_cache, batch)
+            h, residual = layer(h, residual, cos, sin, kv_cache, attn)
         return self.norm(h, residual)[0]
 
 
@@ -164,7 +166,8 @@ class LlamaForCausalLM(nn.Module):
     }
 
     config_class = ModelConfig
-    fp8_kv_cache = True  # layers/attention.py quantises K/V on write and the kernels dequantise on read
+    attention_kind = "gqa"  # the engine builds its step metadata with a paged GQA backend (r1deploy/attention)
+    fp8_kv_cache = True  # the attention backends quantise K/V on write and dequantise on read
     kv_cache_shape = staticmethod(attention.kv_cache_shape)
     kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
 

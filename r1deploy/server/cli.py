@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dummy: random weights at the model's real shape, no checkpoint needed")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=None,
                    help="fp8: float8_e4m3 KV cache (half the bytes of bf16; Llama/Qwen2 models)")
+    p.add_argument("--attention-backend", choices=("torch", "triton"), default=None,
+                   help="attention kernels: triton (default on CUDA) or torch (plain PyTorch, the reference; "
+                        "default on the CPU; no CUDA graphs)")
     p.add_argument("--offload", choices=("experts", "layers"), default=None,
                    help="experts: keep a MoE model's experts in GPU slots / pinned host memory / the checkpoint on "
                         "disk; layers: keep the decoder layers beyond --gpu-weight-budget in pinned host memory and "
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine_options = {name: getattr(args, name) for name in
                       ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-                       "cpu_kv_cache_bytes", "kv_cache_dtype")
+                       "cpu_kv_cache_bytes", "kv_cache_dtype", "attention_backend")
                       if getattr(args, name) is not None}
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     from r1deploy.distributed import launcher_env

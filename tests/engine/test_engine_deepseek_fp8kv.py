@@ -23,7 +23,7 @@ from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
 from r1deploy.engine.outputs import CompletionOutput
-from r1deploy.layers.attention import FP8_KV_DTYPE
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE
 from r1deploy.sampling_params import MAX_LOGPROBS, SamplingParams
 
 PROMPTS = [[5, 9, 13, 40, 41, 3], [7] * 19, list(range(10, 43)), [3, 4]]

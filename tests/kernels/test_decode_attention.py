@@ -6,8 +6,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, REAL, SMALL, paged_cache, rel_err
 
-from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
-from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
+from r1deploy.attention.torch_backend import decode_attention as decode_attention_torch
+from r1deploy.kernels.decode_attention import decode_attention
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -25,7 +26,7 @@ def _check(seq_lens: list[int], shape: dict, dtype: torch.dtype, partition: int,
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = shape["head_dim"] ** -0.5
     out = decode_attention(q, cache, tables, lens, scale, partition_size=partition, **scales)
-    ref = decode_attention_ref(q.double(), cache if scales else cache.double(), tables, lens, scale, **scales)
+    ref = decode_attention_torch(q.double(), cache if scales else cache.double(), tables, lens, scale, **scales)
     assert rel_err(out, ref) < tol
     assert bool((out[lens == 0] == 0).all())  # graph-padding rows come out as zeros, not NaN
 
@@ -75,4 +76,4 @@ def test_decode_cuda_graph_replay() -> None:
     q.copy_(torch.randn_like(q))
     tables.copy_(tables.flip(0))
     graph.replay()
-    assert rel_err(out, decode_attention_ref(q.double(), cache.double(), tables, lens, scale)) < 1e-2
+    assert rel_err(out, decode_attention_torch(q.double(), cache.double(), tables, lens, scale)) < 1e-2

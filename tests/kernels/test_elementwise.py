@@ -11,8 +11,9 @@ import torch
 from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.kernels.activation import silu_and_mul, silu_and_mul_ref
-from r1deploy.kernels.rmsnorm import rms_norm, rms_norm_ref
+from r1deploy.kernels.rmsnorm import rms_norm
 from r1deploy.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from r1deploy.layers.norm import rms_norm_torch as rms_norm_ref
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # (tokens, hidden, intermediate, heads, head_dim): small for the interpreter, 7B's for the GPU.

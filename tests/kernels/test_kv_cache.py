@@ -6,7 +6,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, REAL, SMALL
 
-from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref, write_latent_cache, write_latent_cache_ref
+from r1deploy.attention.mla_torch import write_latent_cache as write_latent_cache_torch
+from r1deploy.attention.torch_backend import write_kv as write_kv_torch
+from r1deploy.kernels.kv_cache import write_kv_cache, write_latent_cache
 
 
 def _check(num_tokens: int, shape: dict, dtype: torch.dtype) -> None:
@@ -21,7 +23,7 @@ def _check(num_tokens: int, shape: dict, dtype: torch.dtype) -> None:
     slots = torch.randperm(num_blocks * bs, device=DEVICE)[:num_tokens]
     slots[::5] = -1  # padded rows of a CUDA-graph batch write nothing
     write_kv_cache(cache, k, v, slots)
-    write_kv_cache_ref(expected, k, v, slots)
+    write_kv_torch(expected, k, v, slots)
     assert torch.equal(cache, expected)
 
 
@@ -49,7 +51,7 @@ def _check_latent(num_tokens: int, latent_dim: int, rope_dim: int, dtype: torch.
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
     slots[::4] = -1  # padded rows of a CUDA-graph batch write nothing
     write_latent_cache(cache, latent, k_pe, slots, scale)
-    write_latent_cache_ref(expected, latent, k_pe, slots, scale)
+    write_latent_cache_torch(expected, latent, k_pe, slots, scale)
     assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # bytes: FP8 has no torch.equal
 
 

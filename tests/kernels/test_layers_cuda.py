@@ -1,4 +1,4 @@
-"""The layers' CUDA dispatch (Triton) against their own CPU path on the same random inputs."""
+"""The Triton attention backend and the CUDA norm against their plain-PyTorch paths on the same random inputs."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import pytest
 import torch
 from kernel_inputs import rel_err
 
+from r1deploy.attention.selector import make_attention_backend
 from r1deploy.engine.batch import ForwardBatch
-from r1deploy.layers.attention import paged_attention
 from r1deploy.layers.norm import RMSNorm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _attend(batch: ForwardBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    return paged_attention(q, k, v, cache, batch, 128**-0.5)
+    backend = make_attention_backend("triton" if q.is_cuda else "torch", "gqa")
+    return backend.forward(q, k, v, cache, backend.build_metadata(batch), 128**-0.5)
 
 
 def test_paged_attention_matches_cpu_path() -> None:

@@ -1,4 +1,4 @@
-"""Absorbed MLA decode (Triton, split-K + LSE merge) against the torch absorbed decode of layers/mla.py,
+"""Absorbed MLA decode (Triton, split-K + LSE merge) against the Torch MLA backend (attention/mla_torch.py),
 over ordinary and FP8 (e4m3, per-layer scale) latent caches."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, rel_err
 
+from r1deploy.attention.mla_torch import absorbed_decode, latent_attention
 from r1deploy.kernels import mla_decode
-from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention, mla_decode_attention_ref
-from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
-from r1deploy.layers.mla import absorbed_decode
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
+from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention
 from r1deploy.models.deepseek_config import yarn_get_mscale
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -73,7 +73,7 @@ def test_mla_decode_attention_small(dtype: torch.dtype, tol: float, merge_block_
     q = torch.randn(len(seq_lens), SMALL["heads"], SMALL["dc"] + SMALL["dr"], device=DEVICE).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), num_splits=5)
-    ref = mla_decode_attention_ref(q.double(), cache.double(), tables, lens, SMALL["dc"], _scale(SMALL))
+    ref = latent_attention(q.double(), cache.double(), tables, lens, SMALL["dc"], _scale(SMALL))
     assert rel_err(out, ref) < tol
     assert bool((out[lens == 0] == 0).all())
 
@@ -100,7 +100,7 @@ def test_mla_decode_attention_fp8_small(dtype: torch.dtype, tol: float, kv_scale
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = mla_decode_attention(q, cache, tables, lens, SMALL["dc"], _scale(SMALL), num_splits=5,
                                kv_scale=kv_scale)
-    ref = mla_decode_attention_ref(q.double(), cache, tables, lens, SMALL["dc"], _scale(SMALL), kv_scale)
+    ref = latent_attention(q.double(), cache, tables, lens, SMALL["dc"], _scale(SMALL), kv_scale)
     assert rel_err(out, ref) < tol
     assert bool((out[lens == 0] == 0).all())
 

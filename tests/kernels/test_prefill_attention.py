@@ -6,8 +6,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, REAL, SMALL, paged_cache, rel_err
 
-from r1deploy.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from r1deploy.layers.attention import FP8_KV_DTYPE, quantize_kv
+from r1deploy.attention.torch_backend import varlen_attention
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
+from r1deploy.kernels.prefill_attention import prefill_attention
 
 
 def _check(query_lens: list[int], cached: list[int], shape: dict, dtype: torch.dtype, tol: float,
@@ -24,7 +25,7 @@ def _check(query_lens: list[int], cached: list[int], shape: dict, dtype: torch.d
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = shape["head_dim"] ** -0.5
     out = prefill_attention(q, cache, tables, starts, lens, max(query_lens), scale, **scales)
-    ref = prefill_attention_ref(q.double(), cache if scales else cache.double(), tables, starts, lens, scale, **scales)
+    ref = varlen_attention(q.double(), cache if scales else cache.double(), tables, query_lens, seq_lens, scale, **scales)
     assert rel_err(out, ref) < tol
 
 

@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, dequantize_kv, quantize_kv
 from r1deploy.layers.attention import (
-    FP8_KV_DTYPE,
-    FP8_KV_MAX,
-    allocate_kv_caches,
-    dequantize_kv,
     kv_bytes_per_token,
+    kv_cache_shape,
     kv_scales_from_amax,
-    quantize_kv,
     resolve_kv_cache_dtype,
     set_kv_cache_scales,
 )
@@ -100,7 +97,8 @@ def _fp8_paged_cache(seq_lens: list[int], shape: dict, k_scale: float, v_scale: 
 
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.05, 2.5)])
 def test_write_kernel_fp8_matches_reference(k_scale: float, v_scale: float) -> None:
-    from r1deploy.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
+    from r1deploy.attention.torch_backend import write_kv as write_kv_cache_ref
+    from r1deploy.kernels.kv_cache import write_kv_cache
 
     gen = torch.Generator().manual_seed(2)
     k = (torch.randn(6, 2, 16, generator=gen) * 300 * k_scale).to(DEVICE)  # some values saturate
@@ -117,7 +115,8 @@ def test_write_kernel_fp8_matches_reference(k_scale: float, v_scale: float) -> N
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, FP32_TOL), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.05, 2.5)])
 def test_decode_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_scale: float) -> None:
-    from r1deploy.kernels.decode_attention import decode_attention, decode_attention_ref
+    from r1deploy.attention.torch_backend import decode_attention as decode_attention_ref
+    from r1deploy.kernels.decode_attention import decode_attention
 
     seq_lens = [37, 1, 0, 8]
     cache, tables = _fp8_paged_cache(seq_lens, SMALL, k_scale, v_scale, table_width=12)
@@ -134,7 +133,8 @@ def test_decode_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_sca
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, FP32_TOL), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.05, 2.5)])
 def test_prefill_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_scale: float) -> None:
-    from r1deploy.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+    from r1deploy.attention.torch_backend import varlen_attention
+    from r1deploy.kernels.prefill_attention import prefill_attention
 
     seq_lens, query_lens = [19, 7, 33], [19, 3, 17]  # a fresh prefill and two over cached prefixes
     cache, tables = _fp8_paged_cache(seq_lens, SMALL, k_scale, v_scale)
@@ -144,7 +144,7 @@ def test_prefill_kernel_fp8(dtype: torch.dtype, tol: float, k_scale: float, v_sc
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = SMALL["head_dim"] ** -0.5
     out = prefill_attention(q, cache, tables, starts, lens, max(query_lens), scale, k_scale=k_scale, v_scale=v_scale)
-    ref = prefill_attention_ref(q.double(), cache, tables, starts, lens, scale, k_scale, v_scale)
+    ref = varlen_attention(q.double(), cache, tables, query_lens, seq_lens, scale, k_scale, v_scale)
     assert rel_err(out, ref) < tol
 
 
@@ -178,7 +178,8 @@ def _run(model, config, cache_dtype: torch.dtype, prompts: list[list[int]], step
     from r1deploy.engine.batch import ForwardBatch
 
     block_size = 4
-    caches = allocate_kv_caches(config, 64, block_size, cache_dtype, "cpu")
+    caches = [torch.zeros(kv_cache_shape(config, 64, block_size), dtype=cache_dtype)
+              for _ in range(config.num_hidden_layers)]
     tables = [list(range(16 * i, 16 * i + 16)) for i in range(len(prompts))]
     batch = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, "cpu")
     logits = model.compute_logits(model(batch, caches))
@@ -258,9 +259,8 @@ def test_engine_fp8_kv_cache(tmp_path) -> None:
 
 
 def test_mla_cpu_write_fp8_matches_kernel_reference() -> None:
-    """layers/mla's CPU write (byte copy) stores what the kernels' reference stores: [latent ; k_pe] / scale."""
-    from r1deploy.kernels.kv_cache import write_latent_cache_ref
-    from r1deploy.layers.mla import write_latent_cache
+    """The Torch MLA backend's write (byte copy) stores [latent ; k_pe] / scale, saturated, at each slot."""
+    from r1deploy.attention.mla_torch import write_latent_cache
 
     gen = torch.Generator().manual_seed(5)
     latent, k_pe = torch.randn(7, 24, generator=gen) * 300, torch.randn(7, 8, generator=gen) * 300  # some saturate
@@ -268,7 +268,8 @@ def test_mla_cpu_write_fp8_matches_kernel_reference() -> None:
     cache = torch.zeros(8, 4, 32, dtype=FP8_KV_DTYPE)
     ref = cache.clone()
     write_latent_cache(cache, latent, k_pe, slots, 0.5)
-    write_latent_cache_ref(ref, latent, k_pe, slots, 0.5)
+    ref.view(-1, 32).view(torch.uint8)[slots] = quantize_kv(torch.cat((latent, k_pe), -1), 0.5, FP8_KV_DTYPE).view(
+        torch.uint8)
     assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
     assert bool(torch.isfinite(cache.float()).all())
 
@@ -276,7 +277,7 @@ def test_mla_cpu_write_fp8_matches_kernel_reference() -> None:
 def test_mla_fp8_read_paths_agree() -> None:
     """Over one FP8 cache the absorbed decode and the expanded prefill give the same last-token output (both
     dequantise: stored * kv_scale), within e4m3's error of the unquantised cache."""
-    from r1deploy.layers.mla import absorbed_decode, expanded_attention
+    from r1deploy.attention.mla_torch import absorbed_decode, expanded_attention
 
     gen = torch.Generator().manual_seed(6)
     heads, dn, dr, dv, dc, block_size, seq_len, kv_scale = 4, 16, 8, 12, 32, 4, 11, 0.01

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from r1deploy.layers.mla import absorbed_decode, expanded_attention, write_latent_cache
+from r1deploy.attention.mla_torch import absorbed_decode, expanded_attention, write_latent_cache
 
 HEADS, NOPE, ROPE, V_DIM, LATENT, BLOCK = 4, 16, 8, 12, 32, 4
 

@@ -10,7 +10,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from r1deploy.engine.batch import ForwardBatch
-from r1deploy.layers.attention import allocate_kv_caches
 from r1deploy.models.loader import LoadedModel
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -56,7 +55,9 @@ class Runner:
         self.block_size = block_size
         param = next(loaded.model.parameters())
         self.device = param.device
-        self.kv_caches = allocate_kv_caches(loaded.config, num_blocks, block_size, param.dtype, param.device)
+        shape = loaded.model.kv_cache_shape(loaded.config, num_blocks, block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=param.dtype, device=param.device)
+                          for _ in range(loaded.config.num_hidden_layers)]
 
     @torch.inference_mode()
     def step(self, chunks: list[list[int]], num_cached: list[int], tables: list[list[int]]) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from r1deploy.config import ModelConfig
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.errors import UsageError
-from r1deploy.layers.attention import allocate_kv_caches
+from r1deploy.layers.attention import kv_cache_shape
 from r1deploy.models.loader import load_model
 from r1deploy.quant.awq import (
     AWQConfig,
@@ -134,7 +134,7 @@ def _our_logits(
 ) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Prefill a batch, then two decode steps per sequence; logits of every token, per sequence."""
     block_size = 4
-    caches = allocate_kv_caches(config, 32, block_size, torch.float32, "cpu")
+    caches = [torch.zeros(kv_cache_shape(config, 32, block_size)) for _ in range(config.num_hidden_layers)]
     tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(chunks))]
     batch = ForwardBatch.build(chunks, [0] * len(chunks), tables, block_size, "cpu")
     logits = model.compute_logits(model(batch, caches))

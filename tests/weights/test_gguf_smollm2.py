@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Pre
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from r1deploy.engine.batch import ForwardBatch
-from r1deploy.layers.attention import allocate_kv_caches
+from r1deploy.layers.attention import kv_cache_shape
 from r1deploy.models.loader import LoadedModel, embedded_gguf_path, embedded_model_dir, load_model
 from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, open_gguf
 
@@ -30,7 +30,8 @@ def hf_model() -> PreTrainedModel:
 @torch.inference_mode()
 def greedy(loaded: LoadedModel, prompt: list[int], max_new_tokens: int, block_size: int = 16) -> list[int]:
     table = list(range(-(-(len(prompt) + max_new_tokens) // block_size)))
-    kv_caches = allocate_kv_caches(loaded.config, len(table), block_size, torch.float32, "cpu")
+    kv_caches = [torch.zeros(kv_cache_shape(loaded.config, len(table), block_size))
+                 for _ in range(loaded.config.num_hidden_layers)]
     out: list[int] = []
     chunk, num_cached = prompt, 0
     for _ in range(max_new_tokens):
