@@ -100,8 +100,8 @@ def test_llm_loads_a_hub_id_offline_from_hf_home(hub_cache: Path, tmp_path: Path
         "p = llm.get_default_sampling_params()\n"
         "print(llm.engine.loaded.name, p.temperature, p.top_p, p.top_k, p.max_tokens, len(out.token_ids) <= 5)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=300)
     assert done.returncode == 0, done.stderr
     # the served name is the repo id; generate(prompt, None) used the snapshot's generation_config.json
     assert done.stdout.split()[-6:] == [REPO, "0.6", "0.95", "20", "5", "True"]
