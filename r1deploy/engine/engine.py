@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from r1deploy.structured.grammar import GrammarBackend
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,12 @@ class _StepStats:
 def _penalised(params: SamplingParams) -> bool:
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0)
+
+
+def _needs_its_last_token(request: Request) -> bool:
+    """Its next sample depends on the token sampled before it: penalties count the whole output, and a
+    grammar's mask follows every accepted token. Such a request is never scheduled with a placeholder."""
+    return _penalised(request.params) or request.grammar is not None
 
 
 class LLMEngine:
@@ -105,6 +115,19 @@ class LLMEngine:
         self.async_scheduling = self.config.async_scheduling and not self.config.parallel.dp_attention
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
         self._stats = _StepStats()
+        self._grammars: GrammarBackend | None = None  # built on the first structured request
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        """xgrammar over this model's vocabulary; compile() is thread-safe and cached, so the server
+        compiles a request's grammar on its tokenizer thread before the engine thread sees it."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: this model has no tokenizer (dummy weights)")
+            from r1deploy.structured.grammar import GrammarBackend
+
+            self._grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.loaded.eos_token_ids)
+        return self._grammars
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -170,6 +193,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in token_ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(and at least one token must be generated)")
@@ -184,6 +209,8 @@ class LLMEngine:
         request = Request(request_id, token_ids, params, max_tokens, prompt=text,
                           arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         request.generator = request_generator(params.seed, self.runner.device)
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.request_grammar(params.structured_outputs, token_ids)
         return request
 
     def enqueue(self, request: Request) -> None:
@@ -260,9 +287,11 @@ class LLMEngine:
         return outputs
 
     def _can_overlap(self, previous: _InFlight) -> bool:
-        """Whether the next step may be scheduled before `previous` is processed: a penalised request
-        samples from its whole output, so it must not have a placeholder in the next step."""
-        return not any(_penalised(r.params) for r in previous.requests if not r.status.finished)
+        """Whether the next step may be scheduled before `previous` is processed: a penalised or
+        structured-output request samples from its whole output, so it must not have a placeholder in the
+        next step (a grammar's bitmask for token N+1 needs token N accepted; masking from the accepted
+        tokens alone would be one token stale). Batches without such requests keep the overlap."""
+        return not any(_needs_its_last_token(r) for r in previous.requests if not r.status.finished)
 
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""
@@ -321,6 +350,8 @@ class LLMEngine:
 
     def _append_token(self, request: Request, token: int, logprob: float,
                       top: dict[int, float] | None, now: float) -> None:
+        if request.grammar is not None:
+            request.grammar.accept(token)
         request.output_token_ids.append(token)
         request.token_times.append(now)
         if request.first_token_time is None:

@@ -195,6 +195,14 @@ class ModelRunner:
         return self.tp.broadcast_from_driver(torch.empty(len(rows), dtype=torch.int64, device=self.device))
 
     def _sample(self, logits: torch.Tensor, sampled: list[Request], vocab_size: int) -> SamplerOutput:
+        bitmask = None
+        if any(r.grammar is not None for r in sampled):
+            # The engine keeps structured requests out of overlapped steps, so every grammar has seen
+            # every token its request sampled: this mask is for the token about to be sampled.
+            from r1deploy.structured.grammar import batch_bitmask
+
+            assert all(r.num_placeholders == 0 for r in sampled if r.grammar is not None)
+            bitmask = batch_bitmask([r.grammar for r in sampled], vocab_size)
         sampling = SamplingBatch.build(
             [r.params for r in sampled],
             [r.prompt_token_ids for r in sampled],
@@ -204,6 +212,7 @@ class ModelRunner:
             self.device,
             self.loaded.eos_token_ids,
             num_output_tokens=[r.num_output_tokens + r.num_placeholders for r in sampled],
+            token_bitmask=bitmask,
         )
         return self.sampler(logits, sampling)
 
