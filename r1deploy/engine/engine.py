@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -150,12 +150,15 @@ class LLMEngine:
             raise ValueError("prompt: this model has no tokenizer (dummy weights); pass token ids instead")
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the model's chat template (R1's for an R1-family checkpoint that
-        has none: models/loader.LoadedModel), ready for the assistant turn."""
-        if self.tokenizer is None or not self.tokenizer.chat_template:
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                        chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation through the chat template (`chat_template`, else the model's own, else
+        R1's for an R1-family checkpoint that has none: models/loader.LoadedModel), ready for the assistant
+        turn. `tools` and `template_kwargs` (e.g. thinking switches) are the template's to use."""
+        if self.tokenizer is None or not (chat_template or self.tokenizer.chat_template):
             raise ValueError("messages: this model has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False,
+                                                  add_generation_prompt=True, **template_kwargs)
         return self.tokenize(text, add_special_tokens=False)
 
     def add_request(

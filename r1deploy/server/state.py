@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from r1deploy.server.metrics import ServerMetrics
 
@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from r1deploy.engine.async_engine import AsyncLLMEngine
     from r1deploy.engine.engine import LLMEngine
 
-REASONING_PARSERS = ("deepseek-r1", "none")
+# vLLM spells it deepseek_r1, SGLang deepseek-r1; both are the same <think> splitter.
+REASONING_PARSER_ALIASES = {"deepseek-r1": "deepseek-r1", "deepseek_r1": "deepseek-r1", "none": "none"}
+REASONING_PARSERS = tuple(REASONING_PARSER_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,14 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     metrics_public: bool = False  # serve /metrics without the API key (scrapers often hold none)
     allowed_origins: tuple[str, ...] = ()  # CORS allow-list; empty: no CORS headers at all
+    chat_template: str | None = None  # --chat-template: replaces the model's own
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's own
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.reasoning_parser is not None:  # one spelling downstream
+            object.__setattr__(self, "reasoning_parser", REASONING_PARSER_ALIASES[self.reasoning_parser])
         if self.max_queue < 0 or self.max_body_bytes < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_queue and drain_timeout_s must be >= 0, max_body_bytes >= 1")
 
