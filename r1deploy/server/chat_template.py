@@ -88,3 +88,38 @@ def with_tool_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": messages[0]["content"] + "\n\n" + prompt}, *messages[1:]]
     return [{"role": "system", "content": prompt}, *messages]
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's contents, or the template itself (vLLM's rule: a path if one exists, else
+    text that must look like a template). ValueError for neither, or for Jinja that does not parse."""
+    from pathlib import Path
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"--chat-template: not a valid Jinja template: {exc}") from exc
+    return text
+
+
+def load_default_kwargs(value: str | None) -> dict[str, Any]:
+    """--default-chat-template-kwargs: a JSON object (the server's operator sets it: no allow-list)."""
+    if not value:
+        return {}
+    try:
+        kwargs = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"--default-chat-template-kwargs: not JSON ({exc})") from exc
+    if not isinstance(kwargs, dict):
+        raise ValueError("--default-chat-template-kwargs: must be a JSON object, e.g. '{\"thinking\": true}'")
+    return kwargs

@@ -80,7 +80,7 @@ async def _chunks(job: Job, body: CompletionRequest, model: str, text: TokenText
     sent_chars = [0] * job.num_choices
     sent_tokens = [0] * job.num_choices
     offsets = [0] * job.num_choices  # text_offset of the next token
-    tokens = [0] * job.num_choices  # generated so far (continuous_usage_stats)
+    generated_so_far = [0] * job.num_choices  # per choice (continuous_usage_stats)
     generated = 0
     async for index, output in job.stream():
         out = output.outputs[0]
@@ -97,10 +97,10 @@ async def _chunks(job: Job, body: CompletionRequest, model: str, text: TokenText
                                            offsets[index])
             offsets[index] += sum(len(t) for t in logprobs.tokens)
         sent_chars[index], sent_tokens[index] = len(out.text), len(out.token_ids)
-        tokens[index] = len(out.token_ids)
+        generated_so_far[index] = len(out.token_ids)
         if out.finished:
             generated += len(out.token_ids)
-        usage = Usage.of(job.num_prompt_tokens, sum(tokens)) if body.continuous_usage else None
+        usage = Usage.of(job.num_prompt_tokens, sum(generated_so_far)) if body.continuous_usage else None
         yield CompletionResponse(id=job.request_id, created=created, model=model, usage=usage, choices=[
             CompletionChoice(index=index, text=delta, logprobs=logprobs, finish_reason=out.finish_reason)])
     if body.include_usage:
