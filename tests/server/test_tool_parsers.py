@@ -33,6 +33,9 @@ DEEPSEEK_OUTPUTS = [
                                      ' "exact": true, "site": null}, "limit": 10}') + END,
      "", [("search", {"query": 'say "hi" été 東京', "filters": {"year": [2023, 2024], "exact": True, "site": None},
                       "limit": 10})]),
+    # An exponent: "1.5e-" parses as 1.5 on the way to 0.0015, so a number's tail must wait.
+    (BEGIN + deepseek_call("scale", '{"factor": 1.5e-3, "flag": false}') + END,
+     "", [("scale", {"factor": 0.0015, "flag": False})]),
     ("No tool needed: 2 + 2 = 4.", "No tool needed: 2 + 2 = 4.", []),
 ]
 HERMES_OUTPUTS = [
