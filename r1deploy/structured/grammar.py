@@ -101,9 +101,13 @@ def batch_bitmask(grammars: Sequence[RequestGrammar | None], vocab_size: int) ->
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """A copy of logits [B, V] fp32 with disallowed tokens at -inf (xgrammar's kernel: Triton on CUDA)."""
+    """A copy of logits [B, V] fp32 with disallowed tokens at -inf (xgrammar's kernels)."""
     import xgrammar as xgr
 
     masked = logits.clone()
-    xgr.apply_token_bitmask_inplace(masked, bitmask.to(logits.device, non_blocking=True))
+    # xgrammar 0.2.9's native CPU kernel writes one float past the logits when V is not a multiple of 32
+    # (heap corruption, seen with a 70-token vocabulary); its torch implementation is exact on the CPU.
+    backend = "auto" if logits.device.type == "cuda" else "torch_native"
+    xgr.apply_token_bitmask_inplace(masked, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[-1], backend=backend)
     return masked
