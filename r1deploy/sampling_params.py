@@ -131,7 +131,7 @@ class SamplingParams:
         put("logit_bias", self._normalise_logit_bias(self.logit_bias))
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
-                raise ValueError("structured_outputs must be a StructuredOutputsParams")  # noqa: TRY004
+                raise ValueError("structured_outputs must be a StructuredOutputsParams")
             # Once the grammar is complete it allows only EOS; holding EOS back would leave no token at all.
             if self.ignore_eos or self.min_tokens:
                 raise ValueError("structured_outputs cannot be combined with ignore_eos or min_tokens")

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 from r1deploy.server.generation import Job
 from r1deploy.server.logprobs import TokenText, chat_logprobs
-from r1deploy.server.protocol import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Usage
+from r1deploy.server.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    DeltaMessage,
+    Usage,
+)
 from r1deploy.server.reasoning import ReasoningStream
 from r1deploy.server.state import ServerState
 from r1deploy.server.tool_parsers.stream import ToolCallStream

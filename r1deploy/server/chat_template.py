@@ -121,5 +121,5 @@ def load_default_kwargs(value: str | None) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"--default-chat-template-kwargs: not JSON ({exc})") from exc
     if not isinstance(kwargs, dict):
-        raise ValueError("--default-chat-template-kwargs: must be a JSON object, e.g. '{\"thinking\": true}'")
+        raise ValueError("--default-chat-template-kwargs: must be a JSON object, e.g. '{\"thinking\": true}'")  # noqa: TRY004 - a usage error
     return kwargs

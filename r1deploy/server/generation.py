@@ -14,11 +14,11 @@ from fastapi import Request
 from r1deploy.engine.llm import fan_out
 from r1deploy.engine.outputs import RequestOutput
 from r1deploy.sampling_params import SamplingParams
-from r1deploy.structured import StructuredOutputsParams
 from r1deploy.server.errors import APIError, bad_input
 from r1deploy.server.protocol import SamplingRequest
 from r1deploy.server.request_fields import check_fields, logit_bias
 from r1deploy.server.state import ServerState
+from r1deploy.structured import StructuredOutputsParams
 
 T = TypeVar("T")
 

@@ -41,8 +41,8 @@ DEEPSEEK_OUTPUTS = [
 HERMES_OUTPUTS = [
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>',
      "", [("get_weather", {"city": "Oslo", "days": 3})]),
-    ('Sure.\n<tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "z}"}]}}\n</tool_call>\n<tool_call>\n'
-     '{"name": "b", "arguments": {}}\n</tool_call>', "Sure.\n", [("a", {"x": [1, {"y": "z}"}]}), ("b", {})]),
+    (('Sure.\n<tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "z}"}]}}\n</tool_call>\n<tool_call>\n'
+      '{"name": "b", "arguments": {}}\n</tool_call>'), "Sure.\n", [("a", {"x": [1, {"y": "z}"}]}), ("b", {})]),
     ("plain text < not a call", "plain text < not a call", []),
 ]
 
