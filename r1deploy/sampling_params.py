@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from r1deploy.structured.params import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing logits by a
 # near-zero temperature would overflow to inf and turn the softmax into NaN.
 SAMPLING_EPS = 1e-5
 
 # vLLM's default cap on top logprobs per token; larger requests cost a [B, N] top-k every step.
 MAX_LOGPROBS = 20
+LOGIT_BIAS_BOUND = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+MAX_LOGIT_BIAS = 1024  # biased tokens per request
 
 
 # Wrong types raise ValueError too (noqa TRY004), like vLLM: callers such as the server catch one
@@ -55,6 +59,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token; 0 = only the sampled token's
     skip_special_tokens: bool = True
+    # token id -> added to its logit before sampling (ids checked against the vocabulary by the engine);
+    # normalised to a tuple of (id, bias) pairs
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are written with object.__setattr__. Every normalised form is
@@ -120,9 +128,33 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
+        put("logit_bias", self._normalise_logit_bias(self.logit_bias))
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams")
+            # Once the grammar is complete it allows only EOS; holding EOS back would leave no token at all.
+            if self.ignore_eos or self.min_tokens:
+                raise ValueError("structured_outputs cannot be combined with ignore_eos or min_tokens")
+
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")  # noqa: TRY004
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+        pairs = bias.items() if isinstance(bias, dict) else bias or ()
+        out = []
+        for pair in pairs:  # type: ignore[union-attr]
+            token_id, value = pair
+            if _integer("logit_bias", token_id) < 0:
+                raise ValueError(f"logit_bias: token ids must be non-negative, got {token_id}")
+            value = _number("logit_bias", value)
+            if not -LOGIT_BIAS_BOUND <= value <= LOGIT_BIAS_BOUND:
+                raise ValueError(f"logit_bias: values must be in [-100, 100], got {value} for token {token_id}")
+            out.append((token_id, value))
+        if len(out) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(out)}")
+        return tuple(out)
 
     @staticmethod
     def _normalise_stop(stop: object) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +31,9 @@ from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec import make_proposer
+
+if TYPE_CHECKING:
+    from r1deploy.structured.grammar import GrammarBackend
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,12 @@ class _StepStats:
 def _penalised(params: SamplingParams) -> bool:
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0)
+
+
+def _needs_its_last_token(request: Request) -> bool:
+    """Its next sample depends on the token sampled before it: penalties count the whole output, and a
+    grammar's mask follows every accepted token. Such a request is never scheduled with a placeholder."""
+    return _penalised(request.params) or request.grammar is not None
 
 
 class LLMEngine:
@@ -136,6 +146,19 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
         self._stats = _StepStats()
         self.spec_stats = SpecStats()
+        self._grammars: GrammarBackend | None = None  # built on the first structured request
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        """xgrammar over this model's vocabulary; compile() is thread-safe and cached, so the server
+        compiles a request's grammar on its tokenizer thread before the engine thread sees it."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: this model has no tokenizer (dummy weights)")
+            from r1deploy.structured.grammar import GrammarBackend
+
+            self._grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.loaded.eos_token_ids)
+        return self._grammars
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -163,12 +186,15 @@ class LLMEngine:
             raise ValueError("prompt: this model has no tokenizer (dummy weights); pass token ids instead")
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the model's chat template (R1's for an R1-family checkpoint that
-        has none: models/loader.LoadedModel), ready for the assistant turn."""
-        if self.tokenizer is None or not self.tokenizer.chat_template:
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                        chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation through the chat template (`chat_template`, else the model's own, else
+        R1's for an R1-family checkpoint that has none: models/loader.LoadedModel), ready for the assistant
+        turn. `tools` and `template_kwargs` (e.g. thinking switches) are the template's to use."""
+        if self.tokenizer is None or not (chat_template or self.tokenizer.chat_template):
             raise ValueError("messages: this model has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False,
+                                                  add_generation_prompt=True, **template_kwargs)
         return self.tokenize(text, add_special_tokens=False)
 
     def add_request(
@@ -206,6 +232,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in token_ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(and at least one token must be generated)")
@@ -220,6 +248,8 @@ class LLMEngine:
         request = Request(request_id, token_ids, params, max_tokens, prompt=text,
                           arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         request.generator = request_generator(params.seed, self.runner.device)
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.request_grammar(params.structured_outputs, token_ids)
         return request
 
     def enqueue(self, request: Request) -> None:
@@ -305,9 +335,11 @@ class LLMEngine:
         return outputs
 
     def _can_overlap(self, previous: _InFlight) -> bool:
-        """Whether the next step may be scheduled before `previous` is processed: a penalised request
-        samples from its whole output, so it must not have a placeholder in the next step."""
-        return not any(_penalised(r.params) for r in previous.requests if not r.status.finished)
+        """Whether the next step may be scheduled before `previous` is processed: a penalised or
+        structured-output request samples from its whole output, so it must not have a placeholder in the
+        next step (a grammar's bitmask for token N+1 needs token N accepted; masking from the accepted
+        tokens alone would be one token stale). Batches without such requests keep the overlap."""
+        return not any(_needs_its_last_token(r) for r in previous.requests if not r.status.finished)
 
     def _propose_drafts(self) -> None:
         """Speculative decoding: drafts for every running request that has caught up with its newest token."""
@@ -315,14 +347,16 @@ class LLMEngine:
             request.spec_token_ids.clear()
             room = min(self.proposer.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
                        self.max_model_len - request.num_tokens - 1)
-            if room > 0 and request.num_computed_tokens == request.num_tokens - 1:
+            # A grammar's mask for a draft position would need the drafts accepted first: no drafts there.
+            if room > 0 and request.num_computed_tokens == request.num_tokens - 1 and request.grammar is None:
                 request.spec_token_ids.extend(self.proposer.propose(request.all_token_ids, room))
 
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""
         model_input = build_model_input(step.chunks, None if previous is None else previous.requests,
                                         self.config.block_size, self.runner.device.type == "cuda",
-                                        self.dp_rank_of, self.config.parallel.tensor_parallel_size)
+                                        self.model_config.vocab_size, self.dp_rank_of,
+                                        self.config.parallel.tensor_parallel_size)
         sampled = self.executor.execute(model_input, None if previous is None else previous.token_ids)
         if sampled is None:
             return None
@@ -412,6 +446,8 @@ class LLMEngine:
     def _append_token(self, request: Request, token: int, logprob: float,
                       top: dict[int, float] | None, now: float) -> RequestStatus | None:
         """Append one sampled token; returns the status it ends the request with, if it does."""
+        if request.grammar is not None:
+            request.grammar.accept(token)
         request.output_token_ids.append(token)
         request.token_times.append(now)
         if request.first_token_time is None:

@@ -17,6 +17,7 @@ from r1deploy.engine.request import Request
 from r1deploy.engine.scheduler import ScheduledChunk
 from r1deploy.layers.sampler import SamplingBatch
 from r1deploy.sampling_params import SamplingParams
+from r1deploy.structured.grammar import batch_bitmask
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,15 @@ class SamplingRows:
     output_ids: tuple[Sequence[int], ...]
     generators: tuple[torch.Generator | None, ...]
     num_output_tokens: tuple[int, ...]
+    # Structured output: [R, ceil(V / 32)] int32 of allowed tokens (structured/grammar.py), None when no row
+    # is constrained. Built on the engine's host from grammars that have seen every token their request
+    # sampled: structured requests never run with a placeholder or a draft.
+    token_bitmask: torch.Tensor | None = None
 
     def to_batch(self, vocab_size: int, device: torch.device, eos_token_ids: Sequence[int]) -> SamplingBatch:
         return SamplingBatch.build(self.params, self.prompt_ids, self.output_ids, self.generators, vocab_size,
-                                   device, eos_token_ids, num_output_tokens=self.num_output_tokens)
+                                   device, eos_token_ids, num_output_tokens=self.num_output_tokens,
+                                   token_bitmask=self.token_bitmask)
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class ModelInput:
 
 
 def build_model_input(chunks: tuple[ScheduledChunk, ...], previous: tuple[Request, ...] | None, block_size: int,
-                      pin_memory: bool, dp_rank_of: Callable[[Request], int] | None = None,
+                      pin_memory: bool, vocab_size: int, dp_rank_of: Callable[[Request], int] | None = None,
                       num_ranks: int = 1) -> ModelInput:
     """previous: the request of each row of the in-flight step's samples (async scheduling), whose tokens
     this step's placeholders take on the device. dp_rank_of: --dp-attention's request -> rank; the sampling
@@ -63,7 +69,7 @@ def build_model_input(chunks: tuple[ScheduledChunk, ...], previous: tuple[Reques
         parts = tuple(_build(chunks, own, token_chunks, block_size, False) if own else None for own in members)
         batch, order = None, [i for own in members for i in own]
     sampled = [chunks[i] for i in order if chunks[i].samples]
-    return ModelInput(batch, parts, _sampling_rows(sampled), pending_index,
+    return ModelInput(batch, parts, _sampling_rows(sampled, vocab_size), pending_index,
                       tuple(c.request for c in sampled for _ in range(c.num_sampled)))
 
 
@@ -74,19 +80,23 @@ def _build(chunks: tuple[ScheduledChunk, ...], members: Sequence[int], token_chu
                               pin_memory=pin_memory, num_sampled=[chunks[i].num_sampled for i in members])
 
 
-def _sampling_rows(chunks: list[ScheduledChunk]) -> SamplingRows | None:
+def _sampling_rows(chunks: list[ScheduledChunk], vocab_size: int) -> SamplingRows | None:
     if not chunks:
         return None
-    params, prompts, outputs, generators, counts = [], [], [], [], []
+    params, prompts, outputs, generators, counts, grammars = [], [], [], [], [], []
     for chunk in chunks:
         r = chunk.request
+        assert r.grammar is None or (chunk.num_sampled == 1 and not r.num_placeholders), \
+            "a grammar's mask is for the token after every accepted one"
         for j in range(chunk.num_sampled):
             params.append(r.params)
             prompts.append(r.prompt_token_ids)
             outputs.append(r.output_token_ids + list(chunk.draft_token_ids[:j]) if j else r.output_token_ids)
             generators.append(r.generator)
             counts.append(r.num_output_tokens + r.num_placeholders + j)
-    return SamplingRows(tuple(params), tuple(prompts), tuple(outputs), tuple(generators), tuple(counts))
+            grammars.append(r.grammar)
+    return SamplingRows(tuple(params), tuple(prompts), tuple(outputs), tuple(generators), tuple(counts),
+                        batch_bitmask(grammars, vocab_size) if any(grammars) else None)
 
 
 def _token_chunks(chunks: tuple[ScheduledChunk, ...], previous: tuple[Request, ...] | None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from r1deploy.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from r1deploy.structured.grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    grammar: RequestGrammar | None = None  # structured output: advanced by the engine as tokens are accepted
     # Timings (time.monotonic seconds)
     first_scheduled_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None

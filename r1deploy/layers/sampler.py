@@ -3,7 +3,8 @@
 The engine builds a `SamplingBatch` once per step (host lists -> device tensors), then calls
 `Sampler()(logits, batch)`. Processing order, per row:
 
-    penalties -> min_tokens mask -> temperature -> top-k -> top-p -> min-p -> sample
+    grammar bitmask + logit_bias -> penalties -> min_tokens mask -> temperature -> top-k -> top-p -> min-p
+    -> sample
 
 Greedy rows take the argmax after the penalties and the min_tokens mask (temperature and the
 filters never change the argmax). Returned logprobs are vLLM's default "raw" logprobs:
@@ -73,6 +74,11 @@ class SamplingBatch:
     prompt_ids: torch.Tensor | None  # [B, max_prompt_len] int64
     output_ids: torch.Tensor | None  # [B, max_output_len] int64
     banned_ids: torch.Tensor | None  # [B, K] int64: EOS/stop ids masked by min_tokens, padded
+    bias_ids: torch.Tensor | None  # [B, K] int64: logit_bias token ids, padded with vocab_size
+    bias_values: torch.Tensor | None  # [B, K] float32: the biases (0 in the padding)
+    # Structured output: the batch's allowed tokens, one bit each (r1deploy.structured); None if no row is
+    # constrained. Built by the engine from each request's grammar, passed in explicitly.
+    token_bitmask: torch.Tensor | None  # [B, ceil(V / 32)] int32
     generators: tuple[torch.Generator | None, ...]  # per row; only sampled (non-greedy) rows use it
     greedy_cpu: tuple[bool, ...]  # `greedy` on the host, for the per-row generator loop
     max_num_logprobs: int | None  # N for the top-logprobs tensors; None when no row asks
@@ -97,6 +103,7 @@ class SamplingBatch:
         device: torch.device | str,
         eos_token_ids: Sequence[int] = (),
         num_output_tokens: Sequence[int] | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """num_output_tokens: each row's output length when it counts tokens still on the device (async
         scheduling), for the min_tokens mask; default len(output ids). Penalised rows need their whole
@@ -140,6 +147,13 @@ class SamplingBatch:
         prompt_ids = _pad(prompts, vocab_size, pin) if any(prompts) else None
         output_ids = _pad(outputs, vocab_size, pin) if any(prompts) or any(outputs) else None
         banned_ids = _pad(banned, vocab_size, pin) if any(banned) else None
+        biases = [p.logit_bias for p, *_ in rows]
+        bias_ids = bias_values = None
+        if any(biases):
+            bias_ids = _pad([[t for t, _ in b] for b in biases], vocab_size, pin)
+            width = bias_ids.shape[1]
+            bias_values = torch.tensor([[v for _, v in b] + [0.0] * (width - len(b)) for b in biases],
+                                       dtype=torch.float32, pin_memory=pin)
 
         requested = [p.logprobs for p, *_ in rows if p.logprobs is not None]
 
@@ -162,6 +176,9 @@ class SamplingBatch:
             prompt_ids=maybe_on_device(prompt_ids),
             output_ids=maybe_on_device(output_ids),
             banned_ids=maybe_on_device(banned_ids),
+            bias_ids=maybe_on_device(bias_ids),
+            bias_values=maybe_on_device(bias_values),
+            token_bitmask=maybe_on_device(token_bitmask),
             generators=tuple(generators),
             greedy_cpu=tuple(greedy),
             max_num_logprobs=max(requested) if requested else None,
@@ -257,8 +274,15 @@ class Sampler(nn.Module):
 
     @staticmethod
     def process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Penalties, min_tokens mask, and, unless every row is greedy, temperature and the top-k /
-        top-p / min-p filters. Never writes into `logits`. [B, V] -> [B, V]."""
+        """Grammar mask, logit bias, penalties, min_tokens mask, and, unless every row is greedy,
+        temperature and the top-k / top-p / min-p filters. Never writes into `logits`. [B, V] -> [B, V]."""
+        if batch.token_bitmask is not None:
+            from r1deploy.structured.grammar import apply_bitmask
+
+            logits = apply_bitmask(logits, batch.token_bitmask)
+        if batch.bias_ids is not None:
+            padded = torch.nn.functional.pad(logits, (0, 1))  # [B, V + 1]; the padding lands in the extra column
+            logits = padded.scatter_add(1, batch.bias_ids, batch.bias_values)[:, : batch.vocab_size]
         if batch.do_penalties:
             logits = apply_penalties(logits, batch)
         if batch.banned_ids is not None:

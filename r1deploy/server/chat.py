@@ -1,14 +1,18 @@
-"""POST /v1/chat/completions: the model's chat template, reasoning split into `reasoning_content`."""
+"""POST /v1/chat/completions: the chat template (tools included), reasoning split into `reasoning_content`
+(and vLLM's newer `reasoning`), tool calls parsed out of the answer, output constrained by a grammar."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from fastapi import Request
 from fastapi.responses import Response
 
+from r1deploy.server.chat_stream import chat_chunks
+from r1deploy.server.chat_template import template_kwargs, template_messages, uses_tools, with_tool_prompt
 from r1deploy.server.errors import APIError
 from r1deploy.server.generation import (
     Job,
@@ -23,31 +27,58 @@ from r1deploy.server.logprobs import TokenText, chat_logprobs
 from r1deploy.server.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    DeltaMessage,
+    NamedToolChoice,
     Usage,
 )
-from r1deploy.server.reasoning import ReasoningStream, split_reasoning
+from r1deploy.server.reasoning import THINK_END, split_reasoning
 from r1deploy.server.sse import sse_response
 from r1deploy.server.state import ServerState
+from r1deploy.server.structured_output import structured_spec
+from r1deploy.server.tool_parsers import ToolParser, parser_for
+from r1deploy.server.tool_parsers.forced import NamedFunctionParser, RequiredCallsParser
+from r1deploy.server.tool_parsers.stream import tool_calls
 from r1deploy.server.tools import check_tools
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    messages = []
-    for i, m in enumerate(body.messages):
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise APIError(400, f"messages.{i}.content: only text parts are supported",
-                               param=f"messages.{i}.content")
-            content = "\n".join(part.text for part in content)  # type: ignore[misc]
-        # Chat templates know "system", not OpenAI's newer "developer".
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    return messages
+@dataclass(frozen=True)
+class ChatPlan:
+    """How one request's output is read: reasoning split, tool-call parser, and the finish reason a call
+    gives (OpenAI: `tool_calls`, but `stop` when tool_choice named the function)."""
+
+    reasoning: bool
+    think_end_id: int | None
+    tool_parser: ToolParser | None
+    max_calls: int | None  # parallel_tool_calls=false: one
+    call_finish: str = "tool_calls"
+
+    def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
+        return self.call_finish if called and finish_reason == "stop" else finish_reason
+
+    def reasoning_tokens(self, token_ids: tuple[int, ...]) -> int | None:
+        """Output tokens up to and including </think>; all of them while the thought is unfinished."""
+        if not self.reasoning:
+            return None
+        if self.think_end_id is not None and self.think_end_id in token_ids:
+            return token_ids.index(self.think_end_id) + 1
+        return len(token_ids)
+
+
+def _plan(body: ChatCompletionRequest, state: ServerState, kwargs: dict[str, Any], vocab: dict[str, int]) -> ChatPlan:
+    # A thinking switch turned off in the template means the answer has no thought to split off.
+    thinking = kwargs.get("thinking", kwargs.get("enable_thinking", True)) is not False
+    parser: ToolParser | None = None
+    finish = "tool_calls"
+    if body.tools and body.tool_choice != "none":
+        if isinstance(body.tool_choice, NamedToolChoice):
+            parser, finish = NamedFunctionParser(str(body.tool_choice.function.get("name"))), "stop"
+        elif body.tool_choice == "required":
+            parser = RequiredCallsParser()
+        else:
+            parser = parser_for(vocab)
+    return ChatPlan(state.reasoning and thinking, vocab.get(THINK_END), parser,
+                    None if body.parallel_tool_calls else 1, finish)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Response:
@@ -56,65 +87,59 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     check_tools(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
-    params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
-                             (body.top_logprobs or 0) if body.logprobs else None)
     engine = state.llm_engine
     assert engine is not None
-    messages = _messages(body)
+    settings = state.settings
+    kwargs = template_kwargs(body, settings.default_chat_template_kwargs)
+    vocab = engine.tokenizer.get_vocab() if engine.tokenizer is not None else {}
+    plan = _plan(body, state, kwargs, vocab)
+    structured, field = structured_spec(body, after_reasoning=plan.reasoning)
+    params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                             (body.top_logprobs or 0) if body.logprobs else None, structured)
+    template = settings.chat_template or (engine.tokenizer.chat_template if engine.tokenizer is not None else None)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    native_tools = tools is not None and template is not None and uses_tools(template)
+    messages = template_messages(body, native_tools)
+    if tools and not native_tools:
+        messages = with_tool_prompt(messages, tools)
 
-    def template() -> list[int]:
+    def prepare() -> list[int]:
         try:
-            return engine.chat_prompt_ids(messages)
+            ids = engine.chat_prompt_ids(messages, tools=tools if native_tools else None,
+                                         chat_template=settings.chat_template, **kwargs)
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception on role order
             raise ValueError(f"messages: the chat template rejected them: {exc}") from exc
+        if structured is not None:  # compiled here, on the tokenizer thread, and cached for the engine's use
+            try:
+                engine.grammars.compile(structured)
+            except ValueError as exc:
+                raise APIError(400, f"{field}: {exc}", param=field) from exc
+        return ids
 
-    job = Job(state, new_id("chatcmpl"), [await off_loop(state, template)], params)
+    job = Job(state, new_id("chatcmpl"), [await off_loop(state, prepare)], params)
     await job.start()
     text = TokenText(engine.tokenizer)
     if body.stream:
-        return sse_response(_chunks(job, body, state, text), state.settings.sse_keepalive_s)
+        return sse_response(chat_chunks(job, body, state, text, plan), state.settings.sse_keepalive_s)
     finals = await unless_disconnected(request, job.final_outputs())
     choices = []
+    reasoning_tokens: int | None = None
     for index, final in enumerate(finals):
         out = final.outputs[0]
-        reasoning, content = split_reasoning(out.text) if state.reasoning else (None, out.text)
+        reasoning, content = split_reasoning(out.text) if plan.reasoning else (None, out.text)
+        calls = []
+        if plan.tool_parser is not None:
+            content, parsed = plan.tool_parser.parse(content or "", final=True)
+            calls = tool_calls(parsed[: plan.max_calls])
+            content = content or None
         logprobs = chat_logprobs(text, out.token_ids, out.logprobs or (), out.top_logprobs) if body.logprobs else None
-        choices.append(ChatChoice(index=index, message=AssistantMessage(content=content, reasoning_content=reasoning),
-                                  logprobs=logprobs, finish_reason=out.finish_reason))
+        message = AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls)
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs,
+                                  finish_reason=plan.finish_reason(out.finish_reason, bool(calls))))
+        counted = plan.reasoning_tokens(out.token_ids)
+        if counted is not None:
+            reasoning_tokens = (reasoning_tokens or 0) + counted
     generated = sum(len(f.outputs[0].token_ids) for f in finals)
     response = ChatCompletionResponse(id=job.request_id, created=int(time.time()), model=state.model_name,
-                                      choices=choices, usage=Usage.of(job.num_prompt_tokens, generated))
+                                      choices=choices, usage=Usage.of(job.num_prompt_tokens, generated, reasoning_tokens))
     return Response(response.model_dump_json(), media_type="application/json")
-
-
-async def _chunks(job: Job, body: ChatCompletionRequest, state: ServerState,
-                  text: TokenText) -> AsyncIterator[ChatCompletionChunk]:
-    created = int(time.time())
-    model = state.model_name
-
-    def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=job.request_id, created=created, model=model, choices=[choice])
-
-    for index in range(job.num_choices):  # OpenAI opens every choice with the role
-        yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-    splitters = [ReasoningStream(state.reasoning) for _ in range(job.num_choices)]
-    sent_tokens = [0] * job.num_choices
-    generated = 0
-    async for index, output in job.stream():
-        out = output.outputs[0]
-        reasoning, content = splitters[index].update(out.text, out.finished)
-        if not reasoning and not content and not out.finished:
-            continue  # held back (a possible stop string or tag): its tokens go out with the text later
-        logprobs = None
-        if body.logprobs:
-            start = sent_tokens[index]
-            top = out.top_logprobs[start:] if out.top_logprobs else None
-            logprobs = chat_logprobs(text, out.token_ids[start:], (out.logprobs or ())[start:], top)
-        sent_tokens[index] = len(out.token_ids)
-        if out.finished:
-            generated += len(out.token_ids)
-        delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None)
-        yield chunk(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason))
-    if body.include_usage:
-        yield ChatCompletionChunk(id=job.request_id, created=created, model=model, choices=[],
-                                  usage=Usage.of(job.num_prompt_tokens, generated))

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="split <think> output into reasoning_content (default: deepseek-r1 when the "
                         "vocabulary has </think>)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file, or the template itself, used instead of the model's own")
+    p.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                   help='template kwargs for every request, e.g. \'{"thinking": true}\' (requests may override '
+                        "the allow-listed ones: thinking, enable_thinking)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -136,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.engine.config import EngineConfig, SpeculativeConfig
     from r1deploy.engine.engine import LLMEngine
     from r1deploy.server.app import create_app
+    from r1deploy.server.chat_template import load_chat_template, load_default_kwargs
     from r1deploy.server.draining import DrainingServer
 
     engine_options = {name: getattr(args, name) for name in
@@ -173,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
                                   reasoning_parser=args.reasoning_parser, max_queue=args.max_queue,
                                   max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
                                   metrics_public=args.metrics_public, allowed_origins=origins,
-                                  metrics_prefix=args.metrics_prefix, sse_keepalive_s=args.sse_keepalive)
+                                  metrics_prefix=args.metrics_prefix, sse_keepalive_s=args.sse_keepalive,
+                                  chat_template=args.chat_template and load_chat_template(args.chat_template),
+                                  default_chat_template_kwargs=load_default_kwargs(args.default_chat_template_kwargs))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.node_rank > 0:  # no engine and no HTTP here: this node's ranks follow rank 0's steps

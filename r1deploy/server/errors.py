@@ -56,6 +56,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # Pydantic tags union members in the path ("str", "list[...]"); they mean nothing to a client.
     loc = [part for part in loc if not re.search(r"[\[\]]|^(str|int|constrained-str)$", part)]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # OpenAI's answer to a field it does not know
+        return f"{param}: unrecognized request argument; this server does not support it", param
     return (f"{param}: {first['msg']}" if param else first["msg"]), param
 
 

@@ -16,7 +16,9 @@ from r1deploy.engine.outputs import RequestOutput
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.server.errors import APIError, bad_input
 from r1deploy.server.protocol import SamplingRequest
+from r1deploy.server.request_fields import check_fields, logit_bias
 from r1deploy.server.state import ServerState
+from r1deploy.structured import StructuredOutputsParams
 
 T = TypeVar("T")
 
@@ -163,13 +165,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def sampling_params(body: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                    structured: StructuredOutputsParams | None = None,
+                    skip_special_tokens: bool | None = None) -> SamplingParams:
+    check_fields(body)
     try:
         return SamplingParams(
             n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop,
             stop_token_ids=body.stop_token_ids or (), max_tokens=max_tokens, min_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+            ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=logit_bias(body), structured_outputs=structured,
+            skip_special_tokens=body.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
     except ValueError as exc:
         raise bad_input(exc) from exc

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from r1deploy.engine.async_engine import AsyncLLMEngine
     from r1deploy.engine.engine import LLMEngine
 
-REASONING_PARSERS = ("deepseek-r1", "none")
+# vLLM spells it deepseek_r1, SGLang deepseek-r1; both are the same <think> splitter.
+REASONING_PARSER_ALIASES = {"deepseek-r1": "deepseek-r1", "deepseek_r1": "deepseek-r1", "none": "none"}
+REASONING_PARSERS = tuple(REASONING_PARSER_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,14 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()  # CORS allow-list; empty: no CORS headers at all
     metrics_prefix: str = "r1deploy"  # the vLLM-compatible series: r1deploy:... or vllm:... (vllm_metrics.py)
     sse_keepalive_s: float = 15.0  # an SSE comment after this long without a chunk; 0: never
+    chat_template: str | None = None  # --chat-template: replaces the model's own
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's own
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.reasoning_parser is not None:  # one spelling downstream
+            object.__setattr__(self, "reasoning_parser", REASONING_PARSER_ALIASES[self.reasoning_parser])
         if self.max_queue < 0 or self.max_body_bytes < 1 or self.drain_timeout_s < 0 or self.sse_keepalive_s < 0:
             raise ValueError("max_queue, drain_timeout_s and sse_keepalive_s must be >= 0, max_body_bytes >= 1")
 

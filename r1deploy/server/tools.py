@@ -1,6 +1,5 @@
-"""Checks on `tools`, `tool_choice` and `response_format`. The server does not call tools or constrain
-output; it accepts tool definitions (templates may ignore them) but rejects what it cannot honour and
-any malformed schema with a 400, since a bad schema crashed other servers' workers (CVE-2025-48944)."""
+"""Checks on `tools`: any malformed parameter schema is a 400, since a bad schema crashed other servers'
+workers (CVE-2025-48944). Forced tool calls and response_format are server/structured_output.py's."""
 
 from __future__ import annotations
 
@@ -8,19 +7,13 @@ import re
 from typing import Any
 
 from r1deploy.server.errors import APIError
-from r1deploy.server.protocol import ChatCompletionRequest, NamedToolChoice
+from r1deploy.server.protocol import ChatCompletionRequest
 
 _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 _MAX_DEPTH = 32
 
 
 def check_tools(body: ChatCompletionRequest) -> None:
-    if body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice):
-        raise APIError(400, "tool_choice: forcing a tool call needs tool calling, which this server does "
-                            "not implement; use 'auto' or 'none'", param="tool_choice")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format: {body.response_format.type!r} needs structured output, which "
-                            "this server does not implement; use 'text'", param="response_format")
     for i, tool in enumerate(body.tools or ()):
         if tool.function.parameters is not None:
             _check_schema(tool.function.parameters, f"tools.{i}.function.parameters", 0)

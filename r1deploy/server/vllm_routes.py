@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
 import r1deploy
-from r1deploy.server.chat import _messages
+from r1deploy.server.chat_template import template_messages
 from r1deploy.server.errors import APIError, error_response
 from r1deploy.server.generation import check_model, off_loop
 from r1deploy.server.protocol import ChatMessage, _Strict
@@ -74,9 +74,11 @@ def add_vllm_routes(app: FastAPI, state: ServerState) -> None:
         def encode() -> list[int]:
             if body.prompt is not None:
                 return engine.tokenize(body.prompt, body.add_special_tokens is not False)
-            if not tokenizer.chat_template:
+            template = state.settings.chat_template or tokenizer.chat_template
+            if not template:
                 raise ValueError("messages: this model has no chat template")
-            text = tokenizer.apply_chat_template(_messages(body), tokenize=False,  # type: ignore[arg-type]
+            text = tokenizer.apply_chat_template(template_messages(body, native_tools=False),  # type: ignore[arg-type]
+                                                 chat_template=template, tokenize=False,
                                                  add_generation_prompt=body.add_generation_prompt)
             return engine.tokenize(text, bool(body.add_special_tokens))
 

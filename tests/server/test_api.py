@@ -149,6 +149,6 @@ async def test_content_parts_and_tools_accepted(client: httpx.AsyncClient) -> No
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}], "tools": tools,
-            "tool_choice": "auto", "max_tokens": 2, "some_future_field": 1}
+            "tool_choice": "auto", "max_tokens": 2}
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

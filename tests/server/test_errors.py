@@ -52,8 +52,36 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
      {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
          "type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}]},
      400, "tools.0.function.parameters.properties.a"),
-    ("json response_format", "chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}},
-     400, "response_format"),
+    ("json_schema without a schema", "chat/completions",
+     {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format"),
+    ("json_schema not a schema", "chat/completions",
+     {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+         "type": "object", "properties": {"a": {"type": 7}}}}}}, 400, "response_format.json_schema.schema"),
+    ("guided_regex that does not compile", "completions", {"prompt": "a", "guided_regex": "(["}, 400,
+     "guided_regex"),
+    ("two output constraints", "completions", {"prompt": "a", "guided_regex": "a+", "guided_choice": ["a"]}, 400,
+     "guided_choice"),
+    ("structured_outputs with two kinds", "completions",
+     {"prompt": "a", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
+    ("tool_choice naming no tool", "chat/completions",
+     {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("logit_bias above 100", "completions", {"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    ("logit_bias key not a token id", "completions", {"prompt": "a", "logit_bias": {"cat": 1}}, 400, "logit_bias"),
+    ("logit_bias token outside the vocabulary", "completions", {"prompt": "a", "logit_bias": {"100000": 1}}, 400,
+     "logit_bias"),
+    ("best_of above n", "completions", {"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ("prompt_logprobs", "completions", {"prompt": "a", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("prompt_logprobs (chat)", "chat/completions", {"messages": CHAT, "prompt_logprobs": 0}, 400, "prompt_logprobs"),
+    ("suffix", "completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("echo with logprobs", "completions", {"prompt": "a", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("unknown field", "completions", {"prompt": "a", "frobnicate": {"x": 1}}, 400, "frobnicate"),
+    ("unknown field (chat)", "chat/completions", {"messages": CHAT, "functions": []}, 400, "functions"),
+    ("unknown stream option", "chat/completions", {"messages": CHAT, "stream_options": {"x": True}}, 400,
+     "stream_options.x"),
+    ("unknown message field", "chat/completions", {"messages": [{"role": "user", "content": "x", "audio": 1}]},
+     400, "messages.0.audio"),
     ("unknown model", "chat/completions", {"messages": CHAT, "model": "gpt-9"}, 404, "model"),
     ("unknown model (completions)", "completions", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
     ("temperature above 2", "completions", {"prompt": "a", "temperature": 2.5}, 400, "temperature"),
@@ -105,9 +133,9 @@ async def test_malformed_body(client: httpx.AsyncClient, raw: bytes) -> None:
     assert_openai_error(r, 400)
 
 
-async def test_unknown_fields_ignored(client: httpx.AsyncClient) -> None:
+async def test_unknown_field_named_in_the_message(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "frobnicate": {"x": 1}})
-    assert r.status_code == 200
+    assert "frobnicate" in assert_openai_error(r, 400, "frobnicate")["message"]
 
 
 async def test_oversized_body_413(client: httpx.AsyncClient) -> None:

@@ -67,8 +67,35 @@ def test_system_prompts_join_and_unknown_roles_fail() -> None:
     messages = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
                 {"role": "system", "content": "c"}]
     assert tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False) == f"{BOS}a\n\nc{USER}b"
-    with pytest.raises(jinja2.TemplateError, match="tool"):  # the server turns this into a 400
-        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], chat_template=template, tokenize=False)
+    with pytest.raises(jinja2.TemplateError, match="function"):  # the server turns this into a 400
+        tokenizer.apply_chat_template([{"role": "function", "content": "x"}], chat_template=template,
+                                      tokenize=False)
+
+
+def test_renders_deepseek_tool_format() -> None:
+    """Tools in the system prompt, past calls in DeepSeek-V3's tool-call tokens, results as tool outputs,
+    and the assistant continuing after them without a new role tag."""
+    tokenizer = r1_tokenizer()
+    template = r1_chat_template("DeepseekV3ForCausalLM", "x", tokenizer)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+             {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "content": "rain", "tool_call_id": "call_1"},
+                {"role": "tool", "content": "sun", "tool_call_id": "call_2"}]
+    text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    function = '{\n    "name": "get_weather",\n    "parameters": {\n        "type": "object"\n    }\n}'
+    assert text == (
+        f"{BOS}## Tools\n\n### Function\n\nYou have the following functions available:\n\n- `get_weather`:\n"
+        f"```json\n{function}\n```\n\nTo call functions, answer with <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+        "function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>, one "
+        "<｜tool▁call▁begin｜>...<｜tool▁call▁end｜> per call."
+        f"{USER}weather?{ASSISTANT}<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Oslo"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n'
+        f'```json\n{{"city": "Rome"}}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>{EOS}'
+        "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>rain<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>sun"
+        "<｜tool▁output▁end｜><｜tool▁outputs▁end｜><think>\n")
 
 
 def test_fallback_only_for_r1_family_without_a_template() -> None:
