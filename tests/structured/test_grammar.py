@@ -86,14 +86,14 @@ PATTERN = "▁(cat|dog)(▁(red|blue)){1,4}"  # the tiny vocabulary's words carr
 def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> tuple[list, list[bool]]:
     """Finished outputs in request order, and per launched step whether it overlapped the step before
     (launched with that step's samples still on the device)."""
-    launch = engine.runner.run
+    launch = engine.executor.execute
     overlapped: list[bool] = []
 
-    def recording(step, vocab_size, previous=None):
+    def recording(model_input, previous):
         overlapped.append(previous is not None)
-        return launch(step, vocab_size, previous)
+        return launch(model_input, previous)
 
-    engine.runner.run = recording
+    engine.executor.execute = recording
     try:
         ids = [engine.add_request(prompt, params) for prompt, params in requests]
         finished = {}
@@ -102,7 +102,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> 
                 if output.finished:
                     finished[output.request_id] = output.outputs[0]
     finally:
-        del engine.runner.run
+        del engine.executor.execute
     return [finished[i] for i in ids], overlapped
 
 
