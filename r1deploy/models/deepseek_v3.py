@@ -11,7 +11,7 @@ AWQ INT4 checkpoints (config.awq, AutoAWQ "gemm"; one process: no tensor paralle
 no expert offload yet): the attention projections, dense MLPs and shared experts are AWQ linears
 (quant/awq.AWQLinearMethod) unless modules_to_not_convert names them; kv_b_proj stays a plain weight,
 dequantised at load; the routed experts' per-expert qweight / qzeros / scales are repacked one tensor at
-a time into AWQ stacks (layers/moe.py). Their forward loops over the busy experts on the host, so such a
+a time into AWQ stacks (layers/moe/experts_awq.py). Their forward loops over the busy experts on the host, so such a
 model runs without CUDA graphs.
 """
 
@@ -59,7 +59,8 @@ def _dp_attention(tp: TPGroup | None) -> bool:
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None,
+                 store: TieredExpertStore | None = None) -> None:
         """Under --dp-attention (tp.dp_attention) attention and the dense MLP are whole on every rank (no tp);
         the MoE block keeps its routed experts expert-parallel."""
         super().__init__()
@@ -69,7 +70,8 @@ class DeepseekDecoderLayer(nn.Module):
         self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (
-            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp") if config.is_moe_layer(layer_idx)
+            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store)
+            if config.is_moe_layer(layer_idx)
             else DeepseekMLP(config.hidden_size, config.intermediate_size, local, awq=config.awq,
                              prefix=f"{prefix}.mlp"))
 
@@ -91,13 +93,14 @@ class DeepseekDecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None,
+                 store: TieredExpertStore | None = None) -> None:
         super().__init__()
         if tp is None or _dp_attention(tp):  # data-parallel attention: each rank embeds its own tokens, whole table
             self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         else:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
@@ -127,8 +130,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         except with an offload store (experts: TieredExpertStore; whole layers, experts included:
         weights/layer_stream.LayerStream), which decides copies on the host, under --dp-attention
         (per-rank token counts change every step), and with AWQ routed experts (their loop reads the
-        busy experts on the host: layers/moe.py)."""
-        return self.expert_store is None and not self.dp_attention and not self.awq_experts
+        busy experts on the host: layers/moe/experts_awq.py)."""
+        return self.expert_store is None and not self.dp_attention and not self.host_routed_experts
 
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
         """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
@@ -140,8 +143,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.dp_attention = _dp_attention(tp)
         if tp is not None and tp.size > 1:
             self.check_tensor_parallel(config, tp.size, self.dp_attention)
-        self.model = DeepseekModel(config, tp)
-        self.awq_experts = any(isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.awq is not None
+        # --offload experts: built under expert_cache.building_with(store), the routed experts are served
+        # from it (load_weights routes their tensors there).
+        self.expert_store: TieredExpertStore | None = current_expert_store()
+        self.model = DeepseekModel(config, tp, self.expert_store)
+        self.host_routed_experts = any(isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.method.reads_routing_on_host
                                for layer in self.model.layers)
         if tp is None or self.dp_attention:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -149,19 +155,6 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.expert_store: TieredExpertStore | None = None
-        store = current_expert_store()  # --offload experts: built under expert_cache.building_with(store)
-        if store is not None:
-            self.attach_expert_store(store)
-
-    def attach_expert_store(self, store: TieredExpertStore) -> None:
-        """Serve the routed experts from a tiered store: load_weights routes expert tensors into it and
-        each MoE layer asks it for the experts it uses (and prefetches the next layer's)."""
-        self.expert_store = store
-        for i, layer in enumerate(self.model.layers):
-            if isinstance(layer.mlp, DeepseekMoE):
-                layer.mlp.experts.attach_store(store, i)
-                store.register_gate(i, layer.mlp.gate)
 
     @staticmethod
     def check_tensor_parallel(config: DeepseekConfig, tp: int, dp_attention: bool = False) -> None:

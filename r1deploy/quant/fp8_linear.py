@@ -12,7 +12,7 @@ loader dequantises at load instead unless FP8 is asked for explicitly).
 a method (layers/mla.py passes none), so every plain Linear / MergedLinear is switched to FP8 the
 moment it is attached to its parent, before the next layer is allocated (a transient bf16 weight of
 one layer, never the whole model), except the ones R1 keeps or needs in the model dtype (BF16_LINEARS).
-DeepseekExperts reads `current_fp8_block()` and allocates FP8 stacks directly.
+The routed experts read `current_fp8_block()` (layers/moe/experts_dense.resident_method) and allocate FP8 stacks.
 """
 
 from __future__ import annotations

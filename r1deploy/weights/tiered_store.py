@@ -15,7 +15,7 @@ Three tiers, one expert (gate_up [2I, H] + down [H, I]) per slot:
 FP8 (`fp8=True`, DeepSeek-V3/R1's block-scaled checkpoints): every tier holds the checkpoint's
 float8_e4m3fn weights as stored plus their fp32 `weight_scale_inv` tiles (`fp8_block`, 128 x 128 for
 R1): gate_up [2I, H] FP8 with scales [2 * ceil(I/bn), ceil(H/bk)] (the gate's tile rows, then the
-up's), down [H, I] FP8 with scales [ceil(H/bn), ceil(I/bk)], the layout of layers/moe.DeepseekExperts'
+up's), down [H, I] FP8 with scales [ceil(H/bn), ceil(I/bk)], the layout of layers/moe/experts_dense.Fp8BlockExperts'
 FP8 stacks. Copies move both (1 byte a weight: half of bf16; `expert_bytes` and the byte counters
 include the scales). get() hands out the FP8 pools with their scale pools (fused_moe reads FP8 and
 scales each tile); the host-compute path and CPU callers dequantise with `dequantize_expert`.
@@ -757,7 +757,7 @@ def dequantize_expert(gate_up: torch.Tensor, down: torch.Tensor, gate_up_scale: 
                       down_scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FP8 expert in dtype: gate and up dequantised separately (own tile rows), as
-    layers/moe.DeepseekExperts.expert_weights does for its resident FP8 stacks."""
+    layers/moe/experts_dense.Fp8BlockExperts.expert_weights does for its resident FP8 stacks."""
     size, tiles = gate_up.shape[0] // 2, gate_up_scale.shape[0] // 2
     gate = dequantize_fp8_block(gate_up[:size], gate_up_scale[:tiles], dtype, block)
     up = dequantize_fp8_block(gate_up[size:], gate_up_scale[tiles:], dtype, block)
