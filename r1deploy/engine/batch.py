@@ -24,6 +24,9 @@ class ForwardBatch:
     query_lens_cpu: tuple[int, ...]  # the same lengths on the host, for loops and slicing
     seq_lens_cpu: tuple[int, ...]
     block_size: int
+    # --dp-attention: every rank's token count this step, in rank order (this batch is this rank's own part);
+    # the MoE layers exchange tokens by them. None: one batch for every rank.
+    dp_token_counts: tuple[int, ...] | None = None
 
     @property
     def num_seqs(self) -> int:

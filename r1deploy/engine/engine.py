@@ -211,7 +211,7 @@ class LLMEngine:
         self.runner.release()  # first: captured graphs hold NCCL work that would stall the group's teardown
         if self.tp_runtime is not None:
             self.tp_runtime.shutdown()
-        store = getattr(self.loaded.model, "expert_store", None)
+        store = self.loaded.model.offload_store
         if store is not None:
             store.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,12 +61,14 @@ class ModelRunner:
         # Async scheduling under TP: rank 0 broadcasts each step's sampled ids on the device group, so every
         # rank can fill the next step's pending tokens itself (the step message carries only their index).
         self.share_samples = tp is not None and tp.size > 1 and not self.dp_attention and config.async_scheduling
-        if self.dp_attention and not getattr(self.model, "supports_dp_attention", False):
+        capabilities = self.model.capabilities
+        if self.dp_attention and not capabilities.dp_attention:
             raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {type(self.model).__name__}")
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
+        self.kv_spec = self.model.kv_cache_spec
+        if is_fp8(self.kv_dtype) and not self.kv_spec.fp8:
             raise UsageError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
         self.sampler = Sampler()
@@ -76,7 +79,7 @@ class ModelRunner:
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
         # too) and replays in lockstep: `graph_step` is a function of the step message alone.
         # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
-        if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
+        if (self.device.type == "cuda" and not config.enforce_eager and capabilities.cuda_graphs
                 and not self.dp_attention):
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config.max_num_seqs, max_model_len,
                                             config.block_size, self.device)
@@ -90,12 +93,11 @@ class ModelRunner:
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
-        shape = self.model.kv_cache_shape(self.loaded.config, num_blocks, self.config.block_size)
-        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                for _ in range(self.loaded.config.num_hidden_layers)]
+        shape = self.kv_spec.shape(num_blocks, self.config.block_size)
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.kv_spec.num_layers)]
 
     def _size_pool(self) -> KVPoolSize:
-        per_block = self.config.block_size * self.model.kv_bytes_per_token(self.loaded.config, self.kv_dtype)
+        per_block = self.config.block_size * self.kv_spec.bytes_per_token(self.kv_dtype)
         if self.config.num_gpu_blocks_override is not None:
             n = self.config.num_gpu_blocks_override
             return KVPoolSize(n, per_block, n * per_block)
@@ -133,9 +135,8 @@ class ModelRunner:
         batch = ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
                                    self.config.block_size, self.device)
         if self.dp_attention:  # every rank profiles a full step of its own at once (the MoE exchange joins them)
-            hidden = self.model(batch, scratch, [num_tokens] * self.tp.size)
-        else:
-            hidden = self.model(batch, scratch)
+            batch = dataclasses.replace(batch, dp_token_counts=(num_tokens,) * self.tp.size)
+        hidden = self.model(batch, scratch)
         self.model.compute_logits(hidden[batch.logits_indices])
         del scratch
 
@@ -248,9 +249,9 @@ class ModelRunner:
         [R, vocab] fp32 (None when the step samples nothing); the other ranks return None."""
         assert self.tp is not None
         part = message.part(self.tp.rank)
-        batch = part.to_batch(self.device)
-        counts = message.dp_sizes[:, 0].tolist()
-        hidden = self.model(batch, self.kv_caches, counts)  # [T_rank, hidden]
+        counts = tuple(message.dp_sizes[:, 0].tolist())
+        batch = dataclasses.replace(part.to_batch(self.device), dp_token_counts=counts)
+        hidden = self.model(batch, self.kv_caches)  # [T_rank, hidden]
         rows = part.sample_rows.to(self.device)
         own = hidden[batch.logits_indices[rows]]  # [R_rank, hidden]
         gathered = self.tp.all_gather_rows(own, message.dp_sizes[:, 2].tolist())  # [R, hidden], rank order

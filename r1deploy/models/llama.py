@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from r1deploy.config import ModelConfig
-from r1deploy.layers import attention
+from r1deploy.distributed.group import check_tensor_parallel, kv_head_shard
+from r1deploy.errors import UsageError
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.attention import paged_attention
 from r1deploy.layers.embedding import Embedding
@@ -28,6 +29,7 @@ from r1deploy.layers.parallel import (
     VocabParallelEmbedding,
 )
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
+from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.quant.awq import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -37,8 +39,6 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
 
 def local_config(config: ModelConfig, tp: TPGroup) -> ModelConfig:
     """The config as one tensor-parallel rank sees it: its attention heads and KV heads."""
-    from r1deploy.distributed.group import kv_head_shard
-
     return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp.size,
                                num_key_value_heads=kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[1])
 
@@ -58,8 +58,6 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias,
                              quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
         if tp is not None:  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
-            from r1deploy.distributed.group import kv_head_shard
-
             local = local_config(config, tp)
             self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
             self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
@@ -153,7 +151,7 @@ class LlamaModel(nn.Module):
         return self.norm(h, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # HF projection name -> (merged parameter's module, shard id)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -164,43 +162,36 @@ class LlamaForCausalLM(nn.Module):
     }
 
     config_class = ModelConfig
-    fp8_kv_cache = True  # layers/attention.py quantises K/V on write and the kernels dequantise on read
-    kv_cache_shape = staticmethod(attention.kv_cache_shape)
-    kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Decode steps are capturable on CUDA (every op takes its lengths from device tensors:
-        r1deploy.kernels), except with streamed layers (--offload layers), whose copies are decided on the host."""
-        return self.expert_store is None
+    # Decode steps are capturable on CUDA (every op takes its lengths from device tensors: r1deploy.kernels),
+    # except with streamed layers (--offload layers), whose copies are decided on the host (CausalLM.capabilities).
+    ARCHITECTURE = ModelCapabilities(cuda_graphs=True, tensor_parallel=True, dp_attention=False,
+                                     offload=frozenset({"layers"}))
 
     def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
-        super().__init__()
-        self.config = config
-        # The model's offload store, read by the engine, /metrics and bench: weights/layer_stream.LayerStream
-        # under --offload layers (it registers hooks on the streamed layers; the math here is unchanged).
-        self.expert_store = None
+        super().__init__(config, tp)
         if tp is not None and config.quantization_config is not None:
-            from r1deploy.errors import UsageError
-
             raise UsageError("tensor parallelism does not support quantised (AWQ / GPTQ) checkpoints yet")
         self.model = LlamaModel(config, tp)
         if tp is None:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
-            # This rank's cache holds only its KV heads: size and shape it from the local view.
-            local = local_config(config, tp)
-            self.kv_cache_shape = lambda _config, num_blocks, block_size: attention.kv_cache_shape(
-                local, num_blocks, block_size)
-            self.kv_bytes_per_token = lambda _config, dtype: attention.kv_bytes_per_token(local, dtype)
         if config.tie_word_embeddings:
             # One tensor under two names; named_parameters() reports it once, as the embedding.
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @classmethod
+    def check_tensor_parallel(cls, config: ModelConfig, tp: int, dp_attention: bool = False) -> None:
+        check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
+                              cls.__name__)
+
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, tp: TPGroup | None = None) -> KVCacheSpec:
+        """K and V of each layer's KV heads (a tensor-parallel rank: its own heads); layers/attention.py quantises
+        them on write in an FP8 cache and the kernels dequantise on read."""
+        local = config if tp is None else local_config(config, tp)
+        return KVCacheSpec(local.num_hidden_layers, (2,), (local.num_key_value_heads, local.head_dim), fp8=True)
+
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Hidden states [T, hidden] of this step's tokens; writes their K/V into kv_caches."""
         return self.model(batch, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] fp32
-        return self.lm_head(hidden).float()

@@ -19,8 +19,8 @@ tensors, so the copies, the ring and the counters all run in CI; there every cop
 its time counts as stall.
 
 `stats()` returns a LayerStreamStats, a TierStats (the expert store's snapshot) with layer fields added:
-the engine, /metrics and the bench report read it through the model's `expert_store` attribute, the
-model's one offload store, like they read the tiered expert store's.
+the engine, /metrics and the bench report read it through the model's `offload_store` (an
+weights/offload.OffloadStore, like the tiered expert store).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class LayerStream:
     def attach(cls, model: nn.Module, device: torch.device | str, *, gpu_budget_bytes: int, **kwargs
                ) -> LayerStream | None:
         """Place a model built on the host: the leading layers that fit the budget (with the non-layer weights
-        and the ring) on `device`, the rest streamed. Sets `model.expert_store` (the model's offload store,
+        and the ring) on `device`, the rest streamed. Sets `model.offload_store` (an OffloadStore,
         which the engine closes and /metrics and bench read); None (and nothing streamed) if all fits."""
         device = torch.device(device)
         layers = list(model.model.layers)
@@ -177,7 +177,7 @@ class LayerStream:
             if id(module) not in streamed:
                 _move_module(module, device, recurse=False)
         if stream is not None:
-            model.expert_store = stream
+            model.offload_store = stream
         return stream
 
     def _host_alloc(self, nbytes: int) -> torch.Tensor:
