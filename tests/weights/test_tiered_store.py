@@ -146,7 +146,7 @@ def test_disk_tier_uses_mmap_not_torch_load(checkpoint: Path, monkeypatch: pytes
     torch.testing.assert_close(res.down[res.slots[0]], expected["model.layers.1.mlp.experts.5.down_proj.weight"],
                                rtol=0, atol=0)
     assert store.stats().disk_reads == 1 and store.stats().host_bytes == 0
-    assert all(type(h).__name__ == "safe_open" for h in store._handles.values())
+    assert all(type(h).__name__ == "safe_open" for h in store.disk._handles.values())
 
 
 def test_host_budget_without_disk_source_is_an_error() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1deploy.layers.moe.experts import DeepseekExperts, ExpertsMethod
-from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block
+from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_expert
 from r1deploy.quant.fp8_linear import current_fp8_block
 
 
@@ -44,13 +44,8 @@ class Fp8BlockExperts(ExpertsMethod):
 
     def expert_weights(self, layer: DeepseekExperts, expert: int, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate and up dequantised separately: they have their own scale tiles."""
-        gate_up, scales = layer.gate_up_proj[expert], layer.gate_up_proj_scale_inv[expert]
-        size, tiles = layer.intermediate_size, scales.shape[0] // 2
-        gate = dequantize_fp8_block(gate_up[:size], scales[:tiles], dtype, self.block)
-        up = dequantize_fp8_block(gate_up[size:], scales[tiles:], dtype, self.block)
-        down = dequantize_fp8_block(layer.down_proj[expert], layer.down_proj_scale_inv[expert], dtype, self.block)
-        return torch.cat([gate, up]), down
+        return dequantize_expert(layer.gate_up_proj[expert], layer.down_proj[expert],
+                                 layer.gate_up_proj_scale_inv[expert], layer.down_proj_scale_inv[expert], dtype, self.block)
 
     def kernel_args(self, layer: DeepseekExperts) -> dict:
         return {"gate_up": layer.gate_up_proj, "down": layer.down_proj, "gate_up_scale": layer.gate_up_proj_scale_inv,
