@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
-from r1deploy.layers.embedding import Embedding
-from r1deploy.layers.linear import Linear
 from r1deploy.layers.mla import MLAPlan, MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
@@ -34,6 +32,8 @@ from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_weights import load_deepseek_weights
+from r1deploy.quant.fp8_linear import current_fp8_block
+from r1deploy.quant.methods import LinearMethodFor, LinearQuant, no_quant
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -48,7 +48,7 @@ def _dp_attention(tp: TPGroup | None) -> bool:
 
 class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None,
-                 store: TieredExpertStore | None = None) -> None:
+                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
         """Under --dp-attention (tp.dp_attention) attention and the dense MLP are whole on every rank (no tp);
         the MoE block keeps its routed experts expert-parallel."""
         super().__init__()
@@ -58,9 +58,10 @@ class DeepseekDecoderLayer(nn.Module):
         self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (
-            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store)
+            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store,
+                        linear_method=linear_method)
             if config.is_moe_layer(layer_idx)
-            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, awq=config.awq,
+            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, linear_method=linear_method,
                              prefix=f"{prefix}.mlp"))
 
     def forward(
@@ -82,13 +83,13 @@ class DeepseekDecoderLayer(nn.Module):
 
 class DeepseekModel(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None,
-                 store: TieredExpertStore | None = None) -> None:
+                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
         super().__init__()
-        if tp is None or _dp_attention(tp):  # data-parallel attention: each rank embeds its own tokens, whole table
-            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store) for i in range(config.num_hidden_layers))
+        # Data-parallel attention: each rank embeds its own tokens, whole table.
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   None if _dp_attention(tp) else tp)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store, linear_method)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
@@ -126,14 +127,13 @@ class DeepseekV3ForCausalLM(CausalLM):
         # --offload experts: built under expert_cache.building_with(store), the routed experts are served
         # from it (load_weights routes their tensors there).
         self.offload_store: TieredExpertStore | None = current_expert_store()
-        self.model = DeepseekModel(config, tp, self.offload_store)
+        # The dense MLPs' and shared experts' quantisation, passed explicitly (AWQ from the checkpoint, FP8 as the
+        # loader builds: quant/fp8_linear.building_fp8); MLA's linears still get FP8 from building_fp8's hook.
+        self.model = DeepseekModel(config, tp, self.offload_store, LinearQuant(config.awq, current_fp8_block()))
         self.host_routed_experts = any(
             isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.method.reads_routing_on_host
             for layer in self.model.layers)
-        if tp is None or self.dp_attention:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, None if self.dp_attention else tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -18,8 +18,6 @@ from r1deploy.distributed.group import check_tensor_parallel, kv_head_shard
 from r1deploy.errors import UsageError
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.attention import paged_attention
-from r1deploy.layers.embedding import Embedding
-from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import (
     MergedColumnParallelLinear,
@@ -27,6 +25,7 @@ from r1deploy.layers.parallel import (
     RowParallelLinear,
     ShardSpec,
     VocabParallelEmbedding,
+    size_rank,
 )
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
@@ -37,36 +36,31 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.engine.batch import ForwardBatch
 
 
-def local_config(config: ModelConfig, tp: TPGroup) -> ModelConfig:
+def local_config(config: ModelConfig, tp: TPGroup | None) -> ModelConfig:
     """The config as one tensor-parallel rank sees it: its attention heads and KV heads."""
-    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp.size,
-                               num_key_value_heads=kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[1])
+    size, rank = size_rank(tp)
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // size,
+                               num_key_value_heads=kv_head_shard(config.num_key_value_heads, rank, size)[1])
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "self_attn", tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        size, rank = size_rank(tp)
+        local = local_config(config, tp)  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
+        self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
-        shards = {"q": config.q_size, "k": config.kv_size, "v": config.kv_size}
+        self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
+        kv_start = kv_head_shard(config.num_key_value_heads, rank, size)[0] * config.head_dim
+        specs = {"q": ShardSpec(config.q_size, rank * local.q_size, local.q_size),
+                 "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
+                 "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
         quant = quant_config_from_hf(config.quantization_config)
-        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias,
-                                     quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias,
-                             quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
-        if tp is not None:  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
-            local = local_config(config, tp)
-            self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
-            self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
-            kv_start = kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[0] * config.head_dim
-            specs = {"q": ShardSpec(config.q_size, tp.rank * local.q_size, local.q_size),
-                     "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
-                     "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
-            self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias)
-            self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp)
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias,
+                                                   quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp,
+                                        quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
         # FP8 KV cache scales (real value = stored value * scale); 1.0 unless calibrated (set_kv_cache_scales).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -91,17 +85,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "mlp", tp: TPGroup | None = None) -> None:
         super().__init__()
-        shards = {"gate": config.intermediate_size, "up": config.intermediate_size}
+        spec = ShardSpec.even(config.intermediate_size, tp)  # this rank's gate/up columns; down_proj sums
         quant = quant_config_from_hf(config.quantization_config)
-        self.gate_up_proj = MergedLinear(config.hidden_size, shards, bias=False,
-                                         quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False,
-                                quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
-        if tp is not None:  # this rank's gate/up columns; down_proj sums over ranks
-            width = config.intermediate_size // tp.size
-            spec = ShardSpec(config.intermediate_size, tp.rank * width, width)
-            self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": spec, "up": spec}, bias=False)
-            self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"gate": spec, "up": spec}, bias=False,
+            quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp,
+                                           quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -133,10 +123,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        if tp is None:
-            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, f"model.layers.{i}", tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -172,10 +159,7 @@ class LlamaForCausalLM(CausalLM):
         if tp is not None and config.quantization_config is not None:
             raise UsageError("tensor parallelism does not support quantised (AWQ / GPTQ) checkpoints yet")
         self.model = LlamaModel(config, tp)
-        if tp is None:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             # One tensor under two names; named_parameters() reports it once, as the embedding.
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -189,7 +173,7 @@ class LlamaForCausalLM(CausalLM):
     def cache_spec(cls, config: ModelConfig, tp: TPGroup | None = None) -> KVCacheSpec:
         """K and V of each layer's KV heads (a tensor-parallel rank: its own heads); layers/attention.py quantises
         them on write in an FP8 cache and the kernels dequantise on read."""
-        local = config if tp is None else local_config(config, tp)
+        local = local_config(config, tp)
         return KVCacheSpec(local.num_hidden_layers, (2,), (local.num_key_value_heads, local.head_dim), fp8=True)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Fp8LinearMethod:
         layer.weight = quantized_parameter(out_features, in_features, dtype=FP8_DTYPE, output_dim=0, pack_factor=1)
         # One scale row per block[0] output rows: a merged layer's shards must start on a tile.
         layer.weight_scale_inv = quantized_parameter(rows, cols, dtype=torch.float32, output_dim=0,
-                                                     pack_factor=self.block[0])
+                                                     pack_factor=self.block[0], input_pack=self.block[1])
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _triton_ok(x, self.block, layer.weight.shape[1]):

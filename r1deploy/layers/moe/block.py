@@ -16,6 +16,7 @@ from r1deploy.layers.moe.experts_dense import resident_method
 from r1deploy.layers.moe.experts_offload import OffloadedExperts
 from r1deploy.layers.moe.mlp import DeepseekMLP
 from r1deploy.layers.moe.router import Router
+from r1deploy.quant.methods import LinearMethodFor, no_quant
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
@@ -39,10 +40,10 @@ def experts_method(config: DeepseekConfig, prefix: str, layer_idx: int,
 
 class DeepseekMoE(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "mlp", layer_idx: int = 0,
-                 store: TieredExpertStore | None = None) -> None:
+                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
         """prefix: this block's checkpoint name (model.layers.{i}.mlp), which AWQ's modules_to_not_convert is
         matched against. store (--offload experts): serve the routed experts from it (it also runs this
-        layer's router ahead of time to prefetch)."""
+        layer's router ahead of time to prefetch). linear_method: the shared experts' quantisation."""
         super().__init__()
         self.dispatch = dispatcher_for(tp)
         self.gate = Router(config)
@@ -56,7 +57,7 @@ class DeepseekMoE(nn.Module):
         shared_tp = None if isinstance(self.dispatch, DataParallelDispatch) else tp
         self.shared_experts = (
             DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, shared_tp,
-                        reduce=False, awq=config.awq, prefix=f"{prefix}.shared_experts")
+                        reduce=False, linear_method=linear_method, prefix=f"{prefix}.shared_experts")
             if config.n_shared_experts else None)
 
     @property

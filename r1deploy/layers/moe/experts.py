@@ -21,6 +21,7 @@ from torch import nn
 
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.linear import default_weight_loader
+from r1deploy.layers.parallel import size_rank
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
@@ -138,7 +139,7 @@ class DeepseekExperts(nn.Module):
                  tp: TPGroup | None = None, method: ExpertsMethod | None = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        size, rank = (1, 0) if tp is None else (tp.size, tp.rank)
+        size, rank = size_rank(tp)
         if num_experts % size:
             raise ValueError(f"{num_experts} routed experts do not split over {size} ranks")
         self.num_local = num_experts // size
