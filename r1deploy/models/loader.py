@@ -157,10 +157,11 @@ def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, de
                   offload: OffloadConfig, quantization: Quantization = "none") -> TieredExpertStore:
     """The store of --offload experts, FP8 exactly when build_model builds the model's FP8 linears
     (an FP8 checkpoint with quantization "fp8", or "auto" on an sm_89+ GPU)."""
-    config = model_class_for_config(raw).config_class.from_hf(raw)
-    if not getattr(config, "n_routed_experts", 0):
+    cls = model_class_for_config(raw)
+    config = cls.config_class.from_hf(raw)
+    if "experts" not in cls.ARCHITECTURE.offload or not config.n_routed_experts:
         raise UsageError(f"--offload experts needs a MoE model; {path.name} has no routed experts")
-    if getattr(config, "awq", None) is not None:
+    if config.awq is not None:
         raise UsageError("--offload experts does not support AWQ checkpoints yet (the store holds bf16 / FP8 experts)")
     host = offload.host_weight_budget_gb
     fp8_block = _fp8_block(config, quantization, device)
