@@ -17,7 +17,12 @@ from awq_helpers import awq_checkpoint_tensors
 
 from r1deploy.distributed.group import TPGroup, free_port, init_group, leave_group
 from r1deploy.layers.linear import Linear
-from r1deploy.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, ShardSpec
+from r1deploy.layers.parallel import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    ShardSpec,
+)
 from r1deploy.quant.awq import AWQConfig, AWQLinearMethod
 from r1deploy.quant.fp8_block import quantize_fp8_block
 from r1deploy.quant.fp8_linear import Fp8LinearMethod
