@@ -86,8 +86,9 @@ class ColumnParallelLinear(Linear):
         shard = ShardSpec.even(out_features, tp)
         super().__init__(in_features, shard.size, bias, quant_method)
         self.shard, self.tp = shard, tp
-        for param in self.parameters():
-            param.weight_loader = self._load  # type: ignore[attr-defined]
+        if shard.size != shard.full:  # one rank keeps the plain layer's loaders (a quant method may bind its own)
+            for param in self.parameters():
+                param.weight_loader = self._load  # type: ignore[attr-defined]
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         default_weight_loader(param, _narrow_output(param, loaded, self.shard), shard_id)
@@ -111,7 +112,7 @@ class RowParallelLinear(Linear):
         self.shard = shard
         self.tp = tp if size > 1 else None  # one rank: nothing to sum, the plain layer's forward
         self.reduce = reduce
-        for param in self.parameters():
+        for param in self.parameters() if size > 1 else ():  # one rank: the plain layer's loaders
             if param is not self.bias:  # the bias is added once, after the sum: every rank holds it whole
                 param.weight_loader = self._load_weight  # type: ignore[attr-defined]
 
