@@ -52,7 +52,7 @@ def check_against_transformers(shape: str, result: dict) -> None:
     with torch.no_grad():
         ref = hf(prompt[None]).logits[0].float()  # [128, V]
         blocks = 128 // 16
-        caches = [torch.zeros(ours.kv_cache_shape(our_config, blocks, 16), dtype=torch.bfloat16, device="cuda")
+        caches = [torch.zeros(ours.kv_cache_spec.shape(blocks, 16), dtype=torch.bfloat16, device="cuda")
                   for _ in range(our_config.num_hidden_layers)]
         batch = ForwardBatch.build([prompt.tolist()], [0], [list(range(blocks))], 16, "cuda")
         got = ours.compute_logits(ours(batch, caches))
@@ -156,7 +156,7 @@ def main() -> None:
                 result["decode_bs1_graph_replay_ms"] = begin.elapsed_time(end) / 50
         else:
             # Bandwidth bound at batch 32: weights once plus each sequence's KV (mean context 256) per step.
-            kv_per_token = engine.runner.model.kv_bytes_per_token(engine.model_config, torch.bfloat16)
+            kv_per_token = engine.runner.model.kv_cache_spec.bytes_per_token(torch.bfloat16)
             step_bytes = weight_bytes + bs * 256 * kv_per_token
             result["decode_bs32_bound_tok_s"] = bs * COPY_TBPS * 1e12 / step_bytes
             result["decode_bs32_pct_of_bound"] = 100 * result["decode_bs32_tok_s"] / result["decode_bs32_bound_tok_s"]

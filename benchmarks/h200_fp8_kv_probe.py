@@ -502,7 +502,7 @@ def capture_long(model: torch.nn.Module, config: Any, length: int, layers: tuple
     rng = random.Random(21)
     prompt = [rng.randrange(config.vocab_size) for _ in range(length)]
     blocks = -(-length // BLOCK)
-    caches = [torch.zeros(model.kv_cache_shape(config, blocks, BLOCK), dtype=next(model.parameters()).dtype,
+    caches = [torch.zeros(model.kv_cache_spec.shape(blocks, BLOCK), dtype=next(model.parameters()).dtype,
                           device=device) for _ in range(config.num_hidden_layers)]
     batch = ForwardBatch.build([prompt], [0], [list(range(blocks))], BLOCK, device)
     with Capture(model, keep=layers) as cap, torch.inference_mode():

@@ -182,7 +182,7 @@ def linear_errors(awq: torch.nn.Module, twin: torch.nn.Module, device: str, dtyp
 def prompt_logits(model: torch.nn.Module, config: Any, prompt: list[int], device: str,
                   kv_dtype: torch.dtype) -> torch.Tensor:
     blocks = -(-len(prompt) // BLOCK)
-    caches = [torch.zeros(model.kv_cache_shape(config, blocks, BLOCK), dtype=kv_dtype, device=device)
+    caches = [torch.zeros(model.kv_cache_spec.shape(blocks, BLOCK), dtype=kv_dtype, device=device)
               for _ in range(config.num_hidden_layers)]
     batch = ForwardBatch.build([prompt], [0], [list(range(blocks))], BLOCK, device)
     with torch.inference_mode():
@@ -393,7 +393,7 @@ def greedy_with_cache(model: torch.nn.Module, config: Any, prompt: list[int], st
     total = len(prompt) + steps + 1
     blocks = -(-total // BLOCK)
     table = list(range(blocks))
-    caches = [torch.zeros(model.kv_cache_shape(config, blocks, BLOCK), dtype=kv_dtype, device=device)
+    caches = [torch.zeros(model.kv_cache_spec.shape(blocks, BLOCK), dtype=kv_dtype, device=device)
               for _ in range(config.num_hidden_layers)]
     batch = ForwardBatch.build([prompt], [0], [table], BLOCK, device)
     logits = [model.compute_logits(model(batch, caches)[-1:]).float()]

@@ -12,8 +12,10 @@ import torch
 
 from r1deploy.errors import UsageError
 
-# model_type -> architecture, for configs that lack an "architectures" list.
-ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# model_type -> architecture, for configs that lack an "architectures" list: the one such map (every family).
+ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what ModelConfig covers
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -67,9 +69,11 @@ class ModelConfig:
         missing = [k for k in _REQUIRED_KEYS if k not in raw]
         if missing:
             raise UsageError(f"model config is missing required keys: {', '.join(missing)}")
-        architecture = _architecture(raw)
-        if architecture not in ARCH_BY_MODEL_TYPE.values():
-            raise UsageError(f"ModelConfig covers {', '.join(ARCH_BY_MODEL_TYPE.values())}, not {architecture}")
+        architecture = architecture_of(raw)
+        if architecture is None:
+            raise UsageError("model config is missing required keys: architectures (or a known model_type)")
+        if architecture not in _ARCHITECTURES:
+            raise UsageError(f"ModelConfig covers {', '.join(_ARCHITECTURES)}, not {architecture}")
         if raw.get("hidden_act", "silu") != "silu":
             raise UsageError(f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
         if raw.get("mlp_bias", False):
@@ -122,13 +126,10 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"model config {path} is not valid JSON: {e}") from None
 
 
-def _architecture(raw: dict[str, Any]) -> str:
+def architecture_of(raw: dict[str, Any]) -> str | None:
+    """An HF config's architecture: its "architectures" list, else its model_type's (None: neither known)."""
     archs = raw.get("architectures") or []
-    if archs:
-        return str(archs[0])
-    if raw.get("model_type") in ARCH_BY_MODEL_TYPE:
-        return ARCH_BY_MODEL_TYPE[raw["model_type"]]
-    raise UsageError("model config is missing required keys: architectures (or a known model_type)")
+    return str(archs[0]) if archs else ARCH_BY_MODEL_TYPE.get(raw.get("model_type", ""))
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:

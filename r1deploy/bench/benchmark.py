@@ -209,7 +209,7 @@ def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> 
     # The plan at the run's layout, so planned-vs-measured (MBU, MFU) compares like with like.
     layout = {"num_gpus": args.tp, "tp": args.tp, "dp_attention": args.dp_attention} if args.tp > 1 else {}
     plan = planlink.plan(model, **_plan_workload(args), **layout, **_plan_engine(args)) if model else None
-    store = getattr(engine.loaded.model, "expert_store", None)
+    store = engine.loaded.model.offload_store
     description = f"in-process engine ({model or 'embedded model'}"
     if args.tp > 1:
         description += f", TP {args.tp}" + (" with DP attention" if args.dp_attention else "")

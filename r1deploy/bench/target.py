@@ -155,7 +155,7 @@ def load_offloaded_dummy(model: str | None, device: str | None, dtype: str | Non
         raise UsageError("--offload experts needs a MoE model directory")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(model, dtype=dtype, device=device, load_format="dummy", offload=offload)
-    store = getattr(loaded.model, "expert_store", None)
+    store = loaded.model.offload_store
     if store is not None:
         config = loaded.config
         store.init_dummy_weights((i, e) for i in range(config.num_hidden_layers) if config.is_moe_layer(i)

@@ -12,7 +12,6 @@ step raises it again (the server's watchdog then turns health to 503).
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import signal
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from r1deploy.config import read_hf_config
-from r1deploy.distributed.group import TPGroup, check_tensor_parallel, free_port, init_group, leave_group
+from r1deploy.distributed.group import TPGroup, free_port, init_group, leave_group
 from r1deploy.distributed.messages import Op, StepChannel, StepMessage
 from r1deploy.distributed.nodes import NodeLayout
 from r1deploy.engine.batch import PendingTokens
@@ -52,27 +51,6 @@ class WorkerSpec:
     init_timeout_s: float
 
 
-def check_model_supports_tp(model_class: type, config: Any, tp: int, dp_attention: bool = False) -> None:
-    """UsageError unless `model_class` has a tensor-parallel build and tp splits its heads and MLP
-    (dp_attention: unless it is a DeepSeek MLA model whose routed experts tp splits)."""
-    if dp_attention and not getattr(model_class, "supports_dp_attention", False):
-        raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {model_class.__name__}")
-    if tp == 1:
-        return
-    if "tp" not in inspect.signature(model_class.__init__).parameters:
-        raise UsageError(f"tensor parallelism supports the Llama / Qwen2 (R1-Distill) and DeepSeek-V2/V3 models so far, "
-                         f"not {model_class.__name__}")
-    custom = getattr(model_class, "check_tensor_parallel", None)
-    if custom is not None:  # DeepSeek: heads, dense / shared MLP widths and routed experts
-        if dp_attention:
-            custom(config, tp, dp_attention=True)
-        else:
-            custom(config, tp)
-        return
-    check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
-                          model_class.__name__)
-
-
 def precheck(model: str | None, tp: int, dp_attention: bool = False) -> None:
     """Validate tp (and --dp-attention) against the model's config before any process starts (HF directories
     and presets; GGUF files are checked when each rank builds its shard)."""
@@ -91,7 +69,7 @@ def precheck(model: str | None, tp: int, dp_attention: bool = False) -> None:
         return
     raw = read_hf_config(path if path.is_dir() else resolve_config_path(model))
     cls = model_class_for_config(raw)
-    check_model_supports_tp(cls, cls.config_class.from_hf(raw), tp, dp_attention)
+    cls.check_parallel(cls.config_class.from_hf(raw), tp, dp_attention)
 
 
 def build_runner(spec: WorkerSpec, tp: TPGroup) -> ModelRunner:

@@ -35,6 +35,9 @@ class ForwardBatch:
     # The attention backend's metadata for this step (r1deploy/attention/base.py), built on the host before
     # the forward by ModelRunner (AttentionBackend.build_metadata); None until then.
     attn_metadata: Any = None
+    # --dp-attention: every rank's token count this step, in rank order (this batch is this rank's own part);
+    # the MoE layers exchange tokens by them. None: one batch for every rank.
+    dp_token_counts: tuple[int, ...] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -275,7 +275,7 @@ class LLMEngine:
         """Stop the tensor-parallel workers, free the KV cache and graphs, and release the expert store's
         pinned memory, if any."""
         self.executor.shutdown()
-        store = getattr(self.loaded.model, "expert_store", None)
+        store = self.loaded.model.offload_store
         if store is not None:
             store.close()
 

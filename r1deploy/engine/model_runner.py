@@ -46,12 +46,14 @@ class ModelRunner:
         # --dp-attention: every rank runs its own sequences (its part of each step message) and holds only
         # their latent cache
         self.dp_attention = tp is not None and tp.dp_attention
-        if self.dp_attention and not getattr(self.model, "supports_dp_attention", False):
+        capabilities = self.model.capabilities
+        if self.dp_attention and not capabilities.dp_attention:
             raise UsageError(f"--dp-attention needs a DeepSeek (MLA) model, not {type(self.model).__name__}")
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        if is_fp8(self.kv_dtype) and not getattr(self.model, "fp8_kv_cache", False):
+        self.kv_spec = self.model.kv_cache_spec
+        if is_fp8(self.kv_dtype) and not self.kv_spec.fp8:
             raise UsageError(f"--kv-cache-dtype {config.kv_cache_dtype} (kv_cache_dtype) is not supported for "
                              f"{type(self.model).__name__} (only Llama/Qwen2 GQA and DeepSeek MLA caches)")
         backend = config.attention_backend or default_attention_backend(self.device)
@@ -68,7 +70,7 @@ class ModelRunner:
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
         # too) and replays in lockstep: whether a step replays a graph is a function of the step message alone.
         # --dp-attention runs eagerly: the per-rank token counts of the MoE exchange change every step.
-        if (self.device.type == "cuda" and not config.enforce_eager and getattr(self.model, "cuda_graphs", False)
+        if (self.device.type == "cuda" and not config.enforce_eager and capabilities.cuda_graphs
                 and not self.dp_attention and self.attn_backend.supports_cuda_graphs):
             with phase("CUDA graph capture"):
                 self.graphs = DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend, config.max_num_seqs,
@@ -83,12 +85,11 @@ class ModelRunner:
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
-        shape = self.model.kv_cache_shape(self.loaded.config, num_blocks, self.config.block_size)
-        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                for _ in range(self.loaded.config.num_hidden_layers)]
+        shape = self.kv_spec.shape(num_blocks, self.config.block_size)
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.kv_spec.num_layers)]
 
     def _size_pool(self) -> KVPoolSize:
-        per_block = self.config.block_size * self.model.kv_bytes_per_token(self.loaded.config, self.kv_dtype)
+        per_block = self.config.block_size * self.kv_spec.bytes_per_token(self.kv_dtype)
         if self.config.num_gpu_blocks_override is not None:
             n = self.config.num_gpu_blocks_override
             return KVPoolSize(n, per_block, n * per_block)
@@ -126,9 +127,8 @@ class ModelRunner:
         batch = self._with_attn_metadata(ForwardBatch.build([[0] * num_tokens], [0], [list(range(blocks))],
                                                             self.config.block_size).to(self.device))
         if self.dp_attention:  # every rank profiles a full step of its own at once (the MoE exchange joins them)
-            hidden = self.model(batch, scratch, [num_tokens] * self.tp.size)
-        else:
-            hidden = self.model(batch, scratch)
+            batch = dataclasses.replace(batch, dp_token_counts=(num_tokens,) * self.tp.size)
+        hidden = self.model(batch, scratch)
         self.model.compute_logits(hidden[batch.logits_indices])
         del scratch
 
@@ -143,9 +143,10 @@ class ModelRunner:
         order (hidden states, not logits: hidden_size values a row instead of vocab). Rank 0 returns their
         logits [R, vocab] fp32 (None when the step samples nothing); the other ranks return None."""
         assert self.tp is not None
-        batch = self._with_attn_metadata(message.part(self.tp.rank).to_batch(self.device))
-        counts = message.dp_sizes[:, 0].tolist()
-        hidden = self.model(batch, self.kv_caches, counts)  # [T_rank, hidden]
+        counts = tuple(message.dp_sizes[:, 0].tolist())
+        batch = dataclasses.replace(message.part(self.tp.rank).to_batch(self.device), dp_token_counts=counts)
+        batch = self._with_attn_metadata(batch)
+        hidden = self.model(batch, self.kv_caches)  # [T_rank, hidden]
         own = hidden[batch.logits_indices]  # [R_rank, hidden]
         gathered = self.tp.all_gather_rows(own, message.dp_sizes[:, 2].tolist())  # [R, hidden], rank order
         if not self.tp.is_driver or gathered.shape[0] == 0:

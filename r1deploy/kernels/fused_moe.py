@@ -7,7 +7,7 @@ the sorted list belongs to one expert. The grid is sized for the worst case (T*k
 rows), a function of the shapes only; tiles past the padded total exit at once. Intermediates are
 indexed by pair (token * k + slot), not by sorted position, so the combine is a plain sum over k.
 
-Rounding mirrors the CPU path of layers/moe.DeepseekExperts: gate-up rounded to the model dtype,
+Rounding mirrors the torch path of layers/moe/experts.ExpertsMethod: gate-up rounded to the model dtype,
 SiLU rounded, its product with up rounded; down rounded to the dtype, then times the fp32 weight,
 the k contributions summed in fp32 and rounded once.
 
@@ -193,7 +193,7 @@ def fused_moe(
 def fused_moe_ref(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """Plain PyTorch on any device, the algorithm of the CPU path of layers/moe.DeepseekExperts:
+    """Plain PyTorch on any device, the algorithm of the torch path of layers/moe/experts.ExpertsMethod:
     pairs sorted by expert, one GEMM pair per busy expert, weighted, summed per token in fp32."""
     top_k = ids.shape[1]
     inter = down.shape[2]

@@ -28,13 +28,18 @@ def empty_parameter(*shape: int) -> nn.Parameter:
     return param
 
 
-def quantized_parameter(*shape: int, dtype: torch.dtype, output_dim: int, pack_factor: int) -> nn.Parameter:
-    """A quantised layer's parameter; output_dim / pack_factor tell a merged layer's loader where its
-    shard's rows are (pack_factor output rows share one row or column of this tensor)."""
+def quantized_parameter(*shape: int, dtype: torch.dtype, output_dim: int, pack_factor: int, input_dim: int = 1,
+                        input_pack: int = 1) -> nn.Parameter:
+    """A quantised layer's parameter; output_dim / pack_factor tell a merged or column-parallel layer's loader
+    where its shard's rows are (pack_factor output rows share one row or column of this tensor), input_dim /
+    input_pack tell a row-parallel layer's loader where its input features are (input_pack features share
+    one element: a quantisation group or scale tile)."""
     param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
     param.weight_loader = default_weight_loader  # type: ignore[attr-defined]
     param.output_dim = output_dim  # type: ignore[attr-defined]
     param.pack_factor = pack_factor  # type: ignore[attr-defined]
+    param.input_dim = input_dim  # type: ignore[attr-defined]
+    param.input_pack = input_pack  # type: ignore[attr-defined]
     return param
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from r1deploy.config import read_hf_config
+from r1deploy.config import architecture_of, read_hf_config
 from r1deploy.errors import UsageError
 from r1deploy.quant.awq import AWQConfig
 
-_ARCH_BY_MODEL_TYPE = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 _SCORING = ("softmax", "sigmoid")
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -167,10 +167,10 @@ def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def _architecture(raw: dict[str, Any]) -> str:
-    names = raw.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(raw.get("model_type", ""), "")]
-    if names[0] not in _ARCH_BY_MODEL_TYPE.values():
-        raise UsageError(f"not a DeepSeek-V2/V3 config: architectures {names}")
-    return names[0]
+    name = architecture_of(raw)
+    if name not in _ARCHITECTURES:
+        raise UsageError(f"not a DeepSeek-V2/V3 config: architectures {raw.get('architectures') or [name or '']}")
+    return name
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, YarnScaling | None]:

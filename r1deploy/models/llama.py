@@ -16,10 +16,9 @@ from torch import nn
 from r1deploy.attention.base import AttentionMetadata
 from r1deploy.attention.selector import step_metadata
 from r1deploy.config import ModelConfig
-from r1deploy.layers import attention
+from r1deploy.distributed.group import check_tensor_parallel, kv_head_shard
+from r1deploy.errors import UsageError
 from r1deploy.layers.activation import silu_and_mul
-from r1deploy.layers.embedding import Embedding
-from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import (
     MergedColumnParallelLinear,
@@ -27,8 +26,10 @@ from r1deploy.layers.parallel import (
     RowParallelLinear,
     ShardSpec,
     VocabParallelEmbedding,
+    size_rank,
 )
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
+from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.quant.awq import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -36,40 +37,31 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.engine.batch import ForwardBatch
 
 
-def local_config(config: ModelConfig, tp: TPGroup) -> ModelConfig:
+def local_config(config: ModelConfig, tp: TPGroup | None) -> ModelConfig:
     """The config as one tensor-parallel rank sees it: its attention heads and KV heads."""
-    from r1deploy.distributed.group import kv_head_shard
-
-    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp.size,
-                               num_key_value_heads=kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[1])
+    size, rank = size_rank(tp)
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // size,
+                               num_key_value_heads=kv_head_shard(config.num_key_value_heads, rank, size)[1])
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "self_attn", tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        size, rank = size_rank(tp)
+        local = local_config(config, tp)  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
+        self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
-        shards = {"q": config.q_size, "k": config.kv_size, "v": config.kv_size}
+        self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
+        kv_start = kv_head_shard(config.num_key_value_heads, rank, size)[0] * config.head_dim
+        specs = {"q": ShardSpec(config.q_size, rank * local.q_size, local.q_size),
+                 "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
+                 "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
         quant = quant_config_from_hf(config.quantization_config)
-        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias,
-                                     quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias,
-                             quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
-        if tp is not None:  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
-            from r1deploy.distributed.group import kv_head_shard
-
-            local = local_config(config, tp)
-            self.num_heads, self.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
-            self.split_sizes = [local.q_size, local.kv_size, local.kv_size]
-            kv_start = kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)[0] * config.head_dim
-            specs = {"q": ShardSpec(config.q_size, tp.rank * local.q_size, local.q_size),
-                     "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
-                     "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
-            self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias)
-            self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp)
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias,
+                                                   quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp,
+                                        quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
         # FP8 KV cache scales (real value = stored value * scale); 1.0 unless calibrated (set_kv_cache_scales).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -94,17 +86,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "mlp", tp: TPGroup | None = None) -> None:
         super().__init__()
-        shards = {"gate": config.intermediate_size, "up": config.intermediate_size}
+        spec = ShardSpec.even(config.intermediate_size, tp)  # this rank's gate/up columns; down_proj sums
         quant = quant_config_from_hf(config.quantization_config)
-        self.gate_up_proj = MergedLinear(config.hidden_size, shards, bias=False,
-                                         quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False,
-                                quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
-        if tp is not None:  # this rank's gate/up columns; down_proj sums over ranks
-            width = config.intermediate_size // tp.size
-            spec = ShardSpec(config.intermediate_size, tp.rank * width, width)
-            self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": spec, "up": spec}, bias=False)
-            self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"gate": spec, "up": spec}, bias=False,
+            quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp,
+                                           quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -136,10 +124,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        if tp is None:
-            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, f"model.layers.{i}", tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -155,7 +140,7 @@ class LlamaModel(nn.Module):
         return self.norm(h, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # HF projection name -> (merged parameter's module, shard id)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -167,43 +152,33 @@ class LlamaForCausalLM(nn.Module):
 
     config_class = ModelConfig
     attention_kind = "gqa"  # the engine builds its step metadata with a paged GQA backend (r1deploy/attention)
-    fp8_kv_cache = True  # the attention backends quantise K/V on write and dequantise on read
-    kv_cache_shape = staticmethod(attention.kv_cache_shape)
-    kv_bytes_per_token = staticmethod(attention.kv_bytes_per_token)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Decode steps are capturable on CUDA (every op takes its lengths from device tensors:
-        r1deploy.kernels), except with streamed layers (--offload layers), whose copies are decided on the host."""
-        return self.expert_store is None
+    # Decode steps are capturable on CUDA (every op takes its lengths from device tensors: r1deploy.kernels),
+    # except with streamed layers (--offload layers), whose copies are decided on the host (CausalLM.capabilities).
+    ARCHITECTURE = ModelCapabilities(cuda_graphs=True, tensor_parallel=True, dp_attention=False,
+                                     offload=frozenset({"layers"}))
 
     def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
-        super().__init__()
-        self.config = config
-        # The model's offload store, read by the engine, /metrics and bench: weights/layer_stream.LayerStream
-        # under --offload layers (it registers hooks on the streamed layers; the math here is unchanged).
-        self.expert_store = None
+        super().__init__(config, tp)
         if tp is not None and config.quantization_config is not None:
-            from r1deploy.errors import UsageError
-
             raise UsageError("tensor parallelism does not support quantised (AWQ / GPTQ) checkpoints yet")
         self.model = LlamaModel(config, tp)
-        if tp is None:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
-            # This rank's cache holds only its KV heads: size and shape it from the local view.
-            local = local_config(config, tp)
-            self.kv_cache_shape = lambda _config, num_blocks, block_size: attention.kv_cache_shape(
-                local, num_blocks, block_size)
-            self.kv_bytes_per_token = lambda _config, dtype: attention.kv_bytes_per_token(local, dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             # One tensor under two names; named_parameters() reports it once, as the embedding.
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @classmethod
+    def check_tensor_parallel(cls, config: ModelConfig, tp: int, dp_attention: bool = False) -> None:
+        check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, tp,
+                              cls.__name__)
+
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, tp: TPGroup | None = None) -> KVCacheSpec:
+        """K and V of each layer's KV heads (a tensor-parallel rank: its own heads); layers/attention.py quantises
+        them on write in an FP8 cache and the kernels dequantise on read."""
+        local = local_config(config, tp)
+        return KVCacheSpec(local.num_hidden_layers, (2,), (local.num_key_value_heads, local.head_dim), fp8=True)
+
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Hidden states [T, hidden] of this step's tokens; writes their K/V into kv_caches."""
         return self.model(batch, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] fp32
-        return self.lm_head(hidden).float()

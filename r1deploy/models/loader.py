@@ -32,12 +32,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from r1deploy.config import ModelConfig, parse_dtype, read_hf_config
 from r1deploy.errors import UsageError
+from r1deploy.models.base import CausalLM
 from r1deploy.models.hub import repo_id_of
 from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, r1_chat_template, resolve_config_path
 from r1deploy.quant.fp8_linear import building_fp8
 from r1deploy.startup import phase, weights_with_progress
-from r1deploy.weights import load_weights
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
 from r1deploy.weights.safetensors_reader import iter_safetensors_file, safetensors_files
@@ -56,7 +56,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: nn.Module  # eval mode; forward(batch, kv_caches) and compute_logits(hidden)
+    model: CausalLM  # eval mode; forward(batch, kv_caches) and compute_logits(hidden)
     config: ModelConfig
     tokenizer: PreTrainedTokenizerBase | None  # None for dummy weights without tokenizer files
     eos_token_ids: tuple[int, ...]
@@ -166,10 +166,11 @@ def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, de
                   offload: OffloadConfig, quantization: Quantization = "none") -> TieredExpertStore:
     """The store of --offload experts, FP8 exactly when build_model builds the model's FP8 linears
     (an FP8 checkpoint with quantization "fp8", or "auto" on an sm_89+ GPU)."""
-    config = model_class_for_config(raw).config_class.from_hf(raw)
-    if not getattr(config, "n_routed_experts", 0):
+    cls = model_class_for_config(raw)
+    config = cls.config_class.from_hf(raw)
+    if "experts" not in cls.ARCHITECTURE.offload or not config.n_routed_experts:
         raise UsageError(f"--offload experts needs a MoE model; {path.name} has no routed experts")
-    if getattr(config, "awq", None) is not None:
+    if config.awq is not None:
         raise UsageError("--offload experts does not support AWQ checkpoints yet (the store holds bf16 / FP8 experts)")
     host = offload.host_weight_budget_gb
     fp8_block = _fp8_block(config, quantization, device)
@@ -244,13 +245,11 @@ def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.de
     cls = model_class_for_config(raw)
     config = cls.config_class.from_hf(raw)
     if tp is not None:
-        from r1deploy.distributed.worker import check_model_supports_tp
-
-        check_model_supports_tp(cls, config, tp.size)
+        cls.check_parallel(config, tp.size, tp.size > 1 and tp.dp_attention)
     fp8_block = _fp8_block(config, quantization, device)
     # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
     with _default_dtype(dtype or default_dtype(config, device)), device, building_fp8(fp8_block):
-        return (cls(config) if tp is None else cls(config, tp=tp)).eval(), config
+        return cls(config, tp=tp).eval(), config
 
 
 def _fp8_block(config: Any, quantization: Quantization, device: torch.device) -> tuple[int, int] | None:
@@ -264,12 +263,9 @@ def _fp8_block(config: Any, quantization: Quantization, device: torch.device) ->
     return block if quantization == "fp8" or (quantization == "auto" and fp8_gpu) else None
 
 
-def load_model_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Models with their own name mapping (DeepSeek's experts, FP8 scales) load themselves."""
-    if hasattr(model, "load_weights"):
-        model.load_weights(tensors)
-    else:
-        load_weights(model, tensors)
+def load_model_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """CausalLM.load_weights: the generic per-parameter loader, or the family's own checkpoint mapping."""
+    model.load_weights(tensors)
 
 
 @contextlib.contextmanager

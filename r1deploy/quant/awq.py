@@ -111,11 +111,11 @@ class AWQLinearMethod:
         if in_features % g or out_features % PACK_FACTOR:
             raise UsageError(f"AWQ layer {in_features} -> {out_features} needs in % {g} == 0 and out % 8 == 0")
         layer.qweight = quantized_parameter(in_features, out_features // PACK_FACTOR, dtype=torch.int32,
-                                       output_dim=1, pack_factor=PACK_FACTOR)
+                                            output_dim=1, pack_factor=PACK_FACTOR, input_dim=0)
         layer.qzeros = quantized_parameter(in_features // g, out_features // PACK_FACTOR, dtype=torch.int32,
-                                      output_dim=1, pack_factor=PACK_FACTOR)
+                                           output_dim=1, pack_factor=PACK_FACTOR, input_dim=0, input_pack=g)
         layer.scales = quantized_parameter(in_features // g, out_features, dtype=torch.float16, output_dim=1,
-                                      pack_factor=1)
+                                           pack_factor=1, input_dim=0, input_pack=g)
         layer.weight = None  # what forward would use unquantised; tied-embedding code checks it
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

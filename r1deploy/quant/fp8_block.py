@@ -83,3 +83,14 @@ def fp8_block_gemm(
     partial = torch.einsum("mkc,nkc->mnk", a_blocks, b_blocks)  # [M, N, KB]
     b_rows = b_scale.float().repeat_interleave(BLOCK, dim=0)[: b.shape[0]]  # [N, KB]
     return (partial * a_scale.float()[:, None, :] * b_rows[None, :, :]).sum(-1).to(out_dtype)
+
+
+def dequantize_expert(gate_up: torch.Tensor, down: torch.Tensor, gate_up_scale: torch.Tensor,
+                      down_scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FP8 routed expert (gate_up [2I, H] with scales [2 * ceil(I/bn), ...], down [H, I]) in dtype: gate
+    and up dequantised separately, each with its own tile rows (they never share a tile)."""
+    size, tiles = gate_up.shape[0] // 2, gate_up_scale.shape[0] // 2
+    gate = dequantize_fp8_block(gate_up[:size], gate_up_scale[:tiles], dtype, block)
+    up = dequantize_fp8_block(gate_up[size:], gate_up_scale[tiles:], dtype, block)
+    return torch.cat([gate, up]), dequantize_fp8_block(down, down_scale, dtype, block)

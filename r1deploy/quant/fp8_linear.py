@@ -8,11 +8,13 @@ weight is dequantised per call with the reference and multiplied in the activati
 exact, and it keeps the FP8 bytes the only resident copy (that path is for tests and debugging; the
 loader dequantises at load instead unless FP8 is asked for explicitly).
 
-`building_fp8(block)`: the loader builds the model inside it. Models build their linears without
-a method (layers/mla.py passes none), so every plain Linear / MergedLinear is switched to FP8 the
-moment it is attached to its parent, before the next layer is allocated (a transient bf16 weight of
-one layer, never the whole model), except the ones R1 keeps or needs in the model dtype (BF16_LINEARS).
-DeepseekExperts reads `current_fp8_block()` and allocates FP8 stacks directly.
+`building_fp8(block)`: the loader builds the model inside it. DeepSeek reads `current_fp8_block()` once and
+passes FP8 explicitly to its dense MLPs and shared experts (quant/methods.LinearQuant: tensor-parallel linears
+included); the routed experts read it too (layers/moe/experts_dense.resident_method) and allocate FP8 stacks.
+Linears built without a method (layers/mla.py passes none yet) are switched by a module-registration hook:
+every plain Linear / MergedLinear the moment it is attached to its parent, before the next layer is allocated
+(a transient bf16 weight of one layer, never the whole model), except the ones R1 keeps or needs in the model
+dtype (BF16_LINEARS).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Fp8LinearMethod:
         layer.weight = quantized_parameter(out_features, in_features, dtype=FP8_DTYPE, output_dim=0, pack_factor=1)
         # One scale row per block[0] output rows: a merged layer's shards must start on a tile.
         layer.weight_scale_inv = quantized_parameter(rows, cols, dtype=torch.float32, output_dim=0,
-                                                     pack_factor=self.block[0])
+                                                     pack_factor=self.block[0], input_pack=self.block[1])
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _triton_ok(x, self.block, layer.weight.shape[1]):

@@ -50,7 +50,7 @@ class _EngineCollector(Collector):
                                   value=engine.scheduler.num_preemptions)
         yield CounterMetricFamily("r1deploy_aborted_requests", "Engine requests aborted (client gone)",
                                   value=engine.num_aborted)
-        store = getattr(engine.loaded.model, "expert_store", None)
+        store = engine.loaded.model.offload_store
         if store is not None:  # --offload experts: the tiered expert store's counters
             stats = store.stats()
             yield GaugeMetricFamily("r1deploy_expert_cache_hit_rate", "Expert requests served by a GPU slot",

@@ -1,8 +1,9 @@
 """The expert store a model is being built with (`--offload experts`).
 
 Models are built by `cls(config)` inside the loader; rather than thread a store through every
-constructor, the loader builds under `building_with(store)`: DeepseekExperts then allocates empty
-stacks (no resident copy of the experts, ever) and DeepseekV3ForCausalLM attaches the store.
+constructor, the loader builds under `building_with(store)`: DeepseekV3ForCausalLM reads it once and hands
+it to each MoE block, whose routed experts take the OffloadedExperts method (layers/moe/experts_offload.py:
+empty stacks, no resident copy of the experts, ever).
 Kept free of r1deploy imports so the layers can import it without cycles.
 """
 

@@ -19,8 +19,8 @@ tensors, so the copies, the ring and the counters all run in CI; there every cop
 its time counts as stall.
 
 `stats()` returns a LayerStreamStats, a TierStats (the expert store's snapshot) with layer fields added:
-the engine, /metrics and the bench report read it through the model's `expert_store` attribute, the
-model's one offload store, like they read the tiered expert store's.
+the engine, /metrics and the bench report read it through the model's `offload_store` (an
+weights/offload.OffloadStore, like the tiered expert store).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from typing import Self
 import torch
 from torch import nn
 
-from r1deploy.weights.tiered_store import TierStats, _host_register, _host_unregister
+from r1deploy.weights.offload import TierStats
+from r1deploy.weights.pinned import PinnedHostMemory
 
 ALIGN = 256  # bytes: every parameter's view starts on this boundary (kernels want 16-byte alignment)
 MIN_SLOTS = 2
@@ -115,8 +116,7 @@ class LayerStream:
         self._offsets = [_offsets(ps) for ps in self._params]
         self._nbytes = [layer_nbytes(layer) for layer in self.layers]
         self.slot_bytes = max(self._nbytes)
-        self._registered: list[torch.Tensor] = []
-        self._pinned_bytes = 0
+        self._memory = PinnedHostMemory(self.pin)
         self._spill: Path | None = None
         self._host: list[torch.Tensor] = []  # one flat uint8 buffer per streamed layer
         self._on_disk: list[bool] = []
@@ -124,14 +124,14 @@ class LayerStream:
         for i, layer in enumerate(self.layers):
             nbytes = self._nbytes[i]
             on_disk = host_left is not None and nbytes > host_left
-            buf = self._spill_alloc(i, nbytes, spill_dir) if on_disk else self._host_alloc(nbytes)
+            buf = self._spill_alloc(i, nbytes, spill_dir) if on_disk else self._memory.empty(nbytes, dtype=torch.uint8)
             if not on_disk and host_left is not None:
                 host_left -= nbytes
             views = self._views(buf, i)
             with torch.no_grad():
                 for p, v in zip(self._params[i], views, strict=True):
                     v.copy_(p.data)
-                    p.data = v  # the original storage goes
+            _rebind(self._params[i], views)  # the original storage goes
             for buf_module in layer.modules():  # buffers (none in today's layers) stay on the device
                 for name, b in buf_module._buffers.items():
                     if b is not None:
@@ -163,7 +163,7 @@ class LayerStream:
     def attach(cls, model: nn.Module, device: torch.device | str, *, gpu_budget_bytes: int, **kwargs
                ) -> LayerStream | None:
         """Place a model built on the host: the leading layers that fit the budget (with the non-layer weights
-        and the ring) on `device`, the rest streamed. Sets `model.expert_store` (the model's offload store,
+        and the ring) on `device`, the rest streamed. Sets `model.offload_store` (an OffloadStore,
         which the engine closes and /metrics and bench read); None (and nothing streamed) if all fits."""
         device = torch.device(device)
         layers = list(model.model.layers)
@@ -177,24 +177,8 @@ class LayerStream:
             if id(module) not in streamed:
                 _move_module(module, device, recurse=False)
         if stream is not None:
-            model.expert_store = stream
+            model.offload_store = stream
         return stream
-
-    def _host_alloc(self, nbytes: int) -> torch.Tensor:
-        """Page-locked in place where CUDA is up (as the expert store's host pool), else torch's pinned
-        allocator, else pageable memory."""
-        t = torch.empty(nbytes, dtype=torch.uint8)
-        if self.pin and nbytes:
-            if _host_register(t):
-                self._registered.append(t)
-                self._pinned_bytes += nbytes
-                return t
-            try:
-                t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                self._pinned_bytes += nbytes
-            except RuntimeError:  # no CUDA driver: keep pageable memory
-                pass
-        return t
 
     def _spill_alloc(self, i: int, nbytes: int, spill_dir: Path | str | None) -> torch.Tensor:
         if self._spill is None:
@@ -283,8 +267,7 @@ class LayerStream:
             c["prefetches"] += 1
 
     def _bind(self, views: list[torch.Tensor], i: int) -> None:
-        for p, v in zip(self._params[i], views, strict=True):
-            p.data = v
+        _rebind(self._params[i], views)
 
     def _collect_waits(self) -> None:
         """Stall time from finished (compute reached, copy done) pairs: how long compute waited, if at all."""
@@ -311,7 +294,7 @@ class LayerStream:
         return LayerStreamStats(
             **{k: int(v) for k, v in c.items() if k != "stall_s"}, stall_s=c["stall_s"],
             gpu_slots=self.num_gpu_slots, host_slots=host_layers, host_bytes=host_bytes,
-            pinned_bytes=0 if self.closed else self._pinned_bytes, resident_layers=self.num_resident,
+            pinned_bytes=0 if self.closed else self._memory.pinned_bytes, resident_layers=self.num_resident,
             streamed_layers=len(self.layers), disk_layers=0 if self.closed else sum(self._on_disk),
             slot_bytes=self.slot_bytes)
 
@@ -334,14 +317,10 @@ class LayerStream:
         self._pending.clear()
         self._waits.clear()
         for params in self._params:
-            for p in params:
-                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            _rebind(params, [torch.empty(0, dtype=p.dtype, device=self.device) for p in params])
         self._host_views.clear()
         self._slot_views.clear()
-        for t in self._registered:
-            _host_unregister(t)
-        self._registered.clear()
-        self._pinned_bytes = 0
+        self._memory.release()
         self._host.clear()
         self._slots.clear()
         if self._spill is not None:
@@ -375,8 +354,15 @@ def _move_module(module: nn.Module, device: torch.device, recurse: bool = True) 
         with torch.no_grad():
             for p in m._parameters.values():
                 if p is not None and p.device != device:
-                    p.data = p.data.to(device)
+                    _rebind([p], [p.data.to(device)])
         for name, b in m._buffers.items():
             if b is not None and b.device != device:
                 m._buffers[name] = b.to(device)
 
+
+def _rebind(params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]) -> None:
+    """Point each parameter at a tensor of the same shape: the one place the stream swaps `param.data`. The
+    streamed layer's own code is untouched and keeps reading its Parameters, whose storage is, in turn, the
+    host copy (between uses), a ring slot on the device (while it runs) or nothing (closed)."""
+    for p, t in zip(params, tensors, strict=True):
+        p.data = t

@@ -85,10 +85,10 @@ def test_deepseek_with_experts_offloaded_equals_resident(deepseek_dir: Path, ref
     offload = OffloadConfig(gpu_weight_budget_gb=2 * expert_bytes / 1e9, host_weight_budget_gb=0.0)
     tokens, engine = run(deepseek_dir, PROMPTS, offload=offload)
     assert tokens == reference
-    stats = engine.loaded.model.expert_store.stats()
+    stats = engine.loaded.model.offload_store.stats()
     assert stats.misses > 0 and stats.disk_reads > 0 and stats.evictions > 0
     engine.shutdown()
-    assert engine.loaded.model.expert_store.stats().host_bytes == 0
+    assert engine.loaded.model.offload_store.stats().host_bytes == 0
 
 
 @pytest.mark.gpu

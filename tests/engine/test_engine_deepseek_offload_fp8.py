@@ -67,7 +67,7 @@ def resident(fp8_dir: Path) -> list[list[int]]:
 def test_fp8_offloaded_equals_fp8_resident(fp8_dir: Path, resident: list[list[int]], offload: OffloadConfig) -> None:
     tokens, engine = run(fp8_dir, offload)
     assert tokens == resident
-    store = engine.loaded.model.expert_store
+    store = engine.loaded.model.offload_store
     assert store.fp8 and store.gpu.gate_up.dtype == FP8_DTYPE and store.expert_bytes == FP8_EXPERT_BYTES
     assert store.expert_bytes < 3 * H * I * 2 // 2 + 100  # half of bf16's, plus the scales
     stats = store.stats()

@@ -125,7 +125,7 @@ def _fp8_experts(num_experts: int, hidden: int, inter: int, block: tuple[int, in
 
 def _dequantized_f64(experts: DeepseekExperts) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, 2I, H] and [E, H, I] in float64, each element times its own tile's scale, per projection."""
-    bn, bk = experts.fp8_block
+    bn, bk = experts.method.block
     inter = experts.intermediate_size
 
     def tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

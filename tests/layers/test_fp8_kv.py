@@ -310,10 +310,10 @@ def test_mla_fp8_kv_bytes_match_planner() -> None:
     from r1deploy.presets import resolve_config_path
 
     config = DeepseekConfig.from_hf(resolve_config_path("deepseek-r1"))
-    assert DeepseekV3ForCausalLM.fp8_kv_cache
-    fp8 = DeepseekV3ForCausalLM.kv_bytes_per_token(config, FP8_KV_DTYPE)
+    assert DeepseekV3ForCausalLM.cache_spec(config).fp8
+    fp8 = DeepseekV3ForCausalLM.cache_spec(config).bytes_per_token(FP8_KV_DTYPE)
     assert fp8 == 61 * 576 == planned(load_model("deepseek-r1"), Precision("fp8", "fp8"))
-    assert DeepseekV3ForCausalLM.kv_bytes_per_token(config, torch.bfloat16) == 2 * fp8
+    assert DeepseekV3ForCausalLM.cache_spec(config).bytes_per_token(torch.bfloat16) == 2 * fp8
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ class PagedDriver:
         self.block_size = block_size
         config = model.config
         dtype = model.model.embed_tokens.weight.dtype
-        self.kv_caches = [torch.zeros(model.kv_cache_shape(config, num_blocks, block_size), dtype=dtype)
+        self.kv_caches = [torch.zeros(model.kv_cache_spec.shape(num_blocks, block_size), dtype=dtype)
                           for _ in range(config.num_hidden_layers)]
         self.free = list(range(num_blocks))
         random.Random(0).shuffle(self.free)

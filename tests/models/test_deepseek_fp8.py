@@ -141,7 +141,7 @@ GPU_V3 = {**TINY_V3, "hidden_size": 256, "intermediate_size": 512, "moe_intermed
 @torch.no_grad()
 def _cuda_prefill_logits(model, prompts: list[list[int]], block_size: int = 16) -> torch.Tensor:
     config = model.config
-    caches = [torch.zeros(model.kv_cache_shape(config, 16, block_size), dtype=torch.bfloat16, device="cuda")
+    caches = [torch.zeros(model.kv_cache_spec.shape(16, block_size), dtype=torch.bfloat16, device="cuda")
               for _ in range(config.num_hidden_layers)]
     tables = [[2 * i, 2 * i + 1] for i in range(len(prompts))]
     batch = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, torch.device("cuda"))

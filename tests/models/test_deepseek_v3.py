@@ -149,8 +149,8 @@ def test_r1_config_facts() -> None:
     assert config.softmax_scale == pytest.approx(0.135234, abs=1e-6)
     assert config.fp8_block_size == (128, 128)
     assert [config.is_moe_layer(i) for i in range(4)] == [False, False, False, True]
-    assert DeepseekV3ForCausalLM.kv_cache_shape(config, 10, 64) == (10, 64, 576)
-    assert DeepseekV3ForCausalLM.kv_bytes_per_token(config, torch.bfloat16) == 70272
+    assert DeepseekV3ForCausalLM.cache_spec(config).shape(10, 64) == (10, 64, 576)
+    assert DeepseekV3ForCausalLM.cache_spec(config).bytes_per_token(torch.bfloat16) == 70272
 
 
 def test_neox_rope_layout_and_single_q_proj(tmp_path: Path) -> None:

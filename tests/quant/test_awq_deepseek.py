@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
-from r1deploy.distributed.worker import check_model_supports_tp
 from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
@@ -106,7 +105,7 @@ def test_awq_layers_are_held_quantised(dirs: tuple[Path, Path]) -> None:
     prefix = "model.layers.1.mlp.experts.5"
     assert torch.equal(gate_up, torch.cat([twin[f"{prefix}.gate_proj.weight"], twin[f"{prefix}.up_proj.weight"]]))
     assert torch.equal(down, twin[f"{prefix}.down_proj.weight"])
-    assert not model.cuda_graphs  # the busy-expert loop reads routing on the host
+    assert not model.capabilities.cuda_graphs  # the busy-expert loop reads routing on the host
 
 
 def _engine_tokens(model_dir: Path, device: str, block_size: int) -> list[list[int]]:
@@ -136,9 +135,9 @@ def test_awq_refusals(dirs: tuple[Path, Path]) -> None:
     config = DeepseekConfig.from_hf(awq_dir)
     assert config.awq is not None and config.awq.group_size == GROUP and config.fp8_block_size is None
     with pytest.raises(UsageError, match="tensor parallelism .*AWQ"):
-        check_model_supports_tp(DeepseekV3ForCausalLM, config, 2)
+        DeepseekV3ForCausalLM.check_parallel(config, 2)
     with pytest.raises(UsageError, match="--dp-attention .*AWQ"):
-        check_model_supports_tp(DeepseekV3ForCausalLM, config, 2, dp_attention=True)
+        DeepseekV3ForCausalLM.check_parallel(config, 2, dp_attention=True)
     with pytest.raises(UsageError, match="--offload experts .*AWQ"):
         load_model(str(awq_dir), offload=OffloadConfig(gpu_weight_budget_gb=1.0))
     raw = json.loads((awq_dir / "config.json").read_text())

@@ -14,7 +14,7 @@ def _engine(store: object | None) -> types.SimpleNamespace:
     blocks = types.SimpleNamespace(num_used_blocks=1, num_blocks=4, prefix_cache_hit_rate=0.5)
     scheduler = types.SimpleNamespace(running=[], waiting=[], num_preemptions=0)
     return types.SimpleNamespace(block_manager=blocks, scheduler=scheduler, num_aborted=0,
-                                 loaded=types.SimpleNamespace(model=types.SimpleNamespace(expert_store=store)),
+                                 loaded=types.SimpleNamespace(model=types.SimpleNamespace(offload_store=store)),
                                  runner=types.SimpleNamespace(device=types.SimpleNamespace(type="cpu")))
 
 

@@ -81,7 +81,7 @@ def logits_steps(loaded) -> list[torch.Tensor]:
     from r1deploy.engine.batch import ForwardBatch
 
     model, config = loaded.model, loaded.config
-    kv = [torch.zeros(model.kv_cache_shape(config, 16, 4)) for _ in range(config.num_hidden_layers)]
+    kv = [torch.zeros(model.kv_cache_spec.shape(16, 4)) for _ in range(config.num_hidden_layers)]
     seqs, tables = [[5, 9, 13, 40], [7, 7, 7], [11]], [[0, 1], [2, 3], [4, 5]]
     chunks, cached, out = seqs, [0, 0, 0], []
     for step in range(3):
@@ -101,9 +101,9 @@ def test_streamed_equals_resident_through_engine(which: str, llama_dir: Path, de
     assert got_tokens == tokens
     assert got_logprobs == logprobs  # exact: same dtype, same arithmetic
     model = engine.loaded.model
-    stream = model.expert_store
-    assert isinstance(stream, LayerStream) and model.cuda_graphs is False
-    assert resident.loaded.model.cuda_graphs is True and resident.loaded.model.expert_store is None
+    stream = model.offload_store
+    assert isinstance(stream, LayerStream) and model.capabilities.cuda_graphs is False
+    assert resident.loaded.model.capabilities.cuda_graphs is True and resident.loaded.model.offload_store is None
     num_layers = len(model.model.layers)
     stats = stream.stats()
     assert isinstance(stats, TierStats)  # what /metrics and the bench report read
@@ -130,7 +130,7 @@ def test_streamed_equals_resident_through_engine(which: str, llama_dir: Path, de
 def test_engine_shutdown_releases_host_memory(llama_dir: Path) -> None:
     offload = OffloadConfig(one_resident_budget_gb(llama_dir), target="layers")
     _, _, engine = generate(llama_dir, offload)
-    stream = engine.loaded.model.expert_store
+    stream = engine.loaded.model.offload_store
     before = stream.stats()
     assert before.host_bytes > 0 and before.pinned_bytes in (0, before.host_bytes)  # pinned where CUDA is up
     host_refs = [weakref.ref(t) for t in stream._host]
@@ -213,13 +213,13 @@ def test_budget_split() -> None:
         resident_prefix([10, 10, 10], 5, 24)
     model, _ = _tiny_llama()
     assert LayerStream.attach(model, "cpu", gpu_budget_bytes=10**12) is None  # fits: no stream, graphs stay on
-    assert model.expert_store is None and model.cuda_graphs is True
+    assert model.offload_store is None and model.capabilities.cuda_graphs is True
 
 
 def test_load_model_streams_dummy_weights(llama_dir: Path) -> None:
     offload = OffloadConfig(one_resident_budget_gb(llama_dir), target="layers")
     loaded = load_model(str(llama_dir), dtype="float32", load_format="dummy", offload=offload)
-    stream = loaded.model.expert_store
+    stream = loaded.model.offload_store
     assert isinstance(stream, LayerStream) and stream.num_resident == 1
     stream.close()
 
@@ -274,7 +274,7 @@ def test_bench_flags_build_layer_offload() -> None:
 def test_deepseek_experts_move_with_their_layer(deepseek_dir: Path) -> None:
     offload = OffloadConfig(one_resident_budget_gb(deepseek_dir), target="layers")
     loaded = load_model(str(deepseek_dir), dtype="float32", offload=offload)
-    stream = loaded.model.expert_store
+    stream = loaded.model.offload_store
     moe = loaded.model.model.layers[2].mlp
     assert any(p is moe.experts.gate_up_proj for p in stream._params[1])  # streamed with layer 2
     assert moe.experts.gate_up_proj.data_ptr() in range(stream._host[1].data_ptr(),

@@ -65,7 +65,7 @@ def test_offloaded_logits_equal_resident(checkpoint: Path, kwargs: dict) -> None
     for a, b in zip(got, resident, strict=True):
         assert a.dtype == b.dtype
         assert torch.equal(a, b)
-    stats = model.expert_store.stats()
+    stats = model.offload_store.stats()
     assert stats.misses > 0 and stats.bytes_to_device == (stats.misses - stats.cpu_computes + stats.prefetches) * (
         3 * TINY_V3["hidden_size"] * TINY_V3["moe_intermediate_size"] * 4)
     if kwargs.get("host_budget_bytes") == 0:
@@ -74,13 +74,13 @@ def test_offloaded_logits_equal_resident(checkpoint: Path, kwargs: dict) -> None
         assert stats.evictions == 0 and stats.hits > 0
     if kwargs["num_gpu_slots"] == 1:
         assert stats.hits + stats.misses > 0 and stats.evictions >= stats.misses - 1
-    model.expert_store.close()
+    model.offload_store.close()
 
 
 def test_prefetch_hits_next_layer(checkpoint: Path) -> None:
     model = offloaded(checkpoint, num_gpu_slots=ALL)
     run_steps(model)
-    stats = model.expert_store.stats()
+    stats = model.offload_store.stats()
     assert stats.prefetches > 0 and stats.prefetch_hits > 0
 
 
@@ -140,13 +140,13 @@ def test_disk_tier_uses_mmap_not_torch_load(checkpoint: Path, monkeypatch: pytes
 
     monkeypatch.setattr(torch, "load", forbidden)
     model = offloaded(checkpoint, num_gpu_slots=2, host_budget_bytes=0)
-    store = model.expert_store
+    store = model.offload_store
     res = store.get(1, [5])
     expected = dict(read_checkpoint(checkpoint))
     torch.testing.assert_close(res.down[res.slots[0]], expected["model.layers.1.mlp.experts.5.down_proj.weight"],
                                rtol=0, atol=0)
     assert store.stats().disk_reads == 1 and store.stats().host_bytes == 0
-    assert all(type(h).__name__ == "safe_open" for h in store._handles.values())
+    assert all(type(h).__name__ == "safe_open" for h in store.disk._handles.values())
 
 
 def test_host_budget_without_disk_source_is_an_error() -> None:

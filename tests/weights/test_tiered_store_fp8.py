@@ -64,7 +64,7 @@ def resident_logits(fp8_checkpoint: Path) -> list[torch.Tensor]:
 def test_fp8_offloaded_logits_equal_fp8_resident(fp8_checkpoint: Path, resident_logits: list[torch.Tensor],
                                                  offload: OffloadConfig) -> None:
     model = load_model(str(fp8_checkpoint), dtype="float32", quantization="fp8", offload=offload).model
-    store = model.expert_store
+    store = model.offload_store
     experts = model.model.layers[1].mlp.experts
     assert store.fp8 and store.expert_bytes == FP8_EXPERT_BYTES
     assert experts.gate_up_proj.numel() == 0 and experts.gate_up_proj.dtype == FP8_DTYPE  # no resident copy
@@ -100,7 +100,7 @@ def test_fp8_tiers_hold_the_checkpoint_bytes(fp8_checkpoint: Path) -> None:
     for host in (None, 0.0):
         model = load_model(str(fp8_checkpoint), dtype="float32", quantization="fp8",
                            offload=OffloadConfig(slots_gb(2), host_weight_budget_gb=host)).model
-        store = model.expert_store
+        store = model.offload_store
         res = store.get(2, [6])
         slot = res.slots[0]
         prefix = "model.layers.2.mlp.experts.6"
@@ -120,7 +120,7 @@ def test_fp8_tiers_hold_the_checkpoint_bytes(fp8_checkpoint: Path) -> None:
 def test_auto_on_cpu_keeps_the_model_dtype(fp8_checkpoint: Path) -> None:
     """quantization "auto" on the CPU: experts dequantised at load into a model-dtype store (CI's numbers)."""
     model = load_model(str(fp8_checkpoint), dtype="float32", offload=OffloadConfig(slots_gb(4))).model
-    store = model.expert_store
+    store = model.offload_store
     assert not store.fp8 and store.gpu.gate_up.dtype == torch.float32 and store.expert_bytes == 3 * H * I * 4
     assert model.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float32
     resident = load_model(str(fp8_checkpoint), dtype="float32").model
@@ -132,7 +132,7 @@ def test_auto_on_cpu_keeps_the_model_dtype(fp8_checkpoint: Path) -> None:
 def test_dummy_fp8_experts_in_the_store(fp8_checkpoint: Path) -> None:
     model = load_model(str(fp8_checkpoint), dtype="float32", quantization="fp8", load_format="dummy",
                        offload=OffloadConfig(slots_gb(3))).model
-    store = model.expert_store
+    store = model.offload_store
     # As bench/target.load_offloaded_dummy does: the loader leaves the host tier empty for dummy weights.
     store.init_dummy_weights((layer, e) for layer in (1, 2) for e in range(TINY_V3["n_routed_experts"]))
     assert store.fp8 and len(store.host.slot_of) == ALL
