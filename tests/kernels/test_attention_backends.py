@@ -160,7 +160,7 @@ def test_model_logits_agree_across_backends(raw: dict, cache_dtype: torch.dtype)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * param.shape[-1] ** -0.5)
-    shape = model.kv_cache_shape(config, 16, 4)
+    shape = model.kv_cache_spec.shape(16, 4)
     tables = [list(range(8)), list(range(8, 16))]
     steps = [([[3, 5, 7, 9, 11], [2, 4]], [0, 0]), ([[13, 15, 17], [6, 8, 10]], [5, 2]),
              ([[19], [12]], [8, 5])]

@@ -55,9 +55,9 @@ class Runner:
         self.block_size = block_size
         param = next(loaded.model.parameters())
         self.device = param.device
-        shape = loaded.model.kv_cache_shape(loaded.config, num_blocks, block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=param.dtype, device=param.device)
-                          for _ in range(loaded.config.num_hidden_layers)]
+        spec = loaded.model.kv_cache_spec
+        self.kv_caches = [torch.zeros(spec.shape(num_blocks, block_size), dtype=param.dtype, device=param.device)
+                          for _ in range(spec.num_layers)]
 
     @torch.inference_mode()
     def step(self, chunks: list[list[int]], num_cached: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
