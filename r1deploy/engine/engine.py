@@ -29,6 +29,8 @@ from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec import make_proposer
 
+OUT_OF_MEMORY = "out of memory in the forward pass, the request was dropped (retry it): "
+
 
 @dataclass(frozen=True)
 class _InFlight:
@@ -264,8 +266,15 @@ class LLMEngine:
         if self.proposer is not None:
             self._propose_drafts()
         step = self.scheduler.schedule()
+        out_of_memory = False
         try:
             current = self._launch(step, previous) if step.chunks else None
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            # One batch too big for the memory left: its requests fail (freeing their blocks), the engine serves on.
+            current, out_of_memory = None, True
+            for chunk in step.chunks:
+                self._fail(chunk.request, exc, OUT_OF_MEMORY)
+                changed.append(chunk.request)
         except BaseException:
             self._in_flight = previous  # its placeholders stay accounted for: a retried step finds them
             raise
@@ -278,7 +287,7 @@ class LLMEngine:
             processed, stopped = self._process(current, rejected)
             changed += processed
             current = None
-        if step.chunks:
+        if step.chunks and not out_of_memory:
             # After `previous` was processed: the tokens this step computes K/V for are all real now. A
             # synchronous step's rejected drafts are rolled back before anything is hashed, and requests it
             # stopped are freed after their blocks are registered, as an asynchronous step's are.
@@ -412,8 +421,8 @@ class LLMEngine:
                 request.top_logprobs.append({t: lp for t, lp in list(top.items())[: request.params.logprobs]})
         return self._stop_status(request, token)
 
-    def _fail(self, request: Request, exc: Exception) -> None:
-        request.error = f"{type(exc).__name__}: {exc}"
+    def _fail(self, request: Request, exc: BaseException, what: str = "") -> None:
+        request.error = f"{what}{type(exc).__name__}: {exc}"
         if not request.status.finished:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 
