@@ -22,7 +22,6 @@ SOAK_TARGETS = (
     Target("server_5xx", "responses with HTTP 5xx", "<=", 0, ""),
     Target("kv_blocks_over_baseline", "KV blocks in use over the baseline at any idle checkpoint", "<=", 0, ""),
     Target("rss_growth_pct", "RSS growth, first to last checkpoint", "<=", 2, " %"),
-    Target("open_fds_growth_pct", "open fds growth, first to last checkpoint", "<=", 10, " %"),
     Target("threads_growth_pct", "threads growth, first to last checkpoint", "<=", 10, " %"),
     Target("gpu_mem_growth_pct", "GPU memory growth, first to last checkpoint", "<=", 5, " %"),
     Target("p99_tpot_drift_pct", "p99 TPOT drift, first to last window", "<=", 10, " %"),
@@ -61,7 +60,11 @@ def _growth(first: float | None, last: float | None) -> float | None:
     return 100.0 * (last - first) / first
 
 
-def soak_checks(baseline: dict[str, Any], points: Sequence[dict[str, Any]], variant_5xx: int) -> list[Check]:
+def soak_checks(baseline: dict[str, Any], points: Sequence[dict[str, Any]], variant_5xx: int,
+                connections: int) -> list[Check]:
+    """connections: the load's client connections, which the server's open fds count while kept alive."""
+    fds = Target("open_fds_growth", f"open fds growth, first to last checkpoint (beyond {connections} client "
+                 "connections)", "<=", connections, "")
     first, last = (points[0], points[-1]) if len(points) >= 2 else (None, None)
 
     def growth(key: str) -> float | None:
@@ -75,7 +78,9 @@ def soak_checks(baseline: dict[str, Any], points: Sequence[dict[str, Any]], vari
     values = {
         "server_5xx": float(variant_5xx + sum(p["window"]["http_5xx"] for p in points)),
         "kv_blocks_over_baseline": None if kv_base is None or not kv else max(kv) - kv_base,
-        "rss_growth_pct": growth("rss_bytes"), "open_fds_growth_pct": growth("open_fds"),
+        "rss_growth_pct": growth("rss_bytes"),
+        "open_fds_growth": None if first is None or first["open_fds"] is None or last["open_fds"] is None
+        else last["open_fds"] - first["open_fds"],
         "threads_growth_pct": growth("threads"), "gpu_mem_growth_pct": growth("gpu_mem_used_bytes"),
         "p99_tpot_drift_pct": tpot_drift(),
     }
@@ -83,7 +88,7 @@ def soak_checks(baseline: dict[str, Any], points: Sequence[dict[str, Any]], vari
     notes = {"kv_blocks_over_baseline": "no KV block count from the target",
              "gpu_mem_growth_pct": "no GPU: memory not measured" if first else few,
              "rss_growth_pct": "the target exports no process_resident_memory_bytes" if first else few,
-             "open_fds_growth_pct": "the target exports no process_open_fds" if first else few,
+             "open_fds_growth": "the target exports no process_open_fds" if first else few,
              "threads_growth_pct": "the target exports no process_threads" if first else few,
              "p99_tpot_drift_pct": "no request with > 1 output token in a window" if first else few}
-    return verdict(SOAK_TARGETS, values, notes)
+    return verdict((*SOAK_TARGETS, fds), values, notes)

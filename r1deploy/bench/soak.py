@@ -149,7 +149,7 @@ async def soak(args: argparse.Namespace, target: Setup, schedule: Schedule, targ
     elapsed = time.monotonic() - t0
     await take_checkpoint(write=False)  # the last one, at idle after the load: report.json has it
     m = finish(target, load.records, t0, elapsed, targets)
-    m = replace(m, checks=(*m.checks, *soak_checks(baseline, points, load.tally.server_errors)))
+    m = replace(m, checks=(*m.checks, *soak_checks(baseline, points, load.tally.server_errors, concurrency)))
     soak_json = dict(_soak_json(baseline, points, load, every), duration_s=elapsed)
     return emit(args, build_report(args, target, m, text, {"soak": soak_json}), m.checks)
 

@@ -29,7 +29,7 @@ def test_url_soak_reads_the_server_rss_and_flags_its_growth(fake_server, tmp_pat
     points = rep["soak"]["checkpoints"]
     assert len(points) >= 3 and all(p["rss_bytes"] >= 1e9 for p in points)  # the server's, not ours (~100 MB)
     assert checks["rss_growth_pct"]["status"] == "FAIL"  # the fake server grows 5 MB per scrape
-    assert checks["open_fds_growth_pct"]["status"] == "PASS" and points[0]["open_fds"] == 20
+    assert checks["open_fds_growth"]["status"] == "PASS" and points[0]["open_fds"] == 20
     assert checks["server_5xx"]["status"] == "PASS"
     assert rep["soak"]["dropped"].get("abort", 0) > 0 and rep["soak"]["dropped"].get("disconnect", 0) > 0
     assert sum(v.get("2xx", 0) for v in rep["soak"]["variants"].values()) > 0
@@ -53,23 +53,24 @@ def test_bad_drop_rates_are_usage_errors(fake_server, tmp_path: Path, capsys) ->
     assert "must not exceed 1" in capsys.readouterr().err
 
 
-def _point(kv: float, rss: float, tpot_s: float, status: int = 200) -> dict:
+def _point(kv: float, rss: float, tpot_s: float, status: int = 200, fds: float = 10.0) -> dict:
     record = RequestRecord("r", 0.0, 1.0 + 9 * tpot_s, (1.0,), output_tokens=10, status=status)
-    sample = {"gpus": [], "rss_bytes": rss, "open_fds": 10.0, "threads": 4.0, "kv_blocks_used": kv,
+    sample = {"gpus": [], "rss_bytes": rss, "open_fds": fds, "threads": 4.0, "kv_blocks_used": kv,
               "reserved_bytes": None, "allocated_bytes": None}
     return checkpoint(0.0, sample, [record])
 
 
 def test_checks_flag_kv_left_over_tpot_drift_and_5xx() -> None:
     base = _point(0, 100.0, 0.01)
-    good = {c.target.metric: c.status for c in soak_checks(base, [_point(0, 100.0, 0.01), _point(0, 101.0, 0.0105)], 0)}
+    good = {c.target.metric: c.status for c in soak_checks(base, [_point(0, 100.0, 0.01), _point(0, 101.0, 0.0105)], 0, 4)}
     assert good["kv_blocks_over_baseline"] == good["rss_growth_pct"] == good["p99_tpot_drift_pct"] == "PASS"
-    bad = {c.target.metric: c for c in soak_checks(base, [_point(2, 100.0, 0.01, 503), _point(0, 103.0, 0.02)], 1)}
+    bad = {c.target.metric: c for c in soak_checks(base, [_point(2, 100.0, 0.01, 503), _point(0, 103.0, 0.02, fds=15.0)], 1, 4)}
     assert bad["kv_blocks_over_baseline"].value == 2 and bad["kv_blocks_over_baseline"].status == "FAIL"
     assert bad["rss_growth_pct"].value == pytest.approx(3.0) and bad["p99_tpot_drift_pct"].value == pytest.approx(100.0)
-    assert bad["server_5xx"].value == 2
+    assert bad["server_5xx"].value == 2 and bad["open_fds_growth"].status == "FAIL"  # 5 fds over 4 connections
+    assert good["open_fds_growth"] == "PASS"
 
 
 def test_one_checkpoint_says_why_growth_is_not_measured() -> None:
-    checks = {c.target.metric: c for c in soak_checks(_point(0, 1.0, 0.01), [_point(0, 1.0, 0.01)], 0)}
+    checks = {c.target.metric: c for c in soak_checks(_point(0, 1.0, 0.01), [_point(0, 1.0, 0.01)], 0, 4)}
     assert checks["rss_growth_pct"].status == "NOT MEASURED" and "2 checkpoints" in checks["rss_growth_pct"].note
