@@ -129,12 +129,13 @@ class Job:
         except ValueError as exc:
             self._queue.put_nowait(bad_input(exc))
         except Exception as exc:  # noqa: BLE001 - e.g. the engine loop died: the request must hear of it
+            error: Exception = exc
             if state.engine_failed:
-                exc = APIError(500, "the engine failed; the server is shutting down for a restart",
-                               code="engine_dead")
+                error = APIError(500, "the engine failed; the server is shutting down for a restart",
+                                 code="engine_dead")
             elif OUT_OF_MEMORY in str(exc):  # that step's requests failed; the engine serves on
-                exc = APIError(503, str(exc).removeprefix("engine failed: "), code="out_of_memory")
-            self._queue.put_nowait(exc)
+                error = APIError(503, str(exc).removeprefix("engine failed: "), code="out_of_memory")
+            self._queue.put_nowait(error)
 
     async def final_outputs(self) -> list[RequestOutput]:
         finals: list[RequestOutput | None] = [None] * self.num_choices

@@ -92,7 +92,7 @@ def fuzz(url: str, total_cases: int) -> dict:
             @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck), phases=(Phase.generate,))
             @given(case=op.as_strategy(generation_mode=mode))
-            def one(case) -> None:
+            def one(case, op=op, mode=mode) -> None:
                 keep_cheap(case.body)
                 try:
                     response = case.call(base_url=url, timeout=60)

@@ -22,7 +22,7 @@ from r1deploy.weights import WeightLoadError, gguf_reader
 from r1deploy.weights.gguf_reader import convert_gguf_to_hf_dir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import save_tiny_model_dir
 
 
 @pytest.fixture
@@ -66,10 +66,10 @@ def _temp_dirs(target: Path) -> list[Path]:
 def test_gguf_cache_survives_a_full_disk_and_a_sigkill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "cache" / "smollm2"
     # SIGKILL while the converter writes: nothing under the cache's name, only a temporary sibling.
-    writer = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                               "from r1deploy.weights.gguf_reader import convert_gguf_to_hf_dir; "
-                               "convert_gguf_to_hf_dir(Path(sys.argv[1]), Path(sys.argv[2]))",
-                               str(embedded_gguf_path()), str(target)], cwd=Path(__file__).parents[2])
+    code = ("import sys; from pathlib import Path; from r1deploy.weights.gguf_reader import convert_gguf_to_hf_dir; "
+            "convert_gguf_to_hf_dir(Path(sys.argv[1]), Path(sys.argv[2]))")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(embedded_gguf_path()), str(target)],
+                              cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 300
     while not any((d / "config.json").exists() for d in _temp_dirs(target)) and writer.poll() is None:
         assert time.monotonic() < deadline, "the converter never started writing"
