@@ -172,7 +172,8 @@ async def _http_target(args: argparse.Namespace) -> Setup:
         await backend.close()
         raise
     telemetry = Telemetry(args.telemetry_interval, memory=scrape_metrics(backend.base, args.api_key),
-                          memory_reason="the server's /metrics has no allocator reserved/allocated bytes")
+                          memory_reason="the server's /metrics has no allocator reserved/allocated bytes",
+                          remote_process=True)
     plan = planlink.plan(args.model, **_plan_workload(args), **_plan_engine(args)) if args.model else None
     return Setup(backend, PromptMaker(tokenizer=tokenizer), telemetry, plan,
                   f"{args.url} ({_api(args)}, model {backend.model})")

@@ -116,7 +116,13 @@ def _add_arrivals(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep-concurrency", metavar="C1,C2,...", help="as --sweep-rates, over concurrencies")
     g.add_argument("--warmup", type=int, default=1, help="warm-up rounds (batch mode) or requests (others)")
     g.add_argument("--duration", help="soak: keep the load on this long (e.g. 72h, 30m, 90s)")
-    g.add_argument("--checkpoint-interval", default="5m", help="soak: write a checkpoint this often")
+    g.add_argument("--checkpoint-interval", default="5m", help="soak: pause, sample at idle and write a checkpoint "
+                                                               "this often")
+    g.add_argument("--disconnect-rate", type=float, default=0.0, help="soak: share of requests dropped mid-stream")
+    g.add_argument("--abort-rate", type=float, default=0.0, help="soak: share of requests dropped within 50 ms")
+    g.add_argument("--mix", type=float, default=0.0, metavar="SHARE",
+                   help="soak, --url: share of requests sent not streamed, with n=2, stop strings, a shared "
+                        "prefix or a short prompt (see bench/chaos.py)")
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:

@@ -1,17 +1,19 @@
-"""Soak: keep a closed-loop load on for --duration (72h in the seed guide, seconds in tests), write
-a checkpoint report every --checkpoint-interval so a run that dies leaves its data, then let the
-target go idle and check for leaks against the idle baseline taken before the load:
-- RSS of this process (the engine when in-process) grew <= 10 %;
-- GPU memory in use (NVML) grew <= 5 %;
-- KV blocks in use are back to the baseline (engine, or the server's /metrics).
+"""Soak: keep a closed-loop load on for --duration (72h in the seed guide, minutes in CI), with clients
+that abort or disconnect (--abort-rate, --disconnect-rate) and a mix of request shapes (--mix), and take
+an idle checkpoint every --checkpoint-interval (checkpoints.py): the load pauses, in-flight requests
+finish, the serving process is sampled, and checkpoint.json is rewritten, so a run that dies leaves
+its data. The verdict flags 5xx responses, KV blocks not back at idle, and growth / drift between the
+first and the last checkpoint (RSS, fds, threads, GPU memory, p99 TPOT).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,10 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1deploy.bench import report
-from r1deploy.bench.arrivals import Concurrency, Rounds, Schedule
+from r1deploy.bench.arrivals import Rounds, Schedule
+from r1deploy.bench.chaos import DropPolicy, Tally, check_mix, send_variant, send_with_drops
+from r1deploy.bench.checkpoints import checkpoint, soak_checks
 from r1deploy.bench.record import RequestRecord
 from r1deploy.bench.runner import warm_up
-from r1deploy.bench.slo import Target, verdict
+from r1deploy.bench.slo import Target
 from r1deploy.bench.workload import RequestSpec
 from r1deploy.errors import UsageError
 
@@ -31,11 +35,7 @@ if TYPE_CHECKING:
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 IDLE_WAIT_S = 10.0  # how long the target may take to free everything after the last request
-LEAK_TARGETS = (
-    Target("rss_growth_pct", "RSS growth after idle", "<=", 10, " %"),
-    Target("gpu_mem_growth_pct", "GPU memory growth after idle", "<=", 5, " %"),
-    Target("kv_blocks_over_baseline", "KV blocks in use over idle baseline", "<=", 0, ""),
-)
+DEFAULT_E2E_S = 1.0  # disconnect timing before any request has finished
 
 
 def parse_duration(text: str, flag: str) -> float:
@@ -45,22 +45,52 @@ def parse_duration(text: str, flag: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _growth(before: float | None, after: float | None) -> float | None:
-    if before is None or after is None or before <= 0:
-        return None
-    return 100.0 * (after - before) / before
+class _Load:
+    """Closed-loop workers that a checkpoint can pause: `gate` open = send, closed = finish and wait."""
 
+    def __init__(self, target: Setup, specs: Iterator[RequestSpec], policy: DropPolicy, mix: float,
+                 rng: random.Random) -> None:
+        self.target, self.specs, self.rng = target, specs, rng
+        self.policy, self.mix = policy, mix
+        self.tally = Tally()
+        self.records: list[RequestRecord] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.counter = itertools.count()
 
-def _gpu_mem(sample: dict[str, Any]) -> float | None:
-    used = [g["mem_used_bytes"] for g in sample["gpus"] if g.get("mem_used_bytes") is not None]
-    return sum(used) if used else None
+    def typical_e2e_s(self) -> float:
+        recent = [r.e2e_s for r in self.records[-50:] if r.success and r.e2e_s is not None]
+        return statistics.median(recent) if recent else DEFAULT_E2E_S
 
+    async def worker(self, stop_at: float) -> None:
+        while True:
+            await self.gate.wait()
+            if time.monotonic() >= stop_at:
+                return
+            self.in_flight += 1
+            self.idle.clear()
+            try:
+                await self._one(next(self.specs))
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self.idle.set()
 
-def leak_values(baseline: dict[str, Any], idle: dict[str, Any]) -> dict[str, float | None]:
-    kv_before, kv_after = baseline.get("kv_blocks_used"), idle.get("kv_blocks_used")
-    return {"rss_growth_pct": _growth(baseline["rss_bytes"], idle["rss_bytes"]),
-            "gpu_mem_growth_pct": _growth(_gpu_mem(baseline), _gpu_mem(idle)),
-            "kv_blocks_over_baseline": None if kv_before is None or kv_after is None else kv_after - kv_before}
+    async def _one(self, spec: RequestSpec) -> None:
+        if self.mix and self.rng.random() < self.mix:
+            await send_variant(self.target.backend, spec, self.rng, self.tally)
+            return
+        record = await send_with_drops(self.target.backend, f"soak-{next(self.counter)}", spec, self.policy,
+                                       self.rng, self.typical_e2e_s(), self.tally)
+        if record is not None:
+            self.records.append(record)
+
+    async def pause(self) -> None:
+        self.gate.clear()
+        if self.in_flight:
+            await self.idle.wait()
 
 
 async def soak(args: argparse.Namespace, target: Setup, schedule: Schedule, targets: tuple[Target, ...]) -> int:
@@ -70,6 +100,8 @@ async def soak(args: argparse.Namespace, target: Setup, schedule: Schedule, targ
         raise UsageError("--duration (soak) needs --out DIR: checkpoints are written there as the run goes")
     duration = parse_duration(args.duration, "--duration")
     every = parse_duration(args.checkpoint_interval, "--checkpoint-interval")
+    check_mix(args.mix, target.backend)
+    policy = DropPolicy(args.disconnect_rate, args.abort_rate)  # a bad rate fails before the warm-up
     concurrency = schedule.batch if isinstance(schedule, Rounds) else getattr(schedule, "concurrency", 1)
     rng = random.Random(args.seed)
     if args.warmup:
@@ -79,46 +111,60 @@ async def soak(args: argparse.Namespace, target: Setup, schedule: Schedule, targ
         while True:  # new prompts each batch: a soak must not turn into a prefix-cache benchmark
             yield from make_specs(args, target.maker, concurrency, rng)
 
-    baseline = target.telemetry.sample()
-    records: list[RequestRecord] = []
+    load = _Load(target, fresh_specs(), policy, args.mix, rng)
+    baseline = await _idle_sample(target, None)  # after warm-up: KV back at this level at every checkpoint
+    points: list[dict[str, Any]] = []
     out = Path(args.out) / "checkpoint.json"
     t0 = time.monotonic()
-    text = f"soak {args.duration} at concurrency {concurrency}"
+    text = (f"soak {args.duration} at concurrency {concurrency}, disconnect {args.disconnect_rate:.0%}, "
+            f"abort {args.abort_rate:.0%}, mix {args.mix:.0%}")
+    counted = 0
+
+    async def take_checkpoint(write: bool = True) -> None:
+        nonlocal counted
+        await load.pause()
+        sample = await _idle_sample(target, baseline)
+        points.append(checkpoint(time.monotonic() - t0, sample, load.records[counted:]))
+        counted = len(load.records)
+        if not write:
+            return
+        m = finish(target, list(load.records), t0, time.monotonic() - t0, targets)
+        report.write_json(build_report(args, target, m, text + " (checkpoint)",
+                                       {"soak": _soak_json(baseline, points, load, every)}), out)
+        load.gate.set()
 
     async def checkpoints() -> None:
         while True:
             await asyncio.sleep(every)
-            m = finish(target, list(records), t0, time.monotonic() - t0, targets)
-            report.write_json(build_report(args, target, m, text + " (checkpoint)"), out)
+            await take_checkpoint()
 
-    from r1deploy.bench.runner import run as run_schedule
-
+    stop_at = t0 + duration
     writer = asyncio.create_task(checkpoints())
     target.telemetry.start(t0)
     try:
-        await run_schedule(target.backend, fresh_specs(), Concurrency(concurrency, 1 << 62), records,
-                           stop_at=t0 + duration)
+        await asyncio.gather(*(load.worker(stop_at) for _ in range(concurrency)))
     finally:
         writer.cancel()
         target.telemetry.stop()
     elapsed = time.monotonic() - t0
-    idle = await _idle_sample(target, baseline)
-    leaks = leak_values(baseline, idle)
-    m = finish(target, records, t0, elapsed, targets)
-    notes = {"kv_blocks_over_baseline": "no KV block count from the target",
-             "gpu_mem_growth_pct": "no GPU: memory not measured", "rss_growth_pct": "no RSS"}
-    m = replace(m, checks=(*m.checks, *verdict(LEAK_TARGETS, leaks, notes)))
-    soak_json = {"duration_s": elapsed, "checkpoint_interval_s": every, "baseline": baseline, "idle": idle,
-                 "leaks": leaks}
+    await take_checkpoint(write=False)  # the last one, at idle after the load: report.json has it
+    m = finish(target, load.records, t0, elapsed, targets)
+    m = replace(m, checks=(*m.checks, *soak_checks(baseline, points, load.tally.server_errors, concurrency)))
+    soak_json = dict(_soak_json(baseline, points, load, every), duration_s=elapsed)
     return emit(args, build_report(args, target, m, text, {"soak": soak_json}), m.checks)
 
 
-async def _idle_sample(target, baseline: dict[str, Any]) -> dict[str, Any]:
+def _soak_json(baseline: dict[str, Any], points: list[dict[str, Any]], load: _Load, every: float) -> dict[str, Any]:
+    return {"checkpoint_interval_s": every, "baseline": checkpoint(0.0, baseline, []), "checkpoints": points,
+            **load.tally.to_json()}
+
+
+async def _idle_sample(target: Setup, baseline: dict[str, Any] | None) -> dict[str, Any]:
     """Wait (up to IDLE_WAIT_S) for KV blocks to return to the baseline, then sample."""
     deadline = time.monotonic() + IDLE_WAIT_S
     while True:
         sample = target.telemetry.sample()
-        kv, base = sample.get("kv_blocks_used"), baseline.get("kv_blocks_used")
+        kv, base = sample.get("kv_blocks_used"), (baseline or {}).get("kv_blocks_used")
         if kv is None or base is None or kv <= base or time.monotonic() > deadline:
             return sample
         await asyncio.sleep(0.1)

@@ -7,7 +7,8 @@
 - Allocator: fragmentation = (reserved - allocated) / reserved, from torch.cuda.memory_stats() when
   the engine runs in this process, or from the server's Prometheus /metrics (any *reserved_bytes and
   *allocated_bytes series, summed over labels); OOM counters likewise.
-- KV blocks in use and this process's RSS, for the soak leak checks.
+- KV blocks in use, and the serving process's RSS, open fds and threads for the soak leak checks: this
+  process in-process, the server's `process_*` series with --url (never the load generator's own).
 Missing sources are recorded with the reason (e.g. "no GPU: utilisation not measured"), never faked.
 """
 
@@ -32,6 +33,9 @@ class MemoryStats:
     allocated_bytes: float | None = None
     num_ooms: float | None = None
     kv_blocks_used: float | None = None
+    rss_bytes: float | None = None  # the scraped server process (process_resident_memory_bytes)
+    open_fds: float | None = None
+    threads: float | None = None
 
 
 class NvmlSource:
@@ -105,7 +109,8 @@ def parse_prometheus(text: str) -> MemoryStats:
         for key, pattern in _PROM_SERIES.items():
             if re.search(pattern, name):
                 sums[key] = sums.get(key, 0.0) + value
-    return MemoryStats(sums.get("reserved"), sums.get("allocated"), sums.get("ooms"), sums.get("kv"))
+    return MemoryStats(sums.get("reserved"), sums.get("allocated"), sums.get("ooms"), sums.get("kv"),
+                       sums.get("rss"), sums.get("fds"), sums.get("threads"))
 
 
 _PROM_SERIES = {
@@ -113,6 +118,9 @@ _PROM_SERIES = {
     "allocated": r"allocated_bytes$",
     "ooms": r"oom(s)?(_total)?$",
     "kv": r"kv\w*blocks\w*used|kv\w*used\w*blocks",
+    "rss": r"^process_resident_memory_bytes$",
+    "fds": r"^process_open_fds$",
+    "threads": r"^process_threads$",
 }
 
 
@@ -138,6 +146,7 @@ class Telemetry:
     kv_blocks: Callable[[], float | None] | None = None  # in-process KV blocks in use
     samples: list[Sample] = field(default_factory=list)
     memory_reason: str = ""
+    remote_process: bool = False  # --url: RSS, fds and threads come only from the server's /metrics
 
     def __post_init__(self) -> None:
         self.nvml = NvmlSource()
@@ -149,8 +158,14 @@ class Telemetry:
     def sample(self) -> Sample:
         mem = self.memory() if self.memory is not None else None
         kv = self.kv_blocks() if self.kv_blocks is not None else (mem.kv_blocks_used if mem else None)
-        return {"t": time.monotonic(), "gpus": self.nvml.read(), "rss_bytes": float(self._process.memory_info().rss),
-                "reserved_bytes": mem.reserved_bytes if mem else None,
+        if self.remote_process:
+            rss, fds, threads = (mem.rss_bytes, mem.open_fds, mem.threads) if mem else (None, None, None)
+        else:
+            with self._process.oneshot():
+                rss = float(self._process.memory_info().rss)
+                fds, threads = float(self._process.num_fds()), float(self._process.num_threads())
+        return {"t": time.monotonic(), "gpus": self.nvml.read(), "rss_bytes": rss, "open_fds": fds,
+                "threads": threads, "reserved_bytes": mem.reserved_bytes if mem else None,
                 "allocated_bytes": mem.allocated_bytes if mem else None,
                 "num_ooms": mem.num_ooms if mem else None, "kv_blocks_used": kv}
 
@@ -201,7 +216,7 @@ def summarize_samples(samples: list[Sample], gpu_names: list[str], gpu_reason: s
         "memory_reason": (memory_reason or None) if not frags else None,
         # Allocator OOMs counted during the run (the counter is cumulative since process start).
         "allocator_ooms": (ooms[-1] - ooms[0]) if ooms else None,
-        "rss_max_bytes": max((s["rss_bytes"] for s in samples), default=None),
+        "rss_max_bytes": max((s["rss_bytes"] for s in samples if s["rss_bytes"] is not None), default=None),
     }
 
 

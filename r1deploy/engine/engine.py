@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,9 +31,12 @@ from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec import make_proposer
+from r1deploy.spec.stats import SpecStats
 
 if TYPE_CHECKING:
     from r1deploy.structured.grammar import GrammarBackend
+
+OUT_OF_MEMORY = "out of memory in the forward pass, the request was dropped (retry it): "
 
 
 @dataclass(frozen=True)
@@ -45,26 +48,6 @@ class _InFlight:
     token_ids: torch.Tensor  # [R] int64 on the device: the next step's placeholder inputs
     host: SamplerOutput  # pinned host copies, valid once `ready` has completed
     ready: torch.cuda.Event | None  # None on the CPU, where the copies are done at once
-
-
-@dataclass
-class SpecStats:
-    """Speculative decoding since start: drafts verified and accepted, by position within the step."""
-
-    num_drafts: int = 0  # verify steps of one request
-    num_draft_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-
-    @property
-    def num_accepted_tokens(self) -> int:
-        return sum(self.accepted_per_position)
-
-    def record(self, num_drafts: int, accepted: int) -> None:
-        self.num_drafts += 1
-        self.num_draft_tokens += num_drafts
-        self.accepted_per_position += [0] * (num_drafts - len(self.accepted_per_position))
-        for position in range(accepted):
-            self.accepted_per_position[position] += 1
 
 
 @dataclass
@@ -304,8 +287,15 @@ class LLMEngine:
         if self.proposer is not None:
             self._propose_drafts()
         step = self.scheduler.schedule()
+        out_of_memory = False
         try:
             current = self._launch(step, previous) if step.chunks else None
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            # One batch too big for the memory left: its requests fail (freeing their blocks), the engine serves on.
+            current, out_of_memory = None, True
+            for chunk in step.chunks:
+                self._fail(chunk.request, exc, OUT_OF_MEMORY)
+                changed.append(chunk.request)
         except BaseException:
             self._in_flight = previous  # its placeholders stay accounted for: a retried step finds them
             raise
@@ -318,7 +308,7 @@ class LLMEngine:
             processed, stopped = self._process(current, rejected)
             changed += processed
             current = None
-        if step.chunks:
+        if step.chunks and not out_of_memory:
             # After `previous` was processed: the tokens this step computes K/V for are all real now. A
             # synchronous step's rejected drafts are rolled back before anything is hashed, and requests it
             # stopped are freed after their blocks are registered, as an asynchronous step's are.
@@ -458,8 +448,8 @@ class LLMEngine:
                 request.top_logprobs.append({t: lp for t, lp in list(top.items())[: request.params.logprobs]})
         return self._stop_status(request, token)
 
-    def _fail(self, request: Request, exc: Exception) -> None:
-        request.error = f"{type(exc).__name__}: {exc}"
+    def _fail(self, request: Request, exc: BaseException, what: str = "") -> None:
+        request.error = f"{what}{type(exc).__name__}: {exc}"
         if not request.status.finished:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 

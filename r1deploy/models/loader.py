@@ -148,6 +148,7 @@ def _load_hf_dir(
 ) -> LoadedModel:
     with phase("config"):
         raw = read_hf_config(path)
+        _check_config(raw, path / "config.json")
     store = None if offload is None else _expert_store(raw, path, dtype, device, offload, quantization)
     with phase("model build"), building_with(store):  # experts built under a store get no resident copy
         built, config = build_model(raw, dtype, device, tp, quantization)
@@ -160,6 +161,16 @@ def _load_hf_dir(
     with phase("tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name, path)
+
+
+def _check_config(raw: dict[str, Any], config_path: Path) -> None:
+    """A config.json with a field of the wrong type fails here, naming the file, not deep inside a layer."""
+    try:
+        model_class_for_config(raw).config_class.from_hf(raw)
+    except UsageError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"model config {config_path} is not usable ({type(e).__name__}: {e})") from None
 
 
 def _expert_store(raw: dict[str, Any], path: Path, dtype: torch.dtype | None, device: torch.device,

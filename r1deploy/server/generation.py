@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from r1deploy.engine.engine import OUT_OF_MEMORY
 from r1deploy.engine.llm import fan_out
 from r1deploy.engine.outputs import RequestOutput
 from r1deploy.sampling_params import SamplingParams
@@ -129,11 +130,14 @@ class Job:
                 self._queue.put_nowait((index, output))
         except ValueError as exc:
             self._queue.put_nowait(bad_input(exc))
-        except Exception:  # noqa: BLE001 - e.g. the engine loop died: the request must hear of it
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine loop died: the request must hear of it
+            error: Exception = exc
             if state.engine_failed:
-                exc = APIError(500, "the engine failed; the server is shutting down for a restart",
-                               code="engine_dead")
-            self._queue.put_nowait(exc)
+                error = APIError(500, "the engine failed; the server is shutting down for a restart",
+                                 code="engine_dead")
+            elif OUT_OF_MEMORY in str(exc):  # that step's requests failed; the engine serves on
+                error = APIError(503, str(exc).removeprefix("engine failed: "), code="out_of_memory")
+            self._queue.put_nowait(error)
 
     async def final_outputs(self) -> list[RequestOutput]:
         finals: list[RequestOutput | None] = [None] * self.num_choices

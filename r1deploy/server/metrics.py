@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from r1deploy.engine.outputs import CompletionOutput
+from r1deploy.server.process_metrics import register_process_metrics
 from r1deploy.server.vllm_metrics import VllmMetrics
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class ServerMetrics:
         self.e2e = Histogram("r1deploy_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
+        register_process_metrics(r)  # process_resident_memory_bytes, process_open_fds, process_threads
 
     def observe_finished(self, output: CompletionOutput, num_prompt_tokens: int) -> None:
         self.vllm.observe_finished(output, num_prompt_tokens)

@@ -112,13 +112,28 @@ def convert_gguf_to_hf_dir(path: Path, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(dict(iter_gguf_tensors(reader, hf_config)), tmp / "model.safetensors", metadata={"format": "pt"})
         load_gguf_tokenizer(path, reader).save_pretrained(tmp)
+        _fsync_tree(tmp)  # the data is on disk before the name is: a crash after the rename finds whole files
         try:
             os.rename(tmp, target)
+            _fsync_tree(target.parent, files=False)
         except OSError:
             if not (target / "config.json").is_file():  # not a lost race with another converter
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path, files: bool = True) -> None:
+    if files:
+        for item in directory.iterdir():
+            if item.is_file():
+                with item.open("rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ class FakeServerOptions:
     token_delay_s: float = 0.002
     reasoning_tokens: int = 0  # chat: this many reasoning_content deltas before the answer
     include_usage: bool = True
+    rss_growth_per_scrape: float | None = None  # export process_* series; RSS grows this much per scrape
 
 
 def make_app(options: FakeServerOptions) -> FastAPI:
@@ -46,8 +47,13 @@ def make_app(options: FakeServerOptions) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse("# HELP x\nfake_allocator_reserved_bytes{gpu=\"0\"} 1000\n"
-                                 "fake_allocator_allocated_bytes{gpu=\"0\"} 970\nfake_kv_blocks_used 3\n")
+        text = ("# HELP x\nfake_allocator_reserved_bytes{gpu=\"0\"} 1000\n"
+                "fake_allocator_allocated_bytes{gpu=\"0\"} 970\nfake_kv_blocks_used 3\n")
+        if options.rss_growth_per_scrape is not None:
+            counter["scrapes"] = counter.get("scrapes", 0) + 1
+            rss = 1e9 + counter["scrapes"] * options.rss_growth_per_scrape
+            text += f"process_resident_memory_bytes {rss}\nprocess_open_fds 20\nprocess_threads 8\n"
+        return PlainTextResponse(text)
 
     async def stream(request: Request, chat: bool):
         if not authorised(request):
