@@ -85,7 +85,7 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope(raw)
         quantization = raw.get("quantization_config") or None
         if quantization is not None:  # validated here: an unsupported method is a UsageError at load
-            from r1deploy.quant.awq import quant_config_from_hf
+            from r1deploy.quant.registry import quant_config_from_hf
 
             quant_config_from_hf(quantization)
             quantization = dict(quantization)

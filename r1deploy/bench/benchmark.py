@@ -5,9 +5,7 @@ telemetry, efficiency -> SLO verdict -> console, JSON, CSV, HTML. Returns the ex
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +21,7 @@ from r1deploy.bench.client import Backend, EngineBackend, HttpBackend
 from r1deploy.bench.metrics import Summary, summarize
 from r1deploy.bench.record import RequestRecord
 from r1deploy.bench.runner import run as run_schedule
-from r1deploy.bench.runner import warm_up
-from r1deploy.bench.slo import Check, all_pass, goodput_limits, parse_slo, targets_for, verdict
+from r1deploy.bench.slo import Check, all_pass, goodput_limits, verdict
 from r1deploy.bench.target import load_engine
 from r1deploy.bench.telemetry import Telemetry, scrape_metrics, torch_memory_stats
 from r1deploy.bench.workload import HFTokenizer, PromptMaker, RequestSpec
@@ -55,11 +52,6 @@ class Measured:
     telemetry: dict[str, Any]
     checks: tuple[Check, ...]
     expert_offload: dict[str, Any] | None = None  # --offload experts: the store's counters over this phase
-
-
-def run(args: argparse.Namespace) -> int:
-    _validate(args)
-    return asyncio.run(_main(args))
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -350,51 +342,3 @@ def emit(args: argparse.Namespace, rep: dict[str, Any], checks: tuple[Check, ...
     passed = all_pass(checks)
     print("verdict: PASS" if passed else "verdict: FAIL" + (" (--no-fail: exit 0)" if args.no_fail else ""))
     return 0 if passed or args.no_fail else 1
-
-
-async def _main(args: argparse.Namespace) -> int:
-    targets = targets_for(args.slo_profile, parse_slo(args.slo))
-    schedule = schedule_from(args)
-    output_len = args.output_len or (1024 if args.workload == "reasoning" else DEFAULT_OUTPUT_LEN)
-    context_len = (args.prefix_len if args.workload == "prefix" else 0) + args.input_len + output_len
-    max_seqs = max(args.batch or 0, args.concurrency or 0, args.max_concurrency or 0, 256)
-    target = await _http_target(args) if args.url else engine_target(args, context_len, max_seqs)
-    try:
-        if args.duration:
-            from r1deploy.bench.soak import soak
-
-            return await soak(args, target, schedule, targets)
-        if args.sweep_rates or args.sweep_concurrency:
-            from r1deploy.bench.sweep import sweep
-
-            return await sweep(args, target, targets)
-        return await _single(args, target, schedule, targets)
-    finally:
-        await target.backend.close()
-
-
-async def _single(args: argparse.Namespace, target: Setup, schedule: Schedule, targets: tuple) -> int:
-    rng = random.Random(args.seed)
-    batch = schedule.batch if isinstance(schedule, Rounds) else 1
-    warm = args.warmup * batch
-    specs = make_specs(args, target.maker, warm + schedule.total, rng)
-    print(f"bench: {target.description}: {schedule.describe()}", file=sys.stderr)
-    if warm:
-        await warm_up(target.backend, specs[:warm], batch)
-    records: list[RequestRecord] = []
-    with _progress(schedule.total, not args.no_progress) as progress:
-        task = progress.add_task("run", total=schedule.total, info="")
-
-        def on_done(record: RequestRecord) -> None:
-            failed = sum(not r.success for r in records)
-            progress.update(task, advance=1, info=f"{failed} failed" if failed else "")
-
-        t_start = time.monotonic()
-        try:
-            m = await measure(target, specs[warm:], schedule, args, targets, records, on_done=on_done)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            # Keep what finished: the report of an interrupted run is still a report.
-            m = finish(target, records, t_start, time.monotonic() - t_start, targets)
-            emit(args, build_report(args, target, m, schedule.describe() + " (interrupted)"), m.checks)
-            return 130
-    return emit(args, build_report(args, target, m, schedule.describe()), m.checks)

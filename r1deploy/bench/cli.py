@@ -137,7 +137,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from r1deploy.bench.benchmark import run
+    from r1deploy.bench.main import run
 
     return run(args)
 

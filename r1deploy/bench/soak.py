@@ -31,7 +31,7 @@ from r1deploy.bench.workload import RequestSpec
 from r1deploy.errors import UsageError
 
 if TYPE_CHECKING:
-    from r1deploy.bench.benchmark import Setup  # benchmark imports this module lazily: no cycle at run time
+    from r1deploy.bench.benchmark import Setup
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 IDLE_WAIT_S = 10.0  # how long the target may take to free everything after the last request

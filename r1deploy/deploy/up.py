@@ -128,8 +128,8 @@ def wait_ready(server: subprocess.Popen[str], base: str, timeout_s: float, log: 
 
 def run_bench(args: argparse.Namespace, base: str, local: Any, out: Path) -> dict[str, Any]:
     """The plan's workload through `r1deploy bench --url` (fixed lengths, closed loop); its report.json."""
-    from r1deploy.bench.benchmark import run as bench_run
-    from r1deploy.cli import build_parser
+    from r1deploy.bench import cli as bench_cli
+    from r1deploy.bench.main import run as bench_run
 
     slo = ",".join(f"{k}:{getattr(args, f'slo_{k}_ms'):g}" for k in ("ttft", "tpot")
                    if getattr(args, f"slo_{k}_ms") is not None)
@@ -137,7 +137,9 @@ def run_bench(args: argparse.Namespace, base: str, local: Any, out: Path) -> dic
             "--input-len", str(args.input_len), "--output-len", str(args.output_len),
             "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
             "--slo-profile", "none", "--no-fail", "--no-progress", "--out", str(out / "bench")]
-    bench_args = build_parser().parse_args(argv + (["--slo", slo] if slo else []))
+    parser = argparse.ArgumentParser(prog="r1deploy")
+    bench_cli.register(parser.add_subparsers(dest="command", required=True))
+    bench_args = parser.parse_args(argv + (["--slo", slo] if slo else []))
     bench_run(bench_args)
     return json.loads((out / "bench" / "report.json").read_text())
 

@@ -1,4 +1,5 @@
-"""MultiprocExecutor: rank 0's side of tensor parallelism (and --dp-attention) behind the engine's Executor seam.
+"""MultiprocExecutor: rank 0's side of tensor parallelism (and --dp-attention) behind the engine's Executor seam;
+run_node: the side of a node other than 0, which only runs its ranks.
 
 Rank 0 sends each step's ForwardBatch to ranks 1..N-1 as a StepMessage, runs its own shard on the very
 tensors the workers run, and samples. With async scheduling under TP it broadcasts the sampled ids on
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import signal
 import sys
 from typing import Any
 
@@ -22,6 +24,7 @@ from r1deploy.distributed.nodes import NodeLayout, bind_rank_network
 from r1deploy.distributed.worker import (
     build_runner,
     dead_workers,
+    failed_ranks,
     shares_samples,
     spawn_workers,
     stop_workers,
@@ -54,7 +57,7 @@ class MultiprocExecutor:
         parallel = config.parallel
         layout = NodeLayout.of(parallel)
         if layout.node_rank != 0:
-            raise ValueError("the engine runs on node 0; other nodes run r1deploy.distributed.nodes.run_node")
+            raise ValueError("the engine runs on node 0; other nodes run run_node")
         if layout.nnodes > 1:
             bind_rank_network(parallel.master_addr, "r1deploy serve (node 0)")
         spec = worker_spec(model, config, dtype, device, load_format)
@@ -122,3 +125,31 @@ class MultiprocExecutor:
                 print(f"r1deploy: tensor-parallel shutdown message not delivered: {exc}", file=sys.stderr)
         stop_workers(self.processes, grace_s=10.0 if self.error is None else 0.0)
         leave_group()
+
+
+def run_node(model: str | None, config: Any, *, dtype: Any = None, device: str | None = None,
+             load_format: str = "auto") -> int:
+    """Node R > 0: start this node's ranks and wait until rank 0 stops them. Returns an exit status."""
+    layout = NodeLayout.of(config.parallel)
+    if layout.node_rank == 0:
+        raise ValueError("node 0 runs the engine (LLMEngine); run_node is for the other nodes")
+    who = f"r1deploy serve (node {layout.node_rank})"
+    bind_rank_network(config.parallel.master_addr, who)
+    processes = spawn_workers(worker_spec(model, config, dtype, device, load_format), layout.ranks)
+    # SIGTERM / Ctrl-C here stop this node's ranks (rank 0 then fails its next step, clearly)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    print(f"{who}: ranks {layout.ranks.start}-{layout.ranks.stop - 1} joining "
+          f"{config.parallel.master_addr}:{config.parallel.master_port}", flush=True)
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_workers(processes)
+    failed = failed_ranks(processes, layout.first_rank)
+    if failed:
+        print(f"{who}: error: {failed}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{who}: rank 0 shut down; exiting", flush=True)
+    return 0

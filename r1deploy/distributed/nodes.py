@@ -9,11 +9,9 @@ The rank network carries unauthenticated tensors (step messages, activations): i
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 from r1deploy.engine.config import ParallelConfig
 from r1deploy.errors import UsageError
@@ -101,33 +99,3 @@ def bind_rank_network(master_addr: str, who: str) -> None:
         os.environ.setdefault(variable, name)
     chosen = ", ".join(f"{v}={os.environ[v]}" for v in IFNAME_VARIABLES)
     print(f"{who}: rank network via {name} ({local}, the route to {master_addr}): {chosen}", flush=True)
-
-
-def run_node(model: str | None, config: Any, *, dtype: Any = None, device: str | None = None,
-             load_format: str = "auto") -> int:
-    """Node R > 0: start this node's ranks and wait until rank 0 stops them. Returns an exit status."""
-    from r1deploy.distributed.worker import failed_ranks, spawn_workers, stop_workers, worker_spec
-
-    layout = NodeLayout.of(config.parallel)
-    if layout.node_rank == 0:
-        raise ValueError("node 0 runs the engine (LLMEngine); run_node is for the other nodes")
-    who = f"r1deploy serve (node {layout.node_rank})"
-    bind_rank_network(config.parallel.master_addr, who)
-    processes = spawn_workers(worker_spec(model, config, dtype, device, load_format), layout.ranks)
-    # SIGTERM / Ctrl-C here stop this node's ranks (rank 0 then fails its next step, clearly)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    print(f"{who}: ranks {layout.ranks.start}-{layout.ranks.stop - 1} joining "
-          f"{config.parallel.master_addr}:{config.parallel.master_port}", flush=True)
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        stop_workers(processes)
-    failed = failed_ranks(processes, layout.first_rank)
-    if failed:
-        print(f"{who}: error: {failed}", file=sys.stderr, flush=True)
-        return 1
-    print(f"{who}: rank 0 shut down; exiting", flush=True)
-    return 0

@@ -11,8 +11,8 @@ The same schema travels to tensor-parallel workers: `columns()` gives its int64 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

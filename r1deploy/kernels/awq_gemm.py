@@ -12,7 +12,7 @@ them; they build the float's bits. The GEMV shifts the nibble into mantissa bits
 1 + q / 16 in two instructions, and corrects with the chunk's sum of x; the tile kernel, which needs
 q - z itself, ORs it under 2^23's exponent and subtracts 2^23 + z. `awq_dequantize` writes W in the
 activation dtype for a cuBLAS GEMM (prefill).
-The torch references are quant/awq.dequantize_awq_packed and `awq_gemm_ref` here.
+The torch references are awq_format.dequantize_awq_packed and `awq_gemm_ref` here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from r1deploy.kernels._common import dot_precision
+from r1deploy.kernels.awq_format import dequantize_awq_packed
 
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: a float whose low mantissa bits are the OR-ed integer
 _MAGIC_BITS = tl.constexpr(0x4B000000)  # 2^23's bits
@@ -320,6 +321,4 @@ def awq_gemm_ref(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch: dequantise (exact, then x's dtype) and multiply."""
-    from r1deploy.quant.awq import dequantize_awq_packed
-
     return torch.nn.functional.linear(x, dequantize_awq_packed(packed, zeros, scales, group_size, x.dtype), bias)

@@ -25,7 +25,7 @@ from r1deploy.weights.checkpoint_names import expert_tensor, layer_index
 from r1deploy.weights.tiered_store import TieredExpertStore
 
 if TYPE_CHECKING:
-    from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from r1deploy.models.base import CausalLM
 
 # A per-expert tensor's kind -> the suffix of the stack it fills: experts.{gate_up,down}_proj<suffix>.
 _EXPERT_STACK_SUFFIX = {"weight": "", "weight_scale_inv": SCALE_SUFFIX,
@@ -36,7 +36,7 @@ _OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known
 
 
 @torch.no_grad()
-def load_deepseek_weights(model: DeepseekV3ForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_deepseek_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Fill every parameter from HF-named tensors. An FP8 weight and its scales go to an FP8 parameter and its
     `<param>_scale_inv` sibling as they are, or are dequantised to the model dtype where the model holds that
     weight unquantised; AWQ tensors likewise (_awq_tensors), and the AWQ linears repack theirs once all are in.

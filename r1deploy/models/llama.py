@@ -30,7 +30,7 @@ from r1deploy.layers.parallel import (
 )
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
-from r1deploy.quant.awq import quant_config_from_hf
+from r1deploy.quant.registry import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.distributed.group import TPGroup

@@ -30,20 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
+from r1deploy.kernels.awq_format import PACK_FACTOR, dequantize_awq_packed
 from r1deploy.layers.linear import quantized_parameter
-
-if TYPE_CHECKING:
-    from r1deploy.quant.gptq import GPTQConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds logical column AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits in nibble AWQ_REVERSE_ORDER[j]
-PACK_FACTOR = 8  # 4-bit values per int32
 AWQ_PARTS = ("qweight", "qzeros", "scales")  # a quantised linear's checkpoint tensors: `<module>.<part>`
 # Up to this many tokens the fused kernel (weights read once, dequantised in registers) wins; past it
 # the matmul is compute-bound and dequantise-then-GEMM runs at cuBLAS speed.
@@ -86,18 +83,6 @@ class AWQConfig:
     def linear_method(self, prefix: str = "") -> AWQLinearMethod | None:
         """The method for the linear named `prefix` (None: that layer stays unquantised)."""
         return AWQLinearMethod(self) if self.quantises(prefix) else None
-
-
-def quant_config_from_hf(raw: dict[str, Any] | None) -> AWQConfig | GPTQConfig | None:
-    """config.json's quantization_config -> the config whose linear_method(prefix) quantises each linear:
-    AWQ, or GPTQ (quant/gptq.py: converted to AWQ's layout at load); None: unquantised."""
-    if not raw:
-        return None
-    if str(raw.get("quant_method", "")).lower() == "gptq":
-        from r1deploy.quant.gptq import GPTQConfig  # gptq.py builds on this module
-
-        return GPTQConfig.from_hf(raw)
-    return AWQConfig.from_hf(raw)
 
 
 class AWQLinearMethod:
@@ -189,26 +174,6 @@ def repack_awq_tensor(part: str, tensor: torch.Tensor, group_size: int) -> torch
     if part == "scales":
         return tensor.t().contiguous()
     raise ValueError(f"not an AWQ checkpoint tensor: {part!r} (expected one of {', '.join(AWQ_PARTS)})")
-
-
-def unpack_awq_packed(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """weight_packed int32 [out, in / 8] -> int32 [out, in] of 0..15 in input order (repack_awq's inverse)."""
-    out_features, in_words = packed.shape
-    words = group_size // PACK_FACTOR
-    shifts = 4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=packed.device)
-    chunks = packed.view(out_features, in_words // words, 1, words)
-    return ((chunks >> shifts[:, None]) & 0xF).reshape(out_features, in_words * PACK_FACTOR)
-
-
-def dequantize_awq_packed(
-    packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # [out, in]
-    """The repacked layout's W, exact in fp32 then one rounding (as dequantize_awq)."""
-    q = unpack_awq_packed(packed, group_size)
-    z = zeros.to(torch.int32).repeat_interleave(group_size, dim=1)
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    return ((q - z).float() * s).to(dtype)
 
 
 def dequantize_for_matmul(

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
+from r1deploy.kernels.awq_format import PACK_FACTOR
 from r1deploy.layers.linear import MergedLinear, default_weight_loader
-from r1deploy.quant.awq import PACK_FACTOR, AWQConfig, AWQLinearMethod, pack_awq
+from r1deploy.quant.awq import AWQConfig, AWQLinearMethod, pack_awq
 
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> what to add to a stored zero point
 

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from fastapi import Request
 from fastapi.responses import Response
 
-from r1deploy.server.chat_stream import chat_chunks
+from r1deploy.server.chat_stream import ChatPlan, chat_chunks
 from r1deploy.server.chat_template import template_kwargs, template_messages, uses_tools, with_tool_prompt
 from r1deploy.server.errors import APIError
 from r1deploy.server.generation import (
@@ -40,29 +39,6 @@ from r1deploy.server.tool_parsers import ToolParser, parser_for
 from r1deploy.server.tool_parsers.forced import NamedFunctionParser, RequiredCallsParser
 from r1deploy.server.tool_parsers.stream import tool_calls
 from r1deploy.server.tools import check_tools
-
-
-@dataclass(frozen=True)
-class ChatPlan:
-    """How one request's output is read: reasoning split, tool-call parser, and the finish reason a call
-    gives (OpenAI: `tool_calls`, but `stop` when tool_choice named the function)."""
-
-    reasoning: bool
-    think_end_id: int | None
-    tool_parser: ToolParser | None
-    max_calls: int | None  # parallel_tool_calls=false: one
-    call_finish: str = "tool_calls"
-
-    def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
-        return self.call_finish if called and finish_reason == "stop" else finish_reason
-
-    def reasoning_tokens(self, token_ids: tuple[int, ...]) -> int | None:
-        """Output tokens up to and including </think>; all of them while the thought is unfinished."""
-        if not self.reasoning:
-            return None
-        if self.think_end_id is not None and self.think_end_id in token_ids:
-            return token_ids.index(self.think_end_id) + 1
-        return len(token_ids)
 
 
 def _plan(body: ChatCompletionRequest, state: ServerState, kwargs: dict[str, Any], vocab: dict[str, int]) -> ChatPlan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from r1deploy.server.generation import Job
 from r1deploy.server.logprobs import TokenText, chat_logprobs
@@ -18,10 +18,31 @@ from r1deploy.server.protocol import (
 )
 from r1deploy.server.reasoning import ReasoningStream
 from r1deploy.server.state import ServerState
+from r1deploy.server.tool_parsers import ToolParser
 from r1deploy.server.tool_parsers.stream import ToolCallStream
 
-if TYPE_CHECKING:
-    from r1deploy.server.chat import ChatPlan
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """How one request's output is read: reasoning split, tool-call parser, and the finish reason a call
+    gives (OpenAI: `tool_calls`, but `stop` when tool_choice named the function)."""
+
+    reasoning: bool
+    think_end_id: int | None
+    tool_parser: ToolParser | None
+    max_calls: int | None  # parallel_tool_calls=false: one
+    call_finish: str = "tool_calls"
+
+    def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
+        return self.call_finish if called and finish_reason == "stop" else finish_reason
+
+    def reasoning_tokens(self, token_ids: tuple[int, ...]) -> int | None:
+        """Output tokens up to and including </think>; all of them while the thought is unfinished."""
+        if not self.reasoning:
+            return None
+        if self.think_end_id is not None and self.think_end_id in token_ids:
+            return token_ids.index(self.think_end_id) + 1
+        return len(token_ids)
 
 
 async def chat_chunks(job: Job, body: ChatCompletionRequest, state: ServerState, text: TokenText,

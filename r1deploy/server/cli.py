@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.node_rank > 0:  # no engine and no HTTP here: this node's ranks follow rank 0's steps
-        from r1deploy.distributed.nodes import run_node
+        from r1deploy.distributed.executor import run_node
 
         return run_node(args.model, config, dtype=args.dtype, device=args.device, load_format=args.load_format)
 

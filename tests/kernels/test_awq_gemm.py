@@ -8,8 +8,8 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, rel_err
 
+from r1deploy.kernels.awq_format import dequantize_awq_packed
 from r1deploy.kernels.awq_gemm import AwqDecodeTuning, awq_dequantize, awq_gemm, awq_gemm_ref
-from r1deploy.quant.awq import dequantize_awq_packed
 
 
 def _awq_weights(k: int, n: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.kernels.fused_moe import fused_moe, fused_moe_ref, moe_align
 from r1deploy.layers.moe import DeepseekExperts
+from r1deploy.layers.moe.experts_dense import resident_method
 from r1deploy.quant.fp8_block import quantize_fp8_block
 from r1deploy.quant.fp8_linear import building_fp8
 
@@ -16,7 +17,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> DeepseekExperts:
-    experts = DeepseekExperts(num_experts, hidden, inter)
+    experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(num_experts, 2 * inter, hidden) * hidden**-0.5)
         experts.down_proj.copy_(torch.randn(num_experts, hidden, inter) * inter**-0.5)
@@ -81,7 +82,7 @@ def test_fused_moe_r1_shape(tokens: int) -> None:
     weights, ids = _routing(tokens, num_experts, top_k)
     weights, ids = weights.cuda(), ids.cuda()
     with torch.device("meta"):
-        experts = DeepseekExperts(num_experts, hidden, inter)
+        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
     experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
     experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
     out = experts(x, weights, ids)  # the CUDA dispatch
@@ -114,7 +115,7 @@ def test_fused_moe_cuda_graph_replay() -> None:
 def _fp8_experts(num_experts: int, hidden: int, inter: int, block: tuple[int, int]) -> DeepseekExperts:
     """FP8 experts loaded the way a checkpoint fills them: per expert, per projection, with scales."""
     with building_fp8(block):
-        experts = DeepseekExperts(num_experts, hidden, inter)
+        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
     for e in range(num_experts):
         for projection, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
             q, scale_inv = quantize_fp8_block(torch.randn(shape) * shape[1] ** -0.5, block)
@@ -176,7 +177,7 @@ def test_fused_moe_fp8_r1_shape(tokens: int) -> None:
     through DeepseekExperts' CUDA dispatch against the same weights dequantised to bf16."""
     num_experts, hidden, inter, top_k = 64, 7168, 2048, 8
     with building_fp8((128, 128)), torch.device("cuda"):
-        experts = DeepseekExperts(num_experts, hidden, inter)
+        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
     for stack, scales in ((experts.gate_up_proj, experts.gate_up_proj_scale_inv),
                           (experts.down_proj, experts.down_proj_scale_inv)):
         for e in range(num_experts):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import types
 
-from r1deploy.plan.collectives import AllReduceResult, measure_allreduce
 from r1deploy.doctor.checks import PASS, WARN, check_allreduce
 from r1deploy.doctor.requirements import Requirements
+from r1deploy.plan.collectives import AllReduceResult, measure_allreduce
 
 
 def test_bus_bandwidth_formula() -> None:

@@ -17,17 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from r1deploy.config import ModelConfig
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.errors import UsageError
+from r1deploy.kernels.awq_format import dequantize_awq_packed, unpack_awq_packed
 from r1deploy.layers.attention import kv_cache_shape
 from r1deploy.models.loader import load_model
-from r1deploy.quant.awq import (
-    AWQConfig,
-    dequantize_awq,
-    dequantize_awq_packed,
-    pack_awq,
-    repack_awq,
-    unpack_awq,
-    unpack_awq_packed,
-)
+from r1deploy.quant.awq import AWQConfig, dequantize_awq, pack_awq, repack_awq, unpack_awq
 
 QUANTISED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -18,8 +18,9 @@ from test_awq import QUANTISED, _make_hf, _our_logits
 from r1deploy.errors import UsageError
 from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.models.loader import load_model
-from r1deploy.quant.awq import AWQConfig, quant_config_from_hf
+from r1deploy.quant.awq import AWQConfig
 from r1deploy.quant.gptq import GPTQConfig, unpack_gptq
+from r1deploy.quant.registry import quant_config_from_hf
 from r1deploy.weights import WeightLoadError
 
 

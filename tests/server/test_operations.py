@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 from asgi_util import asgi_post
-from server_harness import Running, running_app, tiny_engine, wait_for_phase
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import Running, running_app, tiny_engine, wait_for_phase
 from test_errors import assert_openai_error
 
 from r1deploy.server.state import Phase

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.engine import LLMEngine
-from r1deploy.presets import r1_template_text, is_r1_family, r1_chat_template
+from r1deploy.presets import is_r1_family, r1_chat_template, r1_template_text
 from r1deploy.server.state import Phase
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

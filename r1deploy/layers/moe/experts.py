@@ -132,11 +132,11 @@ def _fused(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, args: dict
 
 
 class DeepseekExperts(nn.Module):
-    """This rank's routed experts in the format of `method` (default: the model dtype, or FP8 stacks when
-    built under quant/fp8_linear.building_fp8)."""
+    """This rank's routed experts in the format of `method` (for resident weights experts_dense.resident_method:
+    the model dtype, or FP8 stacks when built under quant/fp8_linear.building_fp8)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 tp: TPGroup | None = None, method: ExpertsMethod | None = None) -> None:
+                 tp: TPGroup | None = None, *, method: ExpertsMethod) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         size, rank = size_rank(tp)
@@ -145,10 +145,6 @@ class DeepseekExperts(nn.Module):
         self.num_local = num_experts // size
         self.first = rank * self.num_local
         self.sharded = self.num_local != num_experts
-        if method is None:
-            from r1deploy.layers.moe.experts_dense import resident_method
-
-            method = resident_method()
         self.method = method
         method.create_weights(self)
 

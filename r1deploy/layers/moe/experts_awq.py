@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from r1deploy.errors import UsageError
+from r1deploy.kernels.awq_format import PACK_FACTOR
 from r1deploy.layers.moe.experts import DeepseekExperts, ExpertsMethod
-from r1deploy.quant.awq import PACK_FACTOR, AWQConfig, dequantize_for_matmul
+from r1deploy.quant.awq import AWQConfig, dequantize_for_matmul
 
 
 class AWQExperts(ExpertsMethod):
