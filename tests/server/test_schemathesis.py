@@ -28,7 +28,7 @@ from server_harness import tiny_engine
 from r1deploy.server.app import create_app
 from r1deploy.server.state import ServerSettings
 
-CASES = int(os.environ.get("R1DEPLOY_SCHEMA_CASES", "100"))
+CASES = int(os.environ.get("R1DEPLOY_SCHEMA_CASES", "300"))
 BODYLESS_CASES = 5  # a route without parameters has few distinct cases to draw
 
 
@@ -83,30 +83,33 @@ def fuzz(url: str, total_cases: int) -> dict:
     per_mode = max(1, total_cases // (2 * max(1, len(with_inputs))))
     outcomes: Counter = Counter()
     problems: list[str] = []
+    def run_cases(op, mode, examples: int) -> None:
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck), phases=(Phase.generate,))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def one(case) -> None:
+            keep_cheap(case.body)
+            try:
+                response = case.call(base_url=url, timeout=60)
+            except Exception as exc:  # noqa: BLE001 - no answer at all is a finding too, not a crash
+                outcomes[f"{op.label} {mode.value} no-response"] += 1
+                problems.append(f"{op.label}: no response ({type(exc).__name__}) for {case.body!r:.300}")
+                return
+            outcomes[f"{op.label} {mode.value} {response.status_code}"] += 1
+            if response.status_code >= 500:
+                problems.append(f"{op.label}: HTTP {response.status_code} for {case.body!r:.300}")
+            elif response.status_code >= 400 and (why := openai_error_problem(response)):
+                problems.append(f"{op.label}: HTTP {response.status_code} not OpenAI-shaped ({why})")
+
+        one()
+
     for op in operations:
         # A route without inputs has no negative case to draw.
         modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if op in with_inputs else (GenerationMode.POSITIVE,)
         for mode in modes:
             examples = per_mode if op in with_inputs else BODYLESS_CASES
 
-            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck), phases=(Phase.generate,))
-            @given(case=op.as_strategy(generation_mode=mode))
-            def one(case, op=op, mode=mode) -> None:
-                keep_cheap(case.body)
-                try:
-                    response = case.call(base_url=url, timeout=60)
-                except Exception as exc:  # noqa: BLE001 - no answer at all is a finding too, not a crash
-                    outcomes[f"{op.label} {mode.value} no-response"] += 1
-                    problems.append(f"{op.label}: no response ({type(exc).__name__}) for {case.body!r:.300}")
-                    return
-                outcomes[f"{op.label} {mode.value} {response.status_code}"] += 1
-                if response.status_code >= 500:
-                    problems.append(f"{op.label}: HTTP {response.status_code} for {case.body!r:.300}")
-                elif response.status_code >= 400 and (why := openai_error_problem(response)):
-                    problems.append(f"{op.label}: HTTP {response.status_code} not OpenAI-shaped ({why})")
-
-            one()
+            run_cases(op, mode, examples)
     statuses = Counter()
     for key, n in outcomes.items():
         statuses[key.rsplit(" ", 1)[1]] += n
