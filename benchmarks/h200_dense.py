@@ -25,7 +25,7 @@ import time
 import torch
 import transformers
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM

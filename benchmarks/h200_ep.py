@@ -37,9 +37,9 @@ import torch.multiprocessing as mp
 import triton
 
 from r1deploy.config import read_hf_config
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.distributed.group import free_port, init_group, leave_group
 from r1deploy.layers.moe import DeepseekMoE
-from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.plan.collectives import _timed_ms
 from r1deploy.presets import resolve_config_path
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block

@@ -83,7 +83,7 @@ from h200_quant import BLOCK, greedy_with_cache, header, release, sync
 
 from r1deploy.attention import selector, torch_backend
 from r1deploy.attention.torch_backend import TorchAttentionBackend
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX
 from r1deploy.models.loader import build_model
 from r1deploy.presets import resolve_config_path

@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from h200_dense import random_prompts, timed_generate
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM

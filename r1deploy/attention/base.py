@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:  # the engine imports the models, which import this: only type-check the batch
-    from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.core.forward_batch import ForwardBatch
 
 # The longest uniform query that still runs the decode path (a verify step of 1 + 7 draft tokens); longer
 # chunks are prefill work, which the varlen kernels tile better.

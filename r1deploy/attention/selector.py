@@ -9,7 +9,7 @@ import torch
 from r1deploy.attention.base import AttentionBackend, AttentionMetadata, MLABackend, MLAMetadata
 
 if TYPE_CHECKING:
-    from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.core.forward_batch import ForwardBatch
 
 ATTENTION_BACKENDS = ("torch", "triton")
 ATTENTION_KINDS = ("gqa", "mla")  # a model class's `attention_kind`

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 
 MAGIC = 0x52314450  # "R1DP"
 VERSION = 4

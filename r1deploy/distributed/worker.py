@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from r1deploy.config import read_hf_config
+from r1deploy.core.forward_batch import PendingTokens
 from r1deploy.distributed.group import TPGroup, free_port, init_group, leave_group
 from r1deploy.distributed.messages import Op, StepChannel, StepMessage
 from r1deploy.distributed.nodes import NodeLayout
-from r1deploy.engine.batch import PendingTokens
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.errors import UsageError

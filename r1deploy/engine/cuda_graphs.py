@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from r1deploy.attention.base import AttentionBackend, AttentionMetadata, MLABackend, MLAMetadata
-from r1deploy.engine.batch import ForwardBatch, PendingTokens
+from r1deploy.core.forward_batch import ForwardBatch, PendingTokens
 
 
 def batch_size_buckets(max_batch: int) -> list[int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.request import Request
 from r1deploy.engine.scheduler import ScheduledChunk
 from r1deploy.layers.sampler import SamplingBatch

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from r1deploy.attention.selector import default_attention_backend, make_attention_backend
-from r1deploy.engine.batch import ForwardBatch, PendingTokens, to_device
+from r1deploy.core.forward_batch import ForwardBatch, PendingTokens, to_device
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import DecodeGraphRunner
 from r1deploy.errors import UsageError

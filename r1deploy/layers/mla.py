@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from r1deploy.attention.base import MLAMetadata
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.layers.linear import Linear
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from r1deploy.layers.yarn import apply_rope
-from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.quant.awq import AWQLinearMethod
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from r1deploy.models.deepseek_config import YarnScaling, yarn_get_mscale
+from r1deploy.core.deepseek_config import YarnScaling, yarn_get_mscale
 
 
 def yarn_inv_frequencies(dim: int, theta: float, scaling: YarnScaling) -> torch.Tensor:  # [dim/2]

@@ -26,8 +26,8 @@ from torch import nn
 from r1deploy.errors import UsageError
 
 if TYPE_CHECKING:
+    from r1deploy.core.forward_batch import ForwardBatch
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.engine.batch import ForwardBatch
     from r1deploy.weights.offload import OffloadStore
 
 

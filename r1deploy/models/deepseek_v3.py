@@ -25,6 +25,7 @@ from torch import nn
 
 from r1deploy.attention.base import MLAMetadata
 from r1deploy.attention.selector import step_metadata
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.errors import UsageError
 from r1deploy.layers.mla import MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
@@ -32,15 +33,14 @@ from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
-from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_weights import load_deepseek_weights
 from r1deploy.quant.fp8_linear import current_fp8_block
 from r1deploy.quant.methods import LinearMethodFor, LinearQuant, no_quant
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.core.forward_batch import ForwardBatch
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.engine.batch import ForwardBatch
     from r1deploy.weights.tiered_store import TieredExpertStore
 
 

@@ -33,8 +33,8 @@ from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.quant.registry import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
+    from r1deploy.core.forward_batch import ForwardBatch
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.engine.batch import ForwardBatch
 
 
 def local_config(config: ModelConfig, tp: TPGroup | None) -> ModelConfig:

@@ -117,8 +117,8 @@ def test_rank1_holds_the_other_experts(tmp_path: Path) -> None:
     """Building rank 1's shard without a process group: it owns experts 4..7 and skips the rest on load."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    from r1deploy.core.deepseek_config import DeepseekConfig
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.models.deepseek_config import DeepseekConfig
     from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM as Ours
 
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_V3)).float().eval()

@@ -18,8 +18,8 @@ from test_tensor_parallel import save_tiny
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from deepseek_support import TINY_V3, randomize_
 
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.distributed.messages import StepMessage
-from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.block_manager import DataParallelBlockManager
 from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
@@ -183,8 +183,8 @@ def test_dp_attention_without_processes_is_refused_for_one_rank() -> None:
     """A single-rank group never turns on --dp-attention's model build (nothing to exchange with)."""
     from transformers import DeepseekV3Config
 
+    from r1deploy.core.deepseek_config import DeepseekConfig
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.models.deepseek_config import DeepseekConfig
     from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 
     config = DeepseekConfig.from_hf(DeepseekV3Config(**TINY_V3).to_dict())

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from deepseek_support import TINY_V3, randomize_
 
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.distributed.group import free_port, init_group, leave_group
 from r1deploy.layers.moe import DeepseekMoE
-from r1deploy.models.deepseek_config import DeepseekConfig
 
 SIZE = 2
 # Tokens per rank in each step: unequal, one rank idle (either one), equal, nobody.

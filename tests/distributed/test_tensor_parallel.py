@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.distributed import messages
 from r1deploy.distributed.group import TensorParallelError, kv_head_shard
 from r1deploy.distributed.messages import HEADER_LEN, Op, StepChannel, StepMessage
-from r1deploy.engine.batch import ForwardBatch
 from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.errors import UsageError

@@ -13,7 +13,7 @@ from r1deploy.attention.base import DECODE_MAX_QUERY_LEN, AttentionMetadata, MLA
 from r1deploy.attention.mla_torch import TorchMLABackend
 from r1deploy.attention.selector import make_attention_backend, step_metadata
 from r1deploy.attention.torch_backend import TorchAttentionBackend
-from r1deploy.engine.batch import ForwardBatch, PendingTokens
+from r1deploy.core.forward_batch import ForwardBatch, PendingTokens
 from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.cuda_graphs import GraphBuffers
 from r1deploy.errors import UsageError

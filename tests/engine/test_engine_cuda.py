@@ -47,7 +47,7 @@ def test_gpu_attention_backends_give_the_cpu_tokens(tiny_model_dir: Path, backen
 def test_verify_step_graph_replays_the_eager_step(tiny_model_dir: Path) -> None:
     """A step of 3 new tokens per sequence (a speculative verify step) replays its (batch, 3) graph and
     gives the eager decode path's logits and cache."""
-    from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.core.forward_batch import ForwardBatch
 
     engine = LLMEngine(str(tiny_model_dir), config=EngineConfig(graph_query_lens=(1, 3), max_num_seqs=4,
                                                                 max_model_len=64, block_size=4),

@@ -13,7 +13,7 @@ from kernel_inputs import DEVICE, SMALL, paged_cache, rel_err
 
 from r1deploy.attention import mla_torch, torch_backend
 from r1deploy.attention.selector import make_attention_backend
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.kernels.decode_attention import decode_attention
 from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
 from r1deploy.kernels.mla_decode import mla_absorbed_decode

@@ -7,7 +7,7 @@ import torch
 from kernel_inputs import rel_err
 
 from r1deploy.attention.selector import make_attention_backend
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.layers.norm import RMSNorm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -10,10 +10,10 @@ import torch
 from kernel_inputs import DEVICE, rel_err
 
 from r1deploy.attention.mla_torch import absorbed_decode, latent_attention
+from r1deploy.core.deepseek_config import yarn_get_mscale
 from r1deploy.kernels import mla_decode
 from r1deploy.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv
 from r1deploy.kernels.mla_decode import mla_absorbed_decode, mla_decode_attention
-from r1deploy.models.deepseek_config import yarn_get_mscale
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

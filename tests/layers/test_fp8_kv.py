@@ -175,7 +175,7 @@ def _tiny_model():
 def _run(model, config, cache_dtype: torch.dtype, prompts: list[list[int]], steps: int,
          forced: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list[list[int]], list[torch.Tensor]]:
     """Prefill the prompts, then greedy decode (or, with `forced`, feed those tokens); logits per sequence."""
-    from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.core.forward_batch import ForwardBatch
 
     block_size = 4
     caches = [torch.zeros(kv_cache_shape(config, 64, block_size), dtype=cache_dtype)
@@ -302,7 +302,7 @@ def test_mla_fp8_read_paths_agree() -> None:
 def test_mla_fp8_kv_bytes_match_planner() -> None:
     """R1: 61 layers x 576 values, 1 byte each in FP8 (half of bf16): the engine's pool sizing and the planner
     agree."""
-    from r1deploy.models.deepseek_config import DeepseekConfig
+    from r1deploy.core.deepseek_config import DeepseekConfig
     from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
     from r1deploy.plan.memory import kv_bytes_per_token as planned
     from r1deploy.plan.model_spec import load_model

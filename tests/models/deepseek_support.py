@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from r1deploy.engine.batch import ForwardBatch
-from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.core.deepseek_config import DeepseekConfig
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1deploy.quant.fp8_block import dequantize_fp8_block, quantize_fp8_block
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.config import OffloadConfig
 from r1deploy.errors import UsageError
 from r1deploy.models.loader import load_model

@@ -19,7 +19,7 @@ from deepseek_support import (
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
-from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1deploy.weights import WeightLoadError
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from r1deploy.config import ModelConfig, read_hf_config
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.distributed.group import TPGroup
 from r1deploy.errors import UsageError
-from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_v3 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from r1deploy.models.llama import LlamaForCausalLM
 from r1deploy.models.registry import model_class_for_config

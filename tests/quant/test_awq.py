@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1deploy.config import ModelConfig
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.errors import UsageError
 from r1deploy.kernels.awq_format import dequantize_awq_packed, unpack_awq_packed
 from r1deploy.layers.attention import kv_cache_shape

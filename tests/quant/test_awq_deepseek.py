@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
 from r1deploy.errors import UsageError
-from r1deploy.models.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1deploy.models.loader import load_model
 from r1deploy.sampling_params import SamplingParams

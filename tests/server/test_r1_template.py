@@ -16,7 +16,7 @@ from tiny import _save_tiny_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.presets import is_r1_family, r1_chat_template, r1_template_text
 from r1deploy.server.state import Phase

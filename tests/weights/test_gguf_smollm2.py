@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from r1deploy.engine.batch import ForwardBatch
+from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.layers.attention import kv_cache_shape
 from r1deploy.models.loader import LoadedModel, embedded_gguf_path, embedded_model_dir, load_model
 from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, open_gguf

@@ -78,7 +78,7 @@ def generate(path: Path, offload: OffloadConfig | None, **config: object):
 @torch.inference_mode()
 def logits_steps(loaded) -> list[torch.Tensor]:
     """Logits of a batched prefill and two decode steps straight through the loaded model (hooks included)."""
-    from r1deploy.engine.batch import ForwardBatch
+    from r1deploy.core.forward_batch import ForwardBatch
 
     model, config = loaded.model, loaded.config
     kv = [torch.zeros(model.kv_cache_spec.shape(16, 4)) for _ in range(config.num_hidden_layers)]

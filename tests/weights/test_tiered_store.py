@@ -17,7 +17,7 @@ from deepseek_support import TINY_V3, load_ours, randomize_, read_checkpoint, ru
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
-from r1deploy.models.deepseek_config import DeepseekConfig
+from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1deploy.weights.expert_cache import building_with
 from r1deploy.weights.tiered_store import TieredExpertStore

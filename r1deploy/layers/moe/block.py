@@ -19,8 +19,8 @@ from r1deploy.layers.moe.router import Router
 from r1deploy.quant.methods import LinearMethodFor, no_quant
 
 if TYPE_CHECKING:
+    from r1deploy.core.deepseek_config import DeepseekConfig
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.models.deepseek_config import DeepseekConfig
     from r1deploy.weights.tiered_store import TieredExpertStore
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from r1deploy.layers.linear import empty_parameter
 
 if TYPE_CHECKING:
-    from r1deploy.models.deepseek_config import DeepseekConfig
+    from r1deploy.core.deepseek_config import DeepseekConfig
 
 
 @dataclass(frozen=True)
