@@ -62,10 +62,6 @@ class Candidate:
             return float("inf")
         return self.usd_per_hour / (self.perf.output_tokens_per_s * 3600) * 1e6
 
-    @property
-    def concurrency_per_instance(self) -> float:
-        return self.perf.concurrency / self.layout.replicas if self.perf else 0.0
-
     def sort_key(self) -> tuple[float, float, int]:
         return self.usd_per_hour, self.usd_per_million_output_tokens, self.layout.pp
 
