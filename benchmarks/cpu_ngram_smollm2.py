@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from r1deploy.engine.config import SpeculativeConfig
 from r1deploy.engine.llm import LLM
 from r1deploy.sampling_params import SamplingParams
 

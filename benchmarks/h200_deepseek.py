@@ -30,8 +30,8 @@ import triton
 from triton.testing import do_bench
 
 from r1deploy.core.forward_batch import ForwardBatch
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig
 from r1deploy.plan.planner import plan_deployment
 from r1deploy.presets import resolve_config_path
 

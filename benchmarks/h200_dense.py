@@ -26,9 +26,9 @@ import torch
 import transformers
 
 from r1deploy.core.forward_batch import ForwardBatch
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig
 from r1deploy.models.loader import build_model, load_model_weights
 from r1deploy.plan.planner import plan_deployment
 from r1deploy.presets import resolve_config_path

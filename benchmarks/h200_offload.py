@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from h200_quant import header  # the benchmarks folder is not a package
 
-from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig, OffloadConfig
 from r1deploy.presets import resolve_config_path
 from r1deploy.sampling_params import SamplingParams
 

@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from h200_dense import random_prompts, timed_generate
 
 from r1deploy.core.forward_batch import ForwardBatch
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig
 from r1deploy.kernels.awq_gemm import awq_gemm_ref
 from r1deploy.models.loader import LoadedModel, build_model
 from r1deploy.presets import resolve_config_path

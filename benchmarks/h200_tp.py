@@ -44,9 +44,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # h200_dense.py lives beside this script
 from h200_dense import COPY_TBPS, random_prompts, timed_generate  # noqa: E402
 
-from r1deploy.engine.config import EngineConfig, ParallelConfig  # noqa: E402
 from r1deploy.engine.engine import LLMEngine  # noqa: E402
 from r1deploy.engine.llm import LLM  # noqa: E402
+from r1deploy.engine_config import EngineConfig, ParallelConfig  # noqa: E402
 from r1deploy.plan.catalog import Catalog  # noqa: E402
 from r1deploy.plan.collectives import measure_allreduce_sizes  # noqa: E402
 from r1deploy.plan.planner import plan_deployment  # noqa: E402

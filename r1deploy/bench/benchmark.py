@@ -214,7 +214,7 @@ def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> 
 def _offload_config(args: argparse.Namespace) -> Any:
     if not getattr(args, "offload", None):
         return None
-    from r1deploy.engine.config import OffloadConfig
+    from r1deploy.engine_config import OffloadConfig
 
     try:
         return OffloadConfig(args.gpu_weight_budget, args.host_weight_budget, target=args.offload)

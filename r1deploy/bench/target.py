@@ -114,8 +114,8 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, load_f
     (--offload experts|layers); tp, dp_attention: `serve --tp N [--dp-attention]`'s split, one process per rank."""
     try:
         from r1deploy.distributed.worker import precheck
-        from r1deploy.engine.config import EngineConfig, ParallelConfig
         from r1deploy.engine.engine import LLMEngine
+        from r1deploy.engine_config import EngineConfig, ParallelConfig
     except ImportError as exc:
         raise UsageError(f"the in-process engine is not available in this install ({exc}); "
                          "benchmark a server with --url instead") from None

@@ -30,12 +30,12 @@ from r1deploy.distributed.worker import (
     stop_workers,
     worker_spec,
 )
-from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.executor import pending_tokens
-from r1deploy.engine.model_input import ModelInput
-from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine_config import EngineConfig
 from r1deploy.errors import UsageError
 from r1deploy.layers.sampler import SamplerOutput
+from r1deploy.worker.executor import pending_tokens
+from r1deploy.worker.model_input import ModelInput
+from r1deploy.worker.model_runner import ModelRunner
 
 
 class MultiprocExecutor:

@@ -13,7 +13,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from r1deploy.engine.config import ParallelConfig
+from r1deploy.engine_config import ParallelConfig
 from r1deploy.errors import UsageError
 
 # Interface variables each backend reads; set to the interface that routes to master_addr unless given.

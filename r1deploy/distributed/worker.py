@@ -27,11 +27,11 @@ from r1deploy.core.forward_batch import PendingTokens
 from r1deploy.distributed.group import TPGroup, free_port, init_group, leave_group
 from r1deploy.distributed.messages import Op, StepChannel, StepMessage
 from r1deploy.distributed.nodes import NodeLayout
-from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.model_runner import ModelRunner
+from r1deploy.engine_config import EngineConfig
 from r1deploy.errors import UsageError
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.models.registry import model_class_for_config
+from r1deploy.worker.model_runner import ModelRunner
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from r1deploy.engine.executor import Executor, LocalExecutor
 from r1deploy.engine.generation_defaults import generation_defaults
 from r1deploy.engine.model_input import build_model_input
-from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
+from r1deploy.engine_config import EngineConfig
 from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec import make_proposer
 from r1deploy.spec.stats import SpecStats
+from r1deploy.worker.executor import Executor, LocalExecutor
+from r1deploy.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:
     from r1deploy.structured.grammar import GrammarBackend
@@ -343,7 +343,7 @@ class LLMEngine:
 
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""
-        model_input = build_model_input(step.chunks, None if previous is None else previous.requests,
+        model_input, row_requests = build_model_input(step.chunks, None if previous is None else previous.requests,
                                         self.config.block_size, self.runner.device.type == "cuda",
                                         self.model_config.vocab_size, self.dp_rank_of,
                                         self.config.parallel.tensor_parallel_size)
@@ -356,7 +356,7 @@ class LLMEngine:
             if chunk.samples and not chunk.draft_token_ids:
                 chunk.request.num_placeholders += 1
         host, ready = sampled.to_host()
-        return _InFlight(model_input.row_requests, drafts, sampled.token_ids, host, ready)
+        return _InFlight(row_requests, drafts, sampled.token_ids, host, ready)
 
     def _process(self, step: _InFlight, rejected: dict[int, int] | None = None
                  ) -> tuple[list[Request], list[tuple[Request, RequestStatus]]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from r1deploy.engine.config import EngineConfig, ParallelConfig, SpeculativeConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.outputs import RequestOutput
+from r1deploy.engine_config import EngineConfig, ParallelConfig, SpeculativeConfig
 from r1deploy.models.hub import resolve_model_source
 from r1deploy.sampling_params import SamplingParams
 

@@ -1,60 +1,20 @@
-"""ModelInput: one scheduled step as the executor runs it, built on the host from the scheduler's output.
-
-The engine turns a SchedulerOutput into a host ForwardBatch (or, under --dp-attention, one sub-batch per
-rank), the index of tokens still on the device (async scheduling) and one sampling row per sampled
-position, in the order the executor returns logits. Executors and workers never see requests.
-"""
+"""build_model_input: a SchedulerOutput -> the ModelInput an executor runs (worker/model_input.py), on the host."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
-import torch
 
 from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.engine.request import Request
 from r1deploy.engine.scheduler import ScheduledChunk
-from r1deploy.layers.sampler import SamplingBatch
-from r1deploy.sampling_params import SamplingParams
 from r1deploy.structured.grammar import batch_bitmask
-
-
-@dataclass(frozen=True)
-class SamplingRows:
-    """What the sampler needs of each sampled position (a verify step's position j sees the drafts before
-    it as output, so penalties and min_tokens count them)."""
-
-    params: tuple[SamplingParams, ...]
-    prompt_ids: tuple[Sequence[int], ...]
-    output_ids: tuple[Sequence[int], ...]
-    generators: tuple[torch.Generator | None, ...]
-    num_output_tokens: tuple[int, ...]
-    # Structured output: [R, ceil(V / 32)] int32 of allowed tokens (structured/grammar.py), None when no row
-    # is constrained. Built on the engine's host from grammars that have seen every token their request
-    # sampled: structured requests never run with a placeholder or a draft.
-    token_bitmask: torch.Tensor | None = None
-
-    def to_batch(self, vocab_size: int, device: torch.device, eos_token_ids: Sequence[int]) -> SamplingBatch:
-        return SamplingBatch.build(self.params, self.prompt_ids, self.output_ids, self.generators, vocab_size,
-                                   device, eos_token_ids, num_output_tokens=self.num_output_tokens,
-                                   token_bitmask=self.token_bitmask)
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    batch: ForwardBatch | None  # an ordinary step, on the host (pinned when bound for a GPU)
-    parts: tuple[ForwardBatch | None, ...]  # --dp-attention: each rank's sub-batch (None: no sequences)
-    sampling: SamplingRows | None  # one row per sampled position, in logits order; None: nothing sampled
-    # async scheduling: [2, P] (position in input_ids, row of the in-flight step's samples); [] when none
-    pending_index: list[list[int]]
-    row_requests: tuple[Request, ...]  # the request of each sampling row
+from r1deploy.worker.model_input import ModelInput, SamplingRows
 
 
 def build_model_input(chunks: tuple[ScheduledChunk, ...], previous: tuple[Request, ...] | None, block_size: int,
                       pin_memory: bool, vocab_size: int, dp_rank_of: Callable[[Request], int] | None = None,
-                      num_ranks: int = 1) -> ModelInput:
-    """previous: the request of each row of the in-flight step's samples (async scheduling), whose tokens
+                      num_ranks: int = 1) -> tuple[ModelInput, tuple[Request, ...]]:
+    """The step's ModelInput and the request of each of its sampling rows. previous: the request of each row of the in-flight step's samples (async scheduling), whose tokens
     this step's placeholders take on the device. dp_rank_of: --dp-attention's request -> rank; the sampling
     rows then follow rank order, the order in which the ranks' logits are gathered."""
     token_chunks, pending_index = _token_chunks(chunks, previous)
@@ -69,8 +29,8 @@ def build_model_input(chunks: tuple[ScheduledChunk, ...], previous: tuple[Reques
         parts = tuple(_build(chunks, own, token_chunks, block_size, False) if own else None for own in members)
         batch, order = None, [i for own in members for i in own]
     sampled = [chunks[i] for i in order if chunks[i].samples]
-    return ModelInput(batch, parts, _sampling_rows(sampled, vocab_size), pending_index,
-                      tuple(c.request for c in sampled for _ in range(c.num_sampled)))
+    return (ModelInput(batch, parts, _sampling_rows(sampled, vocab_size), pending_index),
+            tuple(c.request for c in sampled for _ in range(c.num_sampled)))
 
 
 def _build(chunks: tuple[ScheduledChunk, ...], members: Sequence[int], token_chunks: list[list[int]],

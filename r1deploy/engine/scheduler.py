@@ -14,8 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from r1deploy.engine.block_manager import BlockManager, DataParallelBlockManager
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.request import Request, RequestStatus
+from r1deploy.engine_config import EngineConfig
 
 
 @dataclass(frozen=True)

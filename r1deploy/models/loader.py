@@ -45,7 +45,7 @@ from r1deploy.weights.tiered_store import TieredExpertStore
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
-    from r1deploy.engine.config import OffloadConfig
+    from r1deploy.engine_config import OffloadConfig
 
 LoadFormat = Literal["auto", "dummy"]
 Quantization = Literal["auto", "fp8", "none"]

@@ -16,7 +16,7 @@ from r1deploy.server.options import add_vllm_options, generation_options
 from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
 
 if TYPE_CHECKING:
-    from r1deploy.engine.config import OffloadConfig
+    from r1deploy.engine_config import OffloadConfig
 
 API_KEY_ENV = "R1DEPLOY_API_KEY"
 
@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def offload_config(args: argparse.Namespace) -> OffloadConfig | None:
     """--offload experts|layers with its budgets; UsageError for a budget without --offload or vice versa."""
-    from r1deploy.engine.config import OffloadConfig
+    from r1deploy.engine_config import OffloadConfig
 
     if args.offload and args.gpu_weight_budget is None:
         raise UsageError(f"--offload {args.offload} needs --gpu-weight-budget GB")
@@ -138,8 +138,8 @@ def offload_config(args: argparse.Namespace) -> OffloadConfig | None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from r1deploy.engine.config import EngineConfig, SpeculativeConfig
     from r1deploy.engine.engine import LLMEngine
+    from r1deploy.engine_config import EngineConfig, SpeculativeConfig
     from r1deploy.server.app import create_app
     from r1deploy.server.chat_template import load_chat_template, load_default_kwargs
     from r1deploy.server.draining import DrainingServer

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from r1deploy.engine.config import SpeculativeConfig
+from r1deploy.engine_config import SpeculativeConfig
 from r1deploy.spec.ngram import NgramProposer
 
 

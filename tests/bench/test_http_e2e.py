@@ -115,8 +115,8 @@ def real_server(tmp_path_factory: pytest.TempPathFactory):
     """r1deploy's server on the server tests' tiny model (with a <think> chat template), in a thread."""
     tiny_path = Path(__file__).parents[1] / "server" / "tiny.py"
     try:
-        from r1deploy.engine.config import EngineConfig
         from r1deploy.engine.engine import LLMEngine
+        from r1deploy.engine_config import EngineConfig
         from r1deploy.server.app import create_app
         from r1deploy.server.state import Phase, ServerSettings
     except ImportError as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig, ParallelConfig
 from r1deploy.sampling_params import SamplingParams
 
 

@@ -21,9 +21,9 @@ from deepseek_support import TINY_V3, randomize_
 from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.distributed.messages import StepMessage
 from r1deploy.engine.block_manager import DataParallelBlockManager
-from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.request import Request
+from r1deploy.engine_config import EngineConfig, ParallelConfig
 from r1deploy.errors import UsageError
 from r1deploy.sampling_params import SamplingParams
 

@@ -14,8 +14,8 @@ from test_tensor_parallel import generate, save_tiny
 
 from r1deploy.distributed.group import free_port
 from r1deploy.distributed.nodes import IFNAME_VARIABLES, MultiNodeConfig
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig
 from r1deploy.errors import UsageError
 
 

@@ -18,8 +18,8 @@ from r1deploy.core.forward_batch import ForwardBatch
 from r1deploy.distributed import messages
 from r1deploy.distributed.group import TensorParallelError, kv_head_shard
 from r1deploy.distributed.messages import HEADER_LEN, Op, StepChannel, StepMessage
-from r1deploy.engine.config import EngineConfig, ParallelConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig, ParallelConfig
 from r1deploy.errors import UsageError
 from r1deploy.sampling_params import SamplingParams
 

@@ -18,9 +18,9 @@ import pytest
 
 from r1deploy.engine.async_engine import AsyncLLMEngine
 from r1deploy.engine.block_manager import chain_hash
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.outputs import RequestOutput
+from r1deploy.engine_config import EngineConfig
 from r1deploy.sampling_params import SamplingParams
 
 PROMPTS = [[5, 9, 13, 40, 41, 3], [7] * 19, list(range(10, 43)), [3, 4], list(range(20, 52)) + [60, 61]]

@@ -14,9 +14,9 @@ from r1deploy.attention.mla_torch import TorchMLABackend
 from r1deploy.attention.selector import make_attention_backend, step_metadata
 from r1deploy.attention.torch_backend import TorchAttentionBackend
 from r1deploy.core.forward_batch import ForwardBatch, PendingTokens
-from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.cuda_graphs import GraphBuffers
+from r1deploy.engine_config import EngineConfig
 from r1deploy.errors import UsageError
+from r1deploy.worker.cuda_graphs import GraphBuffers
 
 TABLES = [[3, 4, 5, 6], [0, 1, 2, 10], [7, 8, 9, 11]]
 

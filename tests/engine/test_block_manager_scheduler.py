@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r1deploy.engine.block_manager import BlockManager
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.request import Request, RequestStatus
 from r1deploy.engine.scheduler import Scheduler
+from r1deploy.engine_config import EngineConfig
 from r1deploy.sampling_params import SamplingParams
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig
 from r1deploy.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu

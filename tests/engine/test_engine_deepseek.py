@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from deepseek_support import TINY_V3, randomize_  # noqa: E402
 
-from r1deploy.engine.config import EngineConfig  # noqa: E402
 from r1deploy.engine.engine import LLMEngine  # noqa: E402
 from r1deploy.engine.llm import LLM  # noqa: E402
+from r1deploy.engine_config import EngineConfig  # noqa: E402
 from r1deploy.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = [[5, 9, 13, 40, 41, 3], [7] * 19, list(range(10, 43)), [3, 4]]
@@ -78,7 +78,7 @@ def test_deepseek_prefix_cache_hit(deepseek_dir: Path, reference: list[list[int]
 
 
 def test_deepseek_with_experts_offloaded_equals_resident(deepseek_dir: Path, reference: list[list[int]]) -> None:
-    from r1deploy.engine.config import OffloadConfig
+    from r1deploy.engine_config import OffloadConfig
 
     expert_bytes = 3 * TINY_V3["hidden_size"] * TINY_V3["moe_intermediate_size"] * 4  # gate, up, down in fp32
     # Two GPU slots for 2 MoE layers x 8 experts, the rest read from the checkpoint on every miss.

@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from deepseek_support import TINY_V3, randomize_
 
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
 from r1deploy.engine.outputs import CompletionOutput
+from r1deploy.engine_config import EngineConfig
 from r1deploy.kernels.kv_quant import FP8_KV_DTYPE
 from r1deploy.sampling_params import MAX_LOGPROBS, SamplingParams
 

@@ -14,9 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from deepseek_support import FP8_TILE, TINY_V3, randomize_, read_checkpoint, write_fp8_checkpoint
 
-from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig, OffloadConfig
 from r1deploy.models.loader import load_model
 from r1deploy.quant.fp8_block import FP8_DTYPE
 from r1deploy.sampling_params import SamplingParams

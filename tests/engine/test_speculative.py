@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from r1deploy.engine.block_manager import BlockManager
-from r1deploy.engine.config import EngineConfig, SpeculativeConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.request import Request
+from r1deploy.engine_config import EngineConfig, SpeculativeConfig
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.spec.ngram import NgramProposer
 

@@ -225,7 +225,7 @@ def test_tiny_model_fp8_kv_logits_close_to_fp32_kv() -> None:
 
 def test_engine_fp8_kv_cache(tmp_path) -> None:
     """End to end once the engine carries EngineConfig.kv_cache_dtype (see the report to the lead)."""
-    from r1deploy.engine.config import EngineConfig
+    from r1deploy.engine_config import EngineConfig
 
     if "kv_cache_dtype" not in EngineConfig.__dataclass_fields__:
         pytest.skip("EngineConfig.kv_cache_dtype is not wired yet (r1deploy/engine is edited elsewhere)")

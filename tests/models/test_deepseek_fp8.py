@@ -24,7 +24,7 @@ from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from r1deploy.core.forward_batch import ForwardBatch
-from r1deploy.engine.config import OffloadConfig
+from r1deploy.engine_config import OffloadConfig
 from r1deploy.errors import UsageError
 from r1deploy.models.loader import load_model
 from r1deploy.quant.fp8_block import FP8_DTYPE

@@ -17,9 +17,9 @@ from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from r1deploy.core.deepseek_config import DeepseekConfig
-from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig, OffloadConfig
 from r1deploy.errors import UsageError
 from r1deploy.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1deploy.models.loader import load_model

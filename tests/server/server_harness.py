@@ -16,8 +16,8 @@ from fastapi import FastAPI
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package
 from tiny import save_tiny_model_dir
 
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig
 from r1deploy.server.app import create_app
 from r1deploy.server.state import Phase, ServerSettings, ServerState
 

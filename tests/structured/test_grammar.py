@@ -11,8 +11,8 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from r1deploy.engine.config import EngineConfig
 from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig
 from r1deploy.layers.sampler import Sampler, SamplingBatch
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.structured import StructuredOutputsParams

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from deepseek_support import TINY_V3, PagedDriver, randomize_
 from tiny_models import TINY, make_hf_model
 
-from r1deploy.engine.config import EngineConfig, OffloadConfig
 from r1deploy.engine.engine import LLMEngine
 from r1deploy.engine.llm import LLM
+from r1deploy.engine_config import EngineConfig, OffloadConfig
 from r1deploy.models.loader import load_model
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.weights.layer_stream import LayerStream, layer_nbytes, resident_prefix

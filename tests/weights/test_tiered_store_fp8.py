@@ -19,7 +19,7 @@ from deepseek_support import FP8_TILE, TINY_V3, randomize_, read_checkpoint, run
 from transformers import DeepseekV3Config
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
-from r1deploy.engine.config import OffloadConfig
+from r1deploy.engine_config import OffloadConfig
 from r1deploy.models.loader import load_model
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
 from r1deploy.weights.tiered_store import TieredExpertStore, budget_slots

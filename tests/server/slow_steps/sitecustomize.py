@@ -4,7 +4,7 @@ seconds longer, so a test can SIGTERM it while requests are surely still in flig
 import os
 import time
 
-from r1deploy.engine.executor import LocalExecutor
+from r1deploy.worker.executor import LocalExecutor
 
 _delay = float(os.environ.get("R1DEPLOY_TEST_STEP_S", "0"))
 _run = LocalExecutor.execute

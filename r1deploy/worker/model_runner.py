@@ -11,19 +11,19 @@ import torch
 
 from r1deploy.attention.selector import default_attention_backend, make_attention_backend
 from r1deploy.core.forward_batch import ForwardBatch, PendingTokens, to_device
-from r1deploy.engine.config import EngineConfig
-from r1deploy.engine.cuda_graphs import DecodeGraphRunner
+from r1deploy.engine_config import EngineConfig
 from r1deploy.errors import UsageError
 from r1deploy.kernels.kv_quant import is_fp8
 from r1deploy.layers.attention import resolve_kv_cache_dtype
 from r1deploy.layers.sampler import Sampler, SamplerOutput
 from r1deploy.models.loader import LoadedModel
 from r1deploy.startup import phase
+from r1deploy.worker.cuda_graphs import DecodeGraphRunner
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
     from r1deploy.distributed.messages import StepMessage
-    from r1deploy.engine.model_input import SamplingRows
+    from r1deploy.worker.model_input import SamplingRows
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Protocol
 import torch
 
 from r1deploy.core.forward_batch import PendingTokens, to_device
-from r1deploy.engine.model_input import ModelInput
-from r1deploy.engine.model_runner import ModelRunner
 from r1deploy.layers.sampler import SamplerOutput
+from r1deploy.worker.model_input import ModelInput
+from r1deploy.worker.model_runner import ModelRunner
 
 
 class Executor(Protocol):
