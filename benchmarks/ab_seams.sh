@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 16's "no speed lost" check: the same benchmarks from two snapshots on one GPU, interleaved
 # (before, after, before, after) so drift of the card shows up as spread, not as a difference.
-#   bash benchmarks/ab_seams.sh carry/before . $OUT [quick]
+#   [ROUNDS=n] bash benchmarks/ab_seams.sh carry/before . $OUT [quick]
 # before/after: directories holding a `git archive` of each commit. Writes $OUT/<label>_<case>_<round>.json;
 # benchmarks/ab_compare.py turns them into one results file with the ratios.
 set -uo pipefail
 before=$(cd "$1" && pwd); after=$(cd "$2" && pwd); out=$3; quick=${4:-}
-rounds=2
+rounds=${ROUNDS:-2}
 [ "$quick" = quick ] && rounds=1
 run() {  # label dir case args...
   local label=$1 dir=$2 case=$3; shift 3
