@@ -382,6 +382,8 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
 
 
 def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) -> list[Point]:
+    from r1deploy.plan import run_points  # it builds on this module's readers
+
     catalog = Catalog.load(options.get("gpu_file"), None)
     points: list[Point] = []
     for path in paths:
@@ -403,6 +405,10 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             found = _layers_points(path, data, catalog, gpu, options)
         elif isinstance(data.get("decode"), list) and "tp" in data:
             found = _wave_points(path, data, catalog, gpu, options)
+        elif run_points.is_tp_file(data):
+            found = run_points.tp_points(path, data, catalog, gpu, options)
+        elif run_points.is_offload_file(data):
+            found = run_points.offload_points(path, data, catalog, gpu, options)
         else:
             found = []
             for label, entry in data.items():

@@ -136,3 +136,27 @@ def test_plan_validate_json_and_usage_errors(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exc:  # argparse refuses a name outside ENGINE_NAMES
         main(["plan", "--engine", "nope"])
     assert exc.value.code == 2
+
+
+def test_tp_and_offload_runs_are_read_and_validated(rows: dict) -> None:
+    sources = {r["source"] for r in rows["r1deploy"]}
+    assert {"h200_tp.json", "h200_tp_async.json", "h200_r1_offload.json"} <= sources
+    seventy = [r for r in rows["r1deploy"] if "r1-distill-llama-70b TP2" in r["point"]]
+    assert {r["metric"] for r in seventy} == {"TPOT ms", "output tok/s"} and all(r["set"] == "held_out" for r in seventy)
+    offload = [r for r in rows["r1deploy"] if r["source"] == "h200_r1_offload.json"]
+    assert len(offload) == 2 and all(abs(r["error_pct"]) <= HELD_OUT_LIMIT_PCT for r in offload)
+
+
+def test_kernel_groups_add_up_rather_than_hide_each_other() -> None:
+    """A compute-bound attention core does not hide memory-bound experts: the step is the sum of each kernel
+    group's own roofline, at least the single max(compute, memory) of the whole step."""
+    from r1deploy.plan.roofline import decode_stage
+
+    s = build_settings("deepseek-r1", input_len=1000, output_len=1000, concurrency=1)
+    gpu = Catalog.load(None, None).get("h200")
+    slow_attention = replace(Efficiency(), attention_flops=0.02)
+    cost = stage_cost(s.model, s.precision, Layout(8, 8, 1, 1, False, 8), gpu, slow_attention)
+    step = decode_stage(cost, 64, 4096)
+    assert step.roofline_s > max(step.compute_s, step.memory_s)
+    slower_experts = decode_stage(replace(cost, eff=replace(slow_attention, fp8_moe_bandwidth=0.5)), 64, 4096)
+    assert slower_experts.total_s > step.total_s  # the experts' read still counts beside the attention's FLOPs
