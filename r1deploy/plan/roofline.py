@@ -191,6 +191,7 @@ class StageCost:
     logits_params: float = 0.0  # of other_params: the logits GEMM, run for the last prompt token only in prefill
     fp8_weights: bool = False  # block-scaled FP8 linears (Efficiency.fp8_moe_layer_overhead_s)
     fp8_compute: bool = False  # ... run on FP8 tensor cores (linear_tflops is the FP8 peak; Efficiency.fp8_flops)
+    precision: Precision | None = None  # what it was built with (mtp_stage builds the draft module's alike)
 
     @property
     def layers(self) -> int:
@@ -233,6 +234,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
         int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
         fp8_weights=precision.weights == "fp8", fp8_compute=fp8, logits_params=logits, expert_params=experts,
+        precision=precision,
     )
 
 
@@ -344,6 +346,15 @@ def decode_stage(cost: StageCost, batch: float, context: float, query_tokens: in
         cost.moe_layers * cost.eff.fp8_moe_layer_overhead_s if cost.fp8_weights else 0.0)
     return _step(cost, batch * query_tokens, attn, kv_read, cost.eff.decode_flops, lay.tp, fixed_s,
                  attention_eff=cost.eff.attention_flops)
+
+
+def mtp_stage(cost: StageCost) -> StageCost:
+    """The draft forward of speculative decoding (DeepSeek's MTP module): one decoder layer of the model's last
+    kind (MoE for DeepSeek) with the shared embedding and logits head, on the same GPUs and factors."""
+    moe = 1 if cost.model.moe else 0
+    one = replace(cost.model, num_layers=1, num_dense_layers=1 - moe, num_moe_layers=moe, num_mtp_layers=0)
+    assert cost.precision is not None, "a StageCost from stage_cost()"
+    return stage_cost(one, cost.precision, replace(cost.layout, pp=1), cost.gpu, cost.eff)
 
 
 def pipeline_send_s(cost: StageCost, tokens: float) -> float:

@@ -160,3 +160,33 @@ def test_kernel_groups_add_up_rather_than_hide_each_other() -> None:
     assert step.roofline_s > max(step.compute_s, step.memory_s)
     slower_experts = decode_stage(replace(cost, eff=replace(slow_attention, fp8_moe_bandwidth=0.5)), 64, 4096)
     assert slower_experts.total_s > step.total_s  # the experts' read still counts beside the attention's FLOPs
+
+
+def test_spec_decode_per_position_acceptance_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    decayed = SpecDecode(3, 0.85, 0.9)
+    assert decayed.acceptance_per_position == pytest.approx((0.85, 0.765, 0.6885))
+    assert decayed.tokens_per_step == pytest.approx(1 + 0.85 + 0.85 * 0.765 + 0.85 * 0.765 * 0.6885)
+    assert decayed.tokens_per_step < SpecDecode(3, 0.85).tokens_per_step
+    with pytest.raises(UsageError):
+        SpecDecode(2, 0.8, 1.5)
+    assert main(["plan", "--json", "--num-gpus", "8", "--tp", "8", "--num-speculative-tokens", "3"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    sd = d["performance"]["spec_decode"]
+    assert sd["source"] == "flags" and sd["draft_tokens"] == 3 and sd["acceptance"] == 0.85  # DeepSeek's figure
+    assert 1 < sd["speedup"] < sd["tokens_per_step"] and sd["tpot_s"] < d["performance"]["tpot_s"]
+    assert main(["plan", "--json", "--num-gpus", "8", "--tp", "8", "--spec-acceptance", "0.5"]) == 0
+    low = json.loads(capsys.readouterr().out)["performance"]["spec_decode"]
+    assert low["draft_tokens"] == 1 and low["speedup"] < sd["speedup"]  # r1deploy has no MTP setting: one draft
+    assert main(["plan", "--num-gpus", "8", "--tp", "8", "--spec-acceptance", "1.5"]) == 2
+
+
+def test_draft_cost_is_the_mtp_module_not_a_share_of_the_step() -> None:
+    from r1deploy.plan.roofline import decode_stage, mtp_stage
+
+    s = build_settings("deepseek-r1", input_len=1000, output_len=1000, concurrency=1)
+    cost = stage_cost(s.model, s.precision, Layout(8, 8, 1, 1, False, 8), Catalog.load(None, None).get("h200"),
+                      replace(Efficiency(), layer_overhead_s=1e-4))
+    draft, step = decode_stage(mtp_stage(cost), 1, 1500), decode_stage(cost, 1, 1500)
+    assert mtp_stage(cost).moe_layers == 1 and mtp_stage(cost).layers == 1
+    assert draft.fixed_s == pytest.approx(1e-4)  # one layer's floor
+    assert step.total_s / cost.layers < draft.total_s < step.total_s / 5  # + the logits head, far below a step
