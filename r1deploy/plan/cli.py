@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from r1deploy.plan.validate import run_validate
 
-        return run_validate(args.engine, args.json, console, args.gpu_file)
+        return run_validate(args.engine, args.json, console, args.gpu_file, args.explain)
     if args.calibrate:
         if args.matrix or args.explain:
             raise UsageError("--calibrate is its own output; drop --matrix/--explain")

@@ -28,10 +28,15 @@ from r1deploy.plan.points import (
     Point,
     _gpu,
     _number,
+    decode_terms,
 )
 from r1deploy.plan.roofline import Efficiency, calibration_family, decode_stage, stage_cost
 from r1deploy.plan.serving import Workload, predict
 
+# All-reduce latency inside a decode CUDA graph on two H200s with torch's symmetric-memory one-shot kernel (bf16
+# messages up to 1 MiB; README "Tensor parallel": 7 us, NCCL 12 us). A TP entry that names this kernel in its
+# `all_reduce` field is predicted with it instead of the profile's NCCL floor.
+ONE_SHOT_ALLREDUCE_S = 7e-6
 # benchmarks/h200_offload.py's run: 64 new tokens at batch 1, 16 at batch 32, after a 128-token prompt.
 OFFLOAD_NEW_TOKENS = {1: 64, 32: 16}
 
@@ -70,15 +75,21 @@ def tp_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str |
             if not plan_memory(s.model, s.precision, layout, gpu, 0.9).fits:
                 raise UsageError(f"{where}: {s.model.name} does not fit {tp}x {gpu.name} in the planner's memory model")
             cost = stage_cost(s.model, s.precision, layout, gpu, s.eff)
-            common = {"source": Path(path).name, "model": f"{s.model.name} TP{tp}",
+            one_shot = "one-shot" in str(entry.get("all_reduce") or "")
+
+            def run_eff(eff: Efficiency, one_shot: bool = one_shot) -> Efficiency:
+                return replace(eff, intranode_latency_s=ONE_SHOT_ALLREDUCE_S) if one_shot else eff
+
+            common = {"source": Path(path).name, "model": f"{s.model.name} TP{tp}" + (" one-shot AR" if one_shot else ""),
                       "family": calibration_family(s.model), "fits": None}
             ctx = ENGINE_DECODE_PROMPT + ENGINE_DECODE_NEW / 2
             step = _number(entry, "decode_bs1_median_step_ms", where)
             if step is not None:
                 points.append(Point(**common, workload=f"decode batch 1, prompt {ENGINE_DECODE_PROMPT}/"
                                     f"{ENGINE_DECODE_NEW} new, {tp}x {gpu.name}", metric="TPOT ms", measured=step,
-                                    predict=lambda eff, c=cost: (decode_stage(replace(c, eff=eff), 1, ctx).total_s
-                                                                 + eff.step_overhead_s) * 1e3))
+                                    explain=lambda eff, c=cost, r=run_eff: decode_terms(c, 1, ctx)(r(eff)),
+                                    predict=lambda eff, c=cost, r=run_eff: (
+                                        decode_stage(replace(c, eff=r(eff)), 1, ctx).total_s + eff.step_overhead_s) * 1e3))
             offline = _number(entry, "offline_out_tok_s", where)
             requests, new = entry.get("offline_requests"), entry.get("offline_new_tokens")
             in_tokens = _number(entry, "offline_in_tokens", where)
@@ -87,7 +98,8 @@ def tp_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str |
                 work = Workload(prompt, new, requests, None, prompt + new)
                 points.append(Point(**common, workload=f"offline {requests} req, ~{prompt}/{new} tok, {tp}x {gpu.name}",
                                     metric="output tok/s", measured=offline,
-                                    predict=lambda eff, c=cost, w=work: predict(replace(c, eff=eff), w).output_tokens_per_s))
+                                    predict=lambda eff, c=cost, w=work, r=run_eff: predict(
+                                        replace(c, eff=r(eff)), w).output_tokens_per_s))
     return points
 
 
