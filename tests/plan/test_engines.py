@@ -203,3 +203,14 @@ def test_validate_rows_carry_the_terms_and_explain_prints_them(rows: dict, capsy
     assert layer["terms"]["fixed_ms"] > 0 and layer["terms"]["roofline_ms"] > 10
     assert main(["plan", "--validate", "--engine", "vllm", "--explain"]) == 0
     assert "terms (ms)" in capsys.readouterr().out
+
+
+def test_committed_validation_table_is_current(rows: dict) -> None:
+    """benchmarks/results/plan_validation.json is what `plan --validate --json` gives now (regenerate it after a refit)."""
+    committed = json.loads((ROOT / "benchmarks/results/plan_validation.json").read_text())
+    assert committed["command"].startswith("r1deploy plan --validate") and committed["date"]
+    now = {(r["engine"], r["source"], r["point"], r["metric"]): r["error_pct"] for e in rows.values() for r in e}
+    then = {(r["engine"], r["source"], r["point"], r["metric"]): r["error_pct"] for r in committed["rows"]}
+    assert then.keys() == now.keys()
+    for key, error in now.items():
+        assert then[key] == pytest.approx(error, abs=0.05), key
