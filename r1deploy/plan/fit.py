@@ -18,10 +18,10 @@ Both are clamped to the ranges below; a clamped factor is fixed and the other re
 MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
 pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
 wider: prefill_flops as above (wider range) from the prompts that meet no routed expert (dense-only depths),
-and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then decode_flops and
-memory_bandwidth by a search over a log grid, and for each pair step_overhead_s and layer_overhead_s (linear in
-them) by least squares on relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's
-rows).
+and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then the decode factors
+(memory_bandwidth, step_overhead_s, layer_overhead_s, and decode_flops, fp8_moe_bandwidth and attention_flops
+where the points separate them: `_decode_free`) jointly by bounded least squares on log error (scipy);
+embedding_read is set to 0 (the engine's lookup reads only the batch's rows).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Roofline step times: one pipeline stage, one forward (a prefill of S tokens or a decode step of B).
 
-time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead,
+time = sum over kernel groups (attention core, dense linears, routed experts) of
+       max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead,
 with INT4 (awq/gptq) weight bytes charged at the dequantising kernels' slower rates (Efficiency.int4_read,
 int4_multirow).
 The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them, and
@@ -144,22 +145,21 @@ class StepTime:
     bytes: float  # HBM bytes per GPU
     comm_bytes: float  # bytes one GPU sends
     internode_comm_bytes: float  # of which cross a node boundary
-    fixed_s: float = 0.0  # per-layer fixed latencies (Efficiency.layer_overhead_s)
+    fixed_s: float  # per-layer fixed latencies (Efficiency.layer_overhead_s)
     # Sum over the step's kernel groups (attention core, dense linears, routed experts) of each one's
     # max(compute, memory): kernels run one after another, so a compute-bound attention does not hide a
-    # memory-bound MoE. 0 (unset) = max(compute_s, memory_s), one roofline for the whole step.
-    roofline_s: float = 0.0
+    # memory-bound MoE (compute_s and memory_s are the groups' sums, for the bound and the report).
+    roofline_s: float
 
     @property
     def total_s(self) -> float:
         # No compute/communication overlap assumed: the conservative side of what engines achieve.
-        return (self.roofline_s or max(self.compute_s, self.memory_s)) + self.comm_s + self.fixed_s
+        return self.roofline_s + self.comm_s + self.fixed_s
 
     def terms(self) -> dict[str, float]:
         """The step's terms in milliseconds (the per-term breakdown `plan --validate` prints)."""
         return {"compute_ms": self.compute_s * 1e3, "memory_ms": self.memory_s * 1e3,
-                "roofline_ms": (self.roofline_s or max(self.compute_s, self.memory_s)) * 1e3,
-                "comm_ms": self.comm_s * 1e3, "fixed_ms": self.fixed_s * 1e3}
+                "roofline_ms": self.roofline_s * 1e3, "comm_ms": self.comm_s * 1e3, "fixed_ms": self.fixed_s * 1e3}
 
     @property
     def bound(self) -> str:

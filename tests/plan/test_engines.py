@@ -214,3 +214,17 @@ def test_committed_validation_table_is_current(rows: dict) -> None:
     assert then.keys() == now.keys()
     for key, error in now.items():
         assert then[key] == pytest.approx(error, abs=0.05), key
+
+
+def test_shipped_calibration_is_a_fixed_point_of_its_documented_fit() -> None:
+    """`plan --calibrate` on the r1deploy profile's runs, started from the shipped file, gives the shipped file."""
+    from r1deploy.plan.calibrate import fit_families, result_dict
+    from r1deploy.plan.roofline import load_calibration
+
+    shipped = ROOT / "r1deploy/plan/calibration_h200.json"
+    runs = ["h200_dense.json", "h200_r1_layers.json", "h200_quant_awq.json", "h200_r1_dry_tp2.json",
+            "h200_deepseek_v2_lite.json"]
+    points = load_points([str(ROOT / "benchmarks/results" / r) for r in runs])
+    starts = {f: load_calibration(shipped, f) for f in ("dense", "moe")}
+    result = result_dict(points, fit_families(points, starts))
+    assert result["calibration"] == json.loads(shipped.read_text())
