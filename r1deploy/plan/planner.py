@@ -39,9 +39,12 @@ class Plan:
         note = compute_note(s.precision, c.gpu.fp8_compute, c.gpu.display_name)
         if note:
             notes.append(note)
-        if s.model.num_mtp_layers:
+        if s.model.num_mtp_layers and s.spec is None:
             notes.append(f"the {s.model.mtp_params / 1e9:.1f}B-parameter MTP module is stored in the checkpoint but "
                          "not loaded (no speculative decoding planned)")
+        elif s.model.num_mtp_layers:
+            notes.append(f"speculative decoding (performance.spec_decode) loads the {s.model.mtp_params / 1e9:.1f}B-"
+                         "parameter MTP module too: the memory above leaves it out")
         if c.layout.tp_crosses_nodes:
             notes.append("TP spans nodes: every layer's collectives cross InfiniBand")
         return notes
