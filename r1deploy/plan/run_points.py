@@ -37,6 +37,8 @@ from r1deploy.plan.serving import Workload, predict
 # messages up to 1 MiB; README "Tensor parallel": 7 us, NCCL 12 us). A TP entry that names this kernel in its
 # `all_reduce` field is predicted with it instead of the profile's NCCL floor.
 ONE_SHOT_ALLREDUCE_S = 7e-6
+# The planner's mean context of benchmarks/h200_tp.py's decode (prompt 128, 256 new tokens).
+TP_DECODE_CONTEXT = ENGINE_DECODE_PROMPT + ENGINE_DECODE_NEW / 2
 # benchmarks/h200_offload.py's run: 64 new tokens at batch 1, 16 at batch 32, after a 128-token prompt.
 OFFLOAD_NEW_TOKENS = {1: 64, 32: 16}
 
@@ -82,14 +84,13 @@ def tp_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: str |
 
             common = {"source": Path(path).name, "model": f"{s.model.name} TP{tp}" + (" one-shot AR" if one_shot else ""),
                       "family": calibration_family(s.model), "fits": None}
-            ctx = ENGINE_DECODE_PROMPT + ENGINE_DECODE_NEW / 2
             step = _number(entry, "decode_bs1_median_step_ms", where)
             if step is not None:
                 points.append(Point(**common, workload=f"decode batch 1, prompt {ENGINE_DECODE_PROMPT}/"
                                     f"{ENGINE_DECODE_NEW} new, {tp}x {gpu.name}", metric="TPOT ms", measured=step,
-                                    explain=lambda eff, c=cost, r=run_eff: decode_terms(c, 1, ctx)(r(eff)),
+                                    explain=lambda eff, c=cost, r=run_eff: decode_terms(c, 1, TP_DECODE_CONTEXT)(r(eff)),
                                     predict=lambda eff, c=cost, r=run_eff: (
-                                        decode_stage(replace(c, eff=r(eff)), 1, ctx).total_s + eff.step_overhead_s) * 1e3))
+                                        decode_stage(replace(c, eff=r(eff)), 1, TP_DECODE_CONTEXT).total_s + eff.step_overhead_s) * 1e3))
             offline = _number(entry, "offline_out_tok_s", where)
             requests, new = entry.get("offline_requests"), entry.get("offline_new_tokens")
             in_tokens = _number(entry, "offline_in_tokens", where)

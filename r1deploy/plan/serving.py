@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass
 
 from r1deploy.errors import UsageError
-from r1deploy.plan.roofline import StageCost, StepTime, decode_stage, mtp_stage, pipeline_send_s, prefill_stage
+from r1deploy.plan.roofline import (
+    StageCost,
+    StepTime,
+    decode_stage,
+    mtp_stage,
+    pipeline_send_s,
+    prefill_stage,
+)
 
 # p99 of an exponentially-tailed wait is ln(100) = 4.6 x its mean: the M/D/1 mean wait scaled to p99.
 P99_WAIT_FACTOR = math.log(100)

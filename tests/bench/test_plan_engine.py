@@ -8,8 +8,8 @@ import pytest
 
 from r1deploy.bench import planlink
 from r1deploy.bench.benchmark import _plan_engine, _validate
-from r1deploy.errors import UsageError
 from r1deploy.bench.cli import register
+from r1deploy.errors import UsageError
 
 
 def test_plan_engine_reaches_the_plan_and_its_label() -> None:
