@@ -26,6 +26,7 @@ from r1deploy.bench.target import load_engine
 from r1deploy.bench.telemetry import Telemetry, scrape_metrics, torch_memory_stats
 from r1deploy.bench.workload import HFTokenizer, PromptMaker, RequestSpec
 from r1deploy.errors import UsageError
+from r1deploy.plan.engines import ENGINE_NAMES
 
 DEFAULT_OUTPUT_LEN = 128
 DEFAULT_BATCH, DEFAULT_REPEAT = 8, 4
@@ -55,6 +56,10 @@ class Measured:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.url and args.engine in ENGINE_NAMES:  # --url with the served engine's name: plan with its profile
+        if args.plan_engine and args.plan_engine != args.engine:
+            raise UsageError(f"--engine {args.engine} and --plan-engine {args.plan_engine} name different engines")
+        args.plan_engine, args.engine = args.engine, None
     if args.url and args.engine is not None:
         raise UsageError("give --url (a server) or --engine (in-process), not both")
     if args.url and (args.tp != 1 or args.dp_attention):

@@ -52,7 +52,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://localhost:8000 (ours, vLLM, SGLang)")
     g.add_argument("--engine", nargs="?", const="", metavar="MODEL",
                    help="the in-process engine (the default without --url); MODEL as --model, "
-                        "the embedded model when none")
+                        "the embedded model when none. With --url, an engine name (vllm, sglang, trtllm, r1deploy) "
+                        "says what serves there: planned vs measured uses its profile, as --plan-engine")
     g.add_argument("--api", choices=("completions", "chat"), default=None,
                    help="endpoint (default: chat for --workload reasoning, else completions)")
     g.add_argument("--api-key", default=os.environ.get("R1DEPLOY_API_KEY") or os.environ.get("OPENAI_API_KEY"),

@@ -80,16 +80,17 @@ def check_allreduce(
     text = f"{measured / 1e9:,.0f} GB/s bus bandwidth over {world} GPUs"
     if req is None:
         return Check(PASS, "all-reduce", text)
+    from r1deploy.doctor.requirements import assumed_efficiency
     from r1deploy.plan.catalog import Catalog
-    from r1deploy.plan.roofline import Efficiency
 
-    assumed = Catalog.load().get(req.gpu).intranode_bytes_s * Efficiency().intranode_link
+    assumed = Catalog.load().get(req.gpu).intranode_bytes_s * assumed_efficiency(req).intranode_link
+    whose = f"the plan ({req.engine} profile)" if req.engine else "the plan"
     if measured >= ALLREDUCE_TOLERANCE * assumed:
-        return Check(PASS, "all-reduce", f"{text}; the plan assumes {assumed / 1e9:,.0f} GB/s")
+        return Check(PASS, "all-reduce", f"{text}; {whose} assumes {assumed / 1e9:,.0f} GB/s")
     return Check(
         WARN,
         "all-reduce",
-        f"{text}, below the {assumed / 1e9:,.0f} GB/s the plan assumes: TP/EP steps will be slower",
+        f"{text}, below the {assumed / 1e9:,.0f} GB/s {whose} assumes: TP/EP steps will be slower",
         "check `nvidia-smi topo -m` (NV# links between the GPUs), that NCCL_P2P_DISABLE is unset, and PCIe "
         "ACS/IOMMU settings; then `r1deploy plan --calibration` with the measured link efficiency",
     )

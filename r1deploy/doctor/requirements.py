@@ -28,6 +28,10 @@ class Requirements:
     internode_bytes_per_s: float
     total_params: int
     weights_bytes: int
+    # The engine profile the plan predicts (deployment.engine; None: the datasheet roofline or an older plan)
+    # and the model's calibration family ("moe" for MoE/MLA models): which factors the link checks assume.
+    engine: str | None = None
+    family: str = "dense"
 
     @property
     def gpus_per_node(self) -> int:
@@ -65,14 +69,35 @@ def load_plan(path: Path) -> dict[str, Any]:
 
 
 def requirements_from_plan(plan: dict[str, Any], source: str) -> Requirements:
+    engine = (plan.get("deployment") or {}).get("engine")
+    if engine is not None:
+        from r1deploy.plan.engines import ENGINE_NAMES
+
+        if engine not in ENGINE_NAMES:
+            raise UsageError(f"{source}: deployment.engine {engine!r} is not one of {', '.join(ENGINE_NAMES)}")
+    model = plan.get("model") or {}
+    family = "moe" if model.get("moe") or model.get("attention") == "MLA" else "dense"
     req = Requirements(
-        **{field: _plan_value(plan, key, kind, source) for field, (key, kind) in _PLAN_KEYS.items()}
+        **{field: _plan_value(plan, key, kind, source) for field, (key, kind) in _PLAN_KEYS.items()},
+        engine=engine, family=family,
     )
     if req.nodes < 1 or req.num_gpus < 0:
         raise UsageError(
             f"{source}: deployment.nodes must be at least 1 and deployment.num_gpus not negative"
         )
     return req
+
+
+def assumed_efficiency(req: Requirements) -> Any:
+    """The efficiency factors the plan was made with: its engine's profile (deployment.engine), else the
+    planner's defaults."""
+    from r1deploy.plan.roofline import Efficiency
+
+    if req.engine is None:
+        return Efficiency()
+    from r1deploy.plan.engines import load_engine
+
+    return load_engine(req.engine).family_eff(req.family)
 
 
 def _plan_value(plan: dict[str, Any], key: str, kind: type, source: str) -> Any:

@@ -14,7 +14,8 @@ from r1deploy.plan.precision import KV_DTYPES, WEIGHT_FORMATS
 
 _PLAN_OPTIONS = ("num_gpus", "tp", "pp", "ep", "weights", "group_size", "kv_cache_dtype", "concurrency",
                  "request_rate", "input_len", "output_len", "max_model_len", "gpu_memory_utilization",
-                 "slo_ttft_ms", "slo_tpot_ms", "gpus_per_node", "price_file", "gpu_file", "calibration", "engine")
+                 "slo_ttft_ms", "slo_tpot_ms", "gpus_per_node", "price_file", "gpu_file", "calibration", "engine",
+                 "spec_acceptance", "num_speculative_tokens")
 # Options that describe one deployment and make no sense for the fixed-band matrix.
 _NOT_WITH_MATRIX = ("num_gpus", "tp", "pp", "ep", "dp_attention", "gpu", "model", "model_pos", "explain")
 
@@ -48,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=(*ENGINE_NAMES, "roofline"),
                    help="predict this engine with its profile fitted on published or our runs (plan/engines/*.json); "
                         "roofline: datasheet peaks x default efficiencies (default: r1deploy, or --calibration's)")
+    p.add_argument("--spec-acceptance", type=float, metavar="A",
+                   help="speculative decoding (MTP): acceptance of the first draft token, in performance.spec_decode "
+                        "(default 0.85, DeepSeek-V3's published MTP figure)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                   help="speculative decoding: draft tokens per step (default the engine's MTP setting, else 1)")
     p.add_argument("--validate", action="store_true", help="planned vs every published and measured point of the "
                    "engine profiles (--engine: one), with errors")
     p.add_argument("--offload", choices=("experts", "layers"),
@@ -151,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from r1deploy.plan.validate import run_validate
 
-        return run_validate(args.engine, args.json, console, args.gpu_file)
+        return run_validate(args.engine, args.json, console, args.gpu_file, args.explain)
     if args.calibrate:
         if args.matrix or args.explain:
             raise UsageError("--calibrate is its own output; drop --matrix/--explain")

@@ -24,7 +24,7 @@ from typing import Any
 from r1deploy.errors import UsageError
 from r1deploy.plan.model_spec import ModelSpec
 from r1deploy.plan.roofline import Efficiency, calibration_family, calibration_from_dict
-from r1deploy.plan.serving import SpecDecode
+from r1deploy.plan.serving import DEFAULT_SPEC_ACCEPTANCE, DEFAULT_SPEC_DECAY, SpecDecode
 
 ENGINES_DIR = Path(__file__).resolve().parent / "engines"
 ENGINE_NAMES = ("r1deploy", "sglang", "vllm", "trtllm")
@@ -55,7 +55,7 @@ class EngineProfile:
         mtp = self.features.get("mtp")
         if not mtp or not model.num_mtp_layers:
             return None
-        return SpecDecode(int(mtp["draft_tokens"]), float(mtp["acceptance"]))
+        return SpecDecode(int(mtp["draft_tokens"]), float(mtp["acceptance"]), float(mtp.get("decay", DEFAULT_SPEC_DECAY)))
 
     @property
     def max_running(self) -> int | None:
@@ -64,20 +64,38 @@ class EngineProfile:
         return int(value) if value else None
 
 
+def requested_spec(model: ModelSpec, engine: str | None, acceptance: float | None,
+                   draft_tokens: int | None) -> SpecDecode | None:
+    """Speculative decoding the user asked for: --num-speculative-tokens k (default: the engine's MTP draft
+    count, else 1) at --spec-acceptance for the first draft token (default DeepSeek's published 0.85), each later
+    position at the engine's decay (default 1); None when neither flag is given."""
+    if acceptance is None and draft_tokens is None:
+        return None
+    mtp = (load_engine(engine).features.get("mtp") or {}) if engine else {}
+    return SpecDecode(int(draft_tokens if draft_tokens is not None else mtp.get("draft_tokens", 1)),
+                      float(acceptance if acceptance is not None else DEFAULT_SPEC_ACCEPTANCE),
+                      float(mtp.get("decay", DEFAULT_SPEC_DECAY)))
+
+
 def spec_decode_dict(settings: Any, chosen: Any) -> dict[str, Any] | None:
-    """`performance.spec_decode` of a plan: what the engine's speculative decoding (MTP) would give on the chosen
-    deployment, beside the plan's numbers (which are without it, the engines' default); None when the engine
-    has none or the model no MTP module."""
+    """`performance.spec_decode` of a plan: what speculative decoding (the flags', else the engine's MTP) would
+    give on the chosen deployment, beside the plan's numbers (which are without it, the engines' default); None
+    when neither asks for it (the engine has no MTP or the model no MTP module)."""
     from r1deploy.plan.roofline import stage_cost
     from r1deploy.plan.serving import predict
 
-    spec = load_engine(settings.engine).spec_decode(settings.model) if settings.engine else None
+    spec = settings.spec
+    source = "flags"
+    if spec is None:
+        spec = load_engine(settings.engine).spec_decode(settings.model) if settings.engine else None
+        source = f"engine {settings.engine}"
     if spec is None:
         return None
     cost = stage_cost(settings.model, settings.precision, chosen.layout, chosen.gpu, settings.eff)
-    perf = predict(cost, settings.workload, spec)
-    return {"draft_tokens": spec.draft_tokens, "acceptance": spec.acceptance,
-            "tokens_per_step": spec.tokens_per_step, "tpot_s": perf.tpot_s,
+    plain, perf = predict(cost, settings.workload), predict(cost, settings.workload, spec)
+    return {"draft_tokens": spec.draft_tokens, "acceptance": spec.acceptance, "decay": spec.decay,
+            "acceptance_per_position": list(spec.acceptance_per_position), "source": source,
+            "tokens_per_step": spec.tokens_per_step, "speedup": plain.tpot_s / perf.tpot_s, "tpot_s": perf.tpot_s,
             "tokens_per_s_per_user": perf.tokens_per_s_per_user, "output_tokens_per_s": perf.output_tokens_per_s}
 
 

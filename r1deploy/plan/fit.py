@@ -18,10 +18,10 @@ Both are clamped to the ranges below; a clamped factor is fixed and the other re
 MoE/MLA fit (`fit_moe`): the engine's DeepSeek kernels sit far from the dense models' efficiencies and
 pay a fixed latency per layer (dozens of small kernels: router, expert sort, MLA splits), so the set is
 wider: prefill_flops as above (wider range) from the prompts that meet no routed expert (dense-only depths),
-and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then decode_flops and
-memory_bandwidth by a search over a log grid, and for each pair step_overhead_s and layer_overhead_s (linear in
-them) by least squares on relative errors; embedding_read is set to 0 (the engine's lookup reads only the batch's
-rows).
+and moe_flops (the experts' grouped GEMM) from those that do, when both kinds are given; then the decode factors
+(memory_bandwidth, step_overhead_s, layer_overhead_s, and decode_flops, fp8_moe_bandwidth and attention_flops
+where the points separate them: `_decode_free`) jointly by bounded least squares on log error (scipy);
+embedding_read is set to 0 (the engine's lookup reads only the batch's rows).
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ FITTED = ("prefill_flops", "memory_bandwidth", "step_overhead_s")
 FITTED_INT4 = ("int4_read", "int4_multirow")
 INT4_RANGE = (0.1, 1.0)
 # The MoE/MLA family's fitted set and ranges (fit_moe).
-FITTED_MOE = ("prefill_flops", "moe_flops", "fp8_flops", "decode_flops", "memory_bandwidth", "step_overhead_s", "layer_overhead_s")
+FITTED_MOE = ("prefill_flops", "moe_flops", "fp8_flops", "decode_flops", "memory_bandwidth", "fp8_moe_bandwidth",
+              "attention_flops", "step_overhead_s", "layer_overhead_s")
+# Decode kernel groups' shares (roofline._step), fitted when the decode points separate them from the rest: the
+# routed FP8 experts' bandwidth (some steps meet them, some do not) and the attention core's FLOP rate (some
+# steps are bound by it, some not), each probed at SHARE_PROBE so a default of 1 does not hide it.
+DECODE_SHARES = ("fp8_moe_bandwidth", "attention_flops")
+SHARE_PROBE = 0.1
 MOE_PREFILL_FLOPS_RANGE = (0.01, 1.0)
 MOE_DECODE_FLOPS_RANGE = (0.01, 1.0)
 MOE_MEMORY_BANDWIDTH_RANGE = (0.1, 1.0)
@@ -194,67 +200,42 @@ def fit(points: list[Point], start: Efficiency) -> Fit:
     return Fit(start, eff, {**used, "int4": len(int4)} if int4 else used, notes)
 
 
-def _log_grid(bounds: tuple[float, float], n: int) -> list[float]:
-    lo, hi = (math.log(v) for v in bounds)
-    return [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+def _decode_free(points: list[Point], eff: Efficiency) -> list[str]:
+    """The MoE decode factors these points determine: memory_bandwidth and the fixed latencies always;
+    decode_flops when some step is compute-bound at a low probe; each of DECODE_SHARES where some points are
+    bound by it and some are not (else it is confounded with memory_bandwidth / decode_flops)."""
+    free = ["memory_bandwidth", "step_overhead_s", "layer_overhead_s"]
+    probe = replace(eff, decode_flops=SHARE_PROBE)
+    if any(_sensitive(p, probe, "decode_flops") for p in points):
+        free.append("decode_flops")
+    for factor in DECODE_SHARES:
+        probe = replace(eff, **{factor: SHARE_PROBE})
+        bound = [_sensitive(p, probe, factor) for p in points]
+        if any(bound) and not all(bound):
+            free.append(factor)
+    return free
 
 
-def _fit_fixed(points: list[Point], base: list[float], per_layer: list[float]) -> tuple[float, float, float]:
-    """(step_overhead_s, layer_overhead_s, loss) minimising sum(((base + o + L l) / measured - 1)^2) within
-    their ranges; base and per_layer (L, layers per step) in ms, o and l in seconds."""
-    rows = [(1e3 / p.measured, lay * 1e3 / p.measured, 1 - b / p.measured) for p, b, lay in zip(points, base, per_layer)]
+def _fit_moe_decode(points: list[Point], eff: Efficiency, free: list[str]) -> Efficiency:
+    """The `free` decode factors jointly: bounded least squares on log(planned / measured) (scipy), shares
+    in log space, latencies in milliseconds."""
+    from scipy.optimize import least_squares
 
-    def loss(o: float, l_: float) -> float:
-        return sum((a * o + c * l_ - y) ** 2 for a, c, y in rows)
+    ranges = {"memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "decode_flops": MOE_DECODE_FLOPS_RANGE,
+              "step_overhead_s": STEP_OVERHEAD_RANGE_S, "layer_overhead_s": LAYER_OVERHEAD_RANGE_S,
+              **{f: MOE_FLOPS_RANGE for f in DECODE_SHARES}}
 
-    def best_one(fixed: float, which: int, bounds: tuple[float, float]) -> float:
-        # minimise over the free variable with the other fixed
-        num = sum((y - (a * fixed if which == 0 else c * fixed)) * (c if which == 0 else a) for a, c, y in rows)
-        den = sum((c if which == 0 else a) ** 2 for a, c, y in rows)
-        return _clamp(num / den if den > 0 else bounds[0], bounds)
+    def to_x(name: str, value: float) -> float:
+        return value * 1e3 if name.endswith("_s") else math.log(value)
 
-    saa = sum(a * a for a, _, _ in rows)
-    scc = sum(c * c for _, c, _ in rows)
-    sac = sum(a * c for a, c, _ in rows)
-    say = sum(a * y for a, _, y in rows)
-    scy = sum(c * y for _, c, y in rows)
-    det = saa * scc - sac ** 2
-    candidates = []
-    if det > 1e-9 * saa * scc:
-        o, l_ = (scc * say - sac * scy) / det, (saa * scy - sac * say) / det
-        if STEP_OVERHEAD_RANGE_S[0] <= o <= STEP_OVERHEAD_RANGE_S[1] and \
-                LAYER_OVERHEAD_RANGE_S[0] <= l_ <= LAYER_OVERHEAD_RANGE_S[1]:
-            candidates.append((o, l_))
-    for o in STEP_OVERHEAD_RANGE_S:
-        candidates.append((o, best_one(o, 0, LAYER_OVERHEAD_RANGE_S)))
-    for l_ in LAYER_OVERHEAD_RANGE_S:
-        candidates.append((best_one(l_, 1, STEP_OVERHEAD_RANGE_S), l_))
-    o, l_ = min(candidates, key=lambda c: loss(*c))
-    return o, l_, loss(o, l_)
+    def at(x: list[float]) -> Efficiency:
+        return replace(eff, **{n: v / 1e3 if n.endswith("_s") else math.exp(v) for n, v in zip(free, x)})
 
-
-def _fit_moe_decode(points: list[Point], eff: Efficiency, fit_flops: bool) -> Efficiency:
-    """decode_flops and memory_bandwidth on a log grid (refined twice around the best cell); for each,
-    the fixed latencies in closed form."""
-    zero = replace(eff, step_overhead_s=0.0, layer_overhead_s=0.0)
-    per_layer = [(p.predict(replace(zero, layer_overhead_s=1e-3)) - p.predict(zero)) for p in points]  # ms per ms
-
-    def solve(bw: float, df: float) -> tuple[float, Efficiency]:
-        e = replace(zero, memory_bandwidth=bw, decode_flops=df)
-        o, l_, loss = _fit_fixed(points, [p.predict(e) for p in points], per_layer)
-        return loss, replace(e, step_overhead_s=o, layer_overhead_s=l_)
-
-    bw_range, df_range = MOE_MEMORY_BANDWIDTH_RANGE, MOE_DECODE_FLOPS_RANGE if fit_flops else (eff.decode_flops,) * 2
-    best = (math.inf, eff)
-    for _ in range(3):
-        bws, dfs = _log_grid(bw_range, 25), _log_grid(df_range, 25 if fit_flops else 1)
-        best = min((solve(bw, df) for bw in bws for df in dfs), key=lambda r: r[0])
-        bw, df = best[1].memory_bandwidth, best[1].decode_flops
-        step_bw, step_df = (bws[1] / bws[0]) ** 2, ((dfs[1] / dfs[0]) ** 2 if fit_flops else 1.0)
-        bw_range = (_clamp(bw / step_bw, MOE_MEMORY_BANDWIDTH_RANGE), _clamp(bw * step_bw, MOE_MEMORY_BANDWIDTH_RANGE))
-        if fit_flops:
-            df_range = (_clamp(df / step_df, MOE_DECODE_FLOPS_RANGE), _clamp(df * step_df, MOE_DECODE_FLOPS_RANGE))
-    return best[1]
+    lo, hi = ([to_x(n, ranges[n][k]) for n in free] for k in (0, 1))
+    x0 = [min(max(to_x(n, _clamp(getattr(eff, n), ranges[n])), a), b) for n, a, b in zip(free, lo, hi)]
+    result = least_squares(lambda x: [math.log(p.predict(at(x)) / p.measured) for p in points], x0,
+                           bounds=(lo, hi), xtol=1e-10, ftol=1e-12)
+    return at(list(result.x))
 
 
 def _fit_prefill(points: list[Point], eff: Efficiency) -> Efficiency:
@@ -282,16 +263,15 @@ def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     eff = replace(start, embedding_read=0.0)
     prefill = [p for p in points if p.fits == "prefill"]
     decode = [p for p in points if p.fits == "decode"]
-    flops = False
+    free: list[str] = []
     for _ in range(3):
         prefill = [p for p in points if p.fits == "prefill" and _sensitive(p, eff, "prefill_flops")]
         if prefill:
             eff = _fit_prefill(prefill, eff)
         if decode:
-            eff = _fit_moe_decode(decode, eff, fit_flops=True)
-            flops = any(_sensitive(p, eff, "decode_flops") for p in decode)
-            if not flops:  # no compute-bound step: decode_flops is not determined by these points
-                eff = _fit_moe_decode(decode, replace(eff, decode_flops=start.decode_flops), fit_flops=False)
+            free = _decode_free(decode, eff)
+            eff = _fit_moe_decode(decode, eff, free)
+    flops = "decode_flops" in free
     if not prefill:
         notes.append("prefill_flops kept: no compute-bound TTFT point")
     if not decode:
@@ -301,7 +281,8 @@ def fit_moe(points: list[Point], start: Efficiency) -> Fit:
     eff = replace(eff, **{k: round(getattr(eff, k), 6 if k.endswith("_s") else 3) for k in FITTED_MOE})
     bounds = {"prefill_flops": MOE_PREFILL_FLOPS_RANGE, "moe_flops": MOE_FLOPS_RANGE, "fp8_flops": MOE_FLOPS_RANGE,
               "decode_flops": MOE_DECODE_FLOPS_RANGE,
-              "memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "step_overhead_s": STEP_OVERHEAD_RANGE_S,
+              "memory_bandwidth": MOE_MEMORY_BANDWIDTH_RANGE, "fp8_moe_bandwidth": MOE_FLOPS_RANGE,
+              "attention_flops": MOE_FLOPS_RANGE, "step_overhead_s": STEP_OVERHEAD_RANGE_S,
               "layer_overhead_s": LAYER_OVERHEAD_RANGE_S}
     for name, (lo, hi) in bounds.items():
         value = getattr(eff, name)

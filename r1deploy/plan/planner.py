@@ -7,7 +7,7 @@ from typing import Any
 
 from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog, GpuSpec
-from r1deploy.plan.engines import load_engine, spec_decode_dict
+from r1deploy.plan.engines import load_engine, requested_spec, spec_decode_dict
 from r1deploy.plan.host_requirements import HostPlan, host_requirements
 from r1deploy.plan.launch import launch_commands
 from r1deploy.plan.memory import weights_bytes_total
@@ -39,9 +39,12 @@ class Plan:
         note = compute_note(s.precision, c.gpu.fp8_compute, c.gpu.display_name)
         if note:
             notes.append(note)
-        if s.model.num_mtp_layers:
+        if s.model.num_mtp_layers and s.spec is None:
             notes.append(f"the {s.model.mtp_params / 1e9:.1f}B-parameter MTP module is stored in the checkpoint but "
                          "not loaded (no speculative decoding planned)")
+        elif s.model.num_mtp_layers:
+            notes.append(f"speculative decoding (performance.spec_decode) loads the {s.model.mtp_params / 1e9:.1f}B-"
+                         "parameter MTP module too: the memory above leaves it out")
         if c.layout.tp_crosses_nodes:
             notes.append("TP spans nodes: every layer's collectives cross InfiniBand")
         return notes
@@ -119,7 +122,8 @@ def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, gr
                    max_model_len: int | None = None, gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
                    slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
                    gpus_per_node: int = DEFAULT_GPUS_PER_NODE, calibration: str | None = None,
-                   engine: str | None = None) -> Settings:
+                   engine: str | None = None, spec_acceptance: float | None = None,
+                   num_speculative_tokens: int | None = None) -> Settings:
     spec = load_model(model)
     if concurrency is None and request_rate is None:
         concurrency = DEFAULT_CONCURRENCY
@@ -141,7 +145,8 @@ def build_settings(model: str = DEFAULT_MODEL, *, weights: str | None = None, gr
     if engine and calibration:
         raise UsageError("--engine and --calibration both set the efficiency factors; give one")
     eff = load_engine(engine).eff(spec) if engine else load_calibration(calibration, calibration_family(spec))
-    return Settings(spec, precision, work, slo, eff, gpu_memory_utilization, gpus_per_node, engine)
+    return Settings(spec, precision, work, slo, eff, gpu_memory_utilization, gpus_per_node, engine,
+                    requested_spec(spec, engine, spec_acceptance, num_speculative_tokens))
 
 
 def make_plan(model: str = DEFAULT_MODEL, gpu: str | None = DEFAULT_GPU, *, num_gpus: int | None = None,

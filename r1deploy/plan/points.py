@@ -72,7 +72,15 @@ class Point:
     fits: str | None  # "prefill", "decode", an INT4 factor (FITTED_INT4) or None (shown only)
     predict: Callable[[Efficiency], float]
     family: str = "dense"  # calibration family of the model (roofline.calibration_family)
+    # The predicted step's terms in ms (StepTime.terms plus the per-step overhead), where the point is a step.
+    explain: Callable[[Efficiency], dict[str, float]] | None = None
 
+
+
+def decode_terms(cost: StageCost, batch: float, context: float) -> Callable[[Efficiency], dict[str, float]]:
+    """The terms of one decode step of `cost` at `batch` sequences (for Point.explain)."""
+    return lambda eff: {**decode_stage(replace(cost, eff=eff), batch, context).terms(),
+                        "step_overhead_ms": eff.step_overhead_s * 1e3}
 
 
 def error_pct(planned: float, measured: float) -> float:
@@ -153,7 +161,7 @@ def _engine_points(path: str, entry: dict[str, Any], label: str, catalog: Catalo
         if value is not None:
             points.append(Point(
                 **common, workload=f"decode batch {batch}, prompt {ENGINE_DECODE_PROMPT}/{ENGINE_DECODE_NEW} new",
-                metric="TPOT ms", measured=value, fits="decode",
+                metric="TPOT ms", measured=value, fits="decode", explain=decode_terms(cost, batch, ctx),
                 predict=lambda eff, b=batch: (decode_stage(at(eff), b, ctx).total_s + eff.step_overhead_s) * 1e3))
     offline = _number(entry, "offline_out_tok_s", where)
     if offline is not None:
@@ -259,7 +267,7 @@ def _layers_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: 
                 if value is not None:
                     points.append(Point(
                         **common, workload=f"decode batch {batch}, context {context}", metric="TPOT ms",
-                        measured=value, fits="decode",
+                        measured=value, fits="decode", explain=decode_terms(cost, batch, context),
                         predict=lambda eff, b=batch, c=context, at=at: (
                             decode_stage(at(eff), b, c).total_s + eff.step_overhead_s) * 1e3))
     return points
@@ -364,14 +372,22 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
             return wave_s, ttft_s, (wave_s - ttft_s) / (n_out - 1)
 
         desc = f"one wave of {c}, {n_in}/{n_out} tok, {layout.num_gpus}x {gpu.name} {layout.describe()}"
-        common = {"source": Path(path).name, "model": name, "workload": desc, "family": calibration_family(spec)}
+
+        def terms(eff: Efficiency, c: int = c, n_in: int = n_in, n_out: int = n_out) -> dict[str, float]:
+            return {**decode_terms(cost, c, n_in + n_out / 2)(eff),
+                    "prefill_per_prompt_ms": prefill_stage(replace(cost, eff=eff), n_in).total_s * 1e3}
+
+        common = {"source": Path(path).name, "model": name, "workload": desc, "family": calibration_family(spec),
+                  "explain": terms}
         ttft, tpot = _number(entry, "mean_ttft_ms", where), _number(entry, "mean_tpot_ms", where)
         tput = _number(entry, "output_tok_s", where)
         if ttft is not None:
             points.append(Point(**common, metric="TTFT ms (mean)", measured=ttft, fits=None,
                                 predict=lambda eff, w=wave: w(eff)[1] * 1e3))
         if tpot is not None:
-            points.append(Point(**common, metric="TPOT ms (mean)", measured=tpot, fits="decode",
+            # Only a wave of one is a clean decode measurement: in larger waves the mean TPOT takes in the steps
+            # that also prefill later prompts, packed as their arrival timing allowed (not recorded): shown only.
+            points.append(Point(**common, metric="TPOT ms (mean)", measured=tpot, fits="decode" if c == 1 else None,
                                 predict=lambda eff, w=wave: w(eff)[2] * 1e3))
         if tput is not None:
             points.append(Point(**common, metric="output tok/s", measured=tput, fits=None,
@@ -380,6 +396,8 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
 
 
 def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) -> list[Point]:
+    from r1deploy.plan import run_points  # it builds on this module's readers
+
     catalog = Catalog.load(options.get("gpu_file"), None)
     points: list[Point] = []
     for path in paths:
@@ -401,6 +419,10 @@ def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) ->
             found = _layers_points(path, data, catalog, gpu, options)
         elif isinstance(data.get("decode"), list) and "tp" in data:
             found = _wave_points(path, data, catalog, gpu, options)
+        elif run_points.is_tp_file(data):
+            found = run_points.tp_points(path, data, catalog, gpu, options)
+        elif run_points.is_offload_file(data):
+            found = run_points.offload_points(path, data, catalog, gpu, options)
         else:
             found = []
             for label, entry in data.items():

@@ -1,6 +1,7 @@
 """Roofline step times: one pipeline stage, one forward (a prefill of S tokens or a decode step of B).
 
-time = max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead,
+time = sum over kernel groups (attention core, dense linears, routed experts) of
+       max(FLOPs / (peak x eff_flops), bytes / (HBM bandwidth x eff_bw)) + collectives + fixed overhead,
 with INT4 (awq/gptq) weight bytes charged at the dequantising kernels' slower rates (Efficiency.int4_read,
 int4_multirow).
 The efficiency factors are named defaults; `--calibration FILE.json` overrides any of them, and
@@ -64,6 +65,13 @@ class Efficiency:
     # the fused-MoE kernel dequantises block scales per tile and, at small M, waits on latency, not bytes.
     # Like layer_overhead_s it does not shrink with TP/EP. 0 = pure roofline.
     fp8_moe_layer_overhead_s: float = 0.0
+    # Decode attention kernels (MLA absorbed / paged GQA): share of decode_flops they reach. 128-head absorbed MLA
+    # is compute-heavy (~240 FLOP per byte) and runs on small mma tiles, far below dense GEMMs. 1 = same.
+    attention_flops: float = 1.0
+    # Routed experts in block-scaled FP8: share of memory_bandwidth the fused-MoE kernel streams them at (it
+    # dequantises per tile to bf16, W8A16, and reads scattered expert tiles; bf16 experts stream like a GEMV,
+    # as DeepSeek-V2-Lite's runs show). 1 = as fast as a dense read.
+    fp8_moe_bandwidth: float = 1.0
     # Share of the (untied) input embedding table read per forward: 1 counts it like any weight (the
     # conservative default the dense calibration was fitted with); 0 = a lookup reads only the batch's
     # rows, as engines do.
@@ -137,12 +145,21 @@ class StepTime:
     bytes: float  # HBM bytes per GPU
     comm_bytes: float  # bytes one GPU sends
     internode_comm_bytes: float  # of which cross a node boundary
-    fixed_s: float = 0.0  # per-layer fixed latencies (Efficiency.layer_overhead_s)
+    fixed_s: float  # per-layer fixed latencies (Efficiency.layer_overhead_s)
+    # Sum over the step's kernel groups (attention core, dense linears, routed experts) of each one's
+    # max(compute, memory): kernels run one after another, so a compute-bound attention does not hide a
+    # memory-bound MoE (compute_s and memory_s are the groups' sums, for the bound and the report).
+    roofline_s: float
 
     @property
     def total_s(self) -> float:
         # No compute/communication overlap assumed: the conservative side of what engines achieve.
-        return max(self.compute_s, self.memory_s) + self.comm_s + self.fixed_s
+        return self.roofline_s + self.comm_s + self.fixed_s
+
+    def terms(self) -> dict[str, float]:
+        """The step's terms in milliseconds (the per-term breakdown `plan --validate` prints)."""
+        return {"compute_ms": self.compute_s * 1e3, "memory_ms": self.memory_s * 1e3,
+                "roofline_ms": self.roofline_s * 1e3, "comm_ms": self.comm_s * 1e3, "fixed_ms": self.fixed_s * 1e3}
 
     @property
     def bound(self) -> str:
@@ -174,6 +191,7 @@ class StageCost:
     logits_params: float = 0.0  # of other_params: the logits GEMM, run for the last prompt token only in prefill
     fp8_weights: bool = False  # block-scaled FP8 linears (Efficiency.fp8_moe_layer_overhead_s)
     fp8_compute: bool = False  # ... run on FP8 tensor cores (linear_tflops is the FP8 peak; Efficiency.fp8_flops)
+    precision: Precision | None = None  # what it was built with (mtp_stage builds the draft module's alike)
 
     @property
     def layers(self) -> int:
@@ -216,6 +234,7 @@ def stage_cost(model: ModelSpec, precision: Precision, layout: Layout, gpu: GpuS
                          if model.lm_head_params else 0.0),  # a tied table is read whole by the logits GEMM
         int4_nonexpert_bytes=int4_nonexpert, int4_experts=precision.int4, int4_to_16bit=int4_to_16bit,
         fp8_weights=precision.weights == "fp8", fp8_compute=fp8, logits_params=logits, expert_params=experts,
+        precision=precision,
     )
 
 
@@ -259,27 +278,44 @@ def collectives(cost: StageCost, tokens: float) -> tuple[float, float, float]:
 
 
 def _step(cost: StageCost, tokens: float, attn_flops: float, kv_read: float, flops_eff: float,
-          attention_ways: int, fixed_s: float = 0.0, logit_rows: float | None = None) -> StepTime:
-    """`logit_rows`: rows the logits GEMM runs on (default every token; a prefill needs only the last)."""
+          attention_ways: int, fixed_s: float = 0.0, logit_rows: float | None = None,
+          attention_eff: float = 1.0) -> StepTime:
+    """`logit_rows`: rows the logits GEMM runs on (default every token; a prefill needs only the last);
+    `attention_eff`: the attention core's share of `flops_eff` (decode: Efficiency.attention_flops).
+    Three kernel groups, each at its own roofline (StepTime.roofline_s): the attention core (attention FLOPs
+    against the KV read), the dense linears (attention projections, dense MLP, shared experts, logits against
+    their weights) and the routed experts (their FLOPs against the expert bytes read)."""
     lay, gpu, eff = cost.layout, cost.gpu, cost.eff
     rows = tokens if logit_rows is None else logit_rows
     linear = 2 * tokens * (cost.attn_params / attention_ways + (cost.other_params - cost.logits_params) / lay.tp) + (
         2 * rows * cost.logits_params / lay.tp)
     expert_linear = 2 * tokens * cost.expert_params / lay.tp  # part of `linear`, at the grouped GEMM's rate
-    linear_eff = flops_eff * (eff.fp8_flops if cost.fp8_compute else 1.0)
-    compute = ((linear - expert_linear + expert_linear / eff.moe_flops) / (cost.linear_tflops * 1e12 * linear_eff)
-               + attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff))
+    linear_rate = cost.linear_tflops * 1e12 * flops_eff * (eff.fp8_flops if cost.fp8_compute else 1.0)
+    dense_compute = (linear - expert_linear) / linear_rate
+    expert_compute = expert_linear / (linear_rate * eff.moe_flops)
+    attn_compute = attn_flops / (gpu.bf16_tflops * 1e12 * flops_eff * attention_eff)
     experts = cost.expert_bytes * experts_touched(cost.model, tokens)
-    int4 = cost.int4_nonexpert_bytes + (experts if cost.int4_experts else 0.0)
-    hbm = (cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read) + experts + kv_read)
-    # HBM time in 16-bit-read equivalents: INT4 bytes are read by slower dequantising kernels (one token
-    # row), or cost at least a share of their 16-bit read (tile kernels, several rows).
-    int4_equivalent = int4 / eff.int4_read
-    if tokens > 1:
-        int4_equivalent = max(int4_equivalent, int4 * cost.int4_to_16bit * eff.int4_multirow)
-    memory_s = (hbm - int4 + int4_equivalent) / (gpu.bandwidth_bytes_s * eff.memory_bandwidth)
+    dense_bytes = cost.nonexpert_bytes - cost.embedding_bytes * (1 - eff.embedding_read)
+    hbm = dense_bytes + experts + kv_read
+    bw = gpu.bandwidth_bytes_s * eff.memory_bandwidth
+
+    def read_s(nbytes: float, int4: float) -> float:
+        """HBM time in 16-bit-read equivalents: INT4 bytes are read by slower dequantising kernels (one token
+        row), or cost at least a share of their 16-bit read (tile kernels, several rows)."""
+        int4_equivalent = int4 / eff.int4_read
+        if tokens > 1:
+            int4_equivalent = max(int4_equivalent, int4 * cost.int4_to_16bit * eff.int4_multirow)
+        return (nbytes - int4 + int4_equivalent) / bw
+
+    dense_memory = read_s(dense_bytes, cost.int4_nonexpert_bytes)
+    expert_memory = read_s(experts, experts if cost.int4_experts else 0.0) / (
+        eff.fp8_moe_bandwidth if cost.fp8_weights else 1.0)
+    attn_memory = kv_read / bw
+    roofline = (max(attn_compute, attn_memory) + max(dense_compute, dense_memory)
+                + max(expert_compute, expert_memory))
     comm_s, sent, inter = collectives(cost, tokens)
-    return StepTime(compute, memory_s, comm_s, linear + attn_flops, hbm, sent, inter, fixed_s)
+    return StepTime(attn_compute + dense_compute + expert_compute, attn_memory + dense_memory + expert_memory,
+                    comm_s, linear + attn_flops, hbm, sent, inter, fixed_s, roofline)
 
 
 def prefill_stage(cost: StageCost, prompt_tokens: int) -> StepTime:
@@ -308,7 +344,17 @@ def decode_stage(cost: StageCost, batch: float, context: float, query_tokens: in
     kv_read = batch / lay.attention_dp * context * cost.kv_bytes_per_token
     fixed_s = cost.layers * cost.eff.layer_overhead_s + (
         cost.moe_layers * cost.eff.fp8_moe_layer_overhead_s if cost.fp8_weights else 0.0)
-    return _step(cost, batch * query_tokens, attn, kv_read, cost.eff.decode_flops, lay.tp, fixed_s)
+    return _step(cost, batch * query_tokens, attn, kv_read, cost.eff.decode_flops, lay.tp, fixed_s,
+                 attention_eff=cost.eff.attention_flops)
+
+
+def mtp_stage(cost: StageCost) -> StageCost:
+    """The draft forward of speculative decoding (DeepSeek's MTP module): one decoder layer of the model's last
+    kind (MoE for DeepSeek) with the shared embedding and logits head, on the same GPUs and factors."""
+    moe = 1 if cost.model.moe else 0
+    one = replace(cost.model, num_layers=1, num_dense_layers=1 - moe, num_moe_layers=moe, num_mtp_layers=0)
+    assert cost.precision is not None, "a StageCost from stage_cost()"
+    return stage_cost(one, cost.precision, replace(cost.layout, pp=1), cost.gpu, cost.eff)
 
 
 def pipeline_send_s(cost: StageCost, tokens: float) -> float:

@@ -17,7 +17,7 @@ from r1deploy.plan.model_spec import ModelSpec
 from r1deploy.plan.parallel import Layout, candidate_gpu_counts, enumerate_layouts
 from r1deploy.plan.precision import Precision
 from r1deploy.plan.roofline import Efficiency, stage_cost
-from r1deploy.plan.serving import Performance, Workload, predict
+from r1deploy.plan.serving import Performance, SpecDecode, Workload, predict
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Settings:
     gpu_memory_utilization: float
     gpus_per_node: int
     engine: str | None = None  # the engine profile the factors come from (engines.py); None: the datasheet roofline
+    spec: SpecDecode | None = None  # speculative decoding asked for (--spec-acceptance / --num-speculative-tokens)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass
 
 from r1deploy.errors import UsageError
-from r1deploy.plan.roofline import StageCost, StepTime, decode_stage, pipeline_send_s, prefill_stage
+from r1deploy.plan.roofline import (
+    StageCost,
+    StepTime,
+    decode_stage,
+    mtp_stage,
+    pipeline_send_s,
+    prefill_stage,
+)
 
 # p99 of an exponentially-tailed wait is ln(100) = 4.6 x its mean: the M/D/1 mean wait scaled to p99.
 P99_WAIT_FACTOR = math.log(100)
@@ -53,23 +60,41 @@ class Workload:
         return self.input_len + self.output_len / 2
 
 
+# DeepSeek-V3 technical report (section 5.4.3): the MTP module's second-token prediction is accepted 85-90% of the
+# time; the low end is the default acceptance of the first draft token.
+DEFAULT_SPEC_ACCEPTANCE = 0.85
+DEFAULT_SPEC_DECAY = 1.0  # no published per-position figures for R1's MTP: each position as the first
+
+
 @dataclass(frozen=True)
 class SpecDecode:
-    """Speculative decoding (MTP / EAGLE): `draft_tokens` proposed per step, each accepted with probability
-    `acceptance` given the ones before it were, so a step yields 1 + a + a^2 + ... + a^k tokens. The step
-    verifies 1 + k query tokens per sequence, and each draft costs one extra decoder layer's step
-    (DeepSeek's MTP module is one layer)."""
+    """Speculative decoding (MTP / EAGLE): `draft_tokens` k proposed per step; draft i is accepted with
+    probability a_i = acceptance x decay^(i-1) given the ones before it were (the MTP module reused for later
+    positions predicts them less well: decay <= 1), so a step yields 1 + a_1 + a_1 a_2 + ... tokens. The step
+    verifies 1 + k query tokens per sequence, and each draft runs the MTP module once: one decoder layer and the
+    shared logits head (roofline.mtp_stage)."""
 
     draft_tokens: int
     acceptance: float
+    decay: float = DEFAULT_SPEC_DECAY
 
     def __post_init__(self) -> None:
         if self.draft_tokens < 1 or not 0 <= self.acceptance < 1:
             raise UsageError("speculative decoding needs draft_tokens >= 1 and an acceptance rate in [0, 1)")
+        if not 0 < self.decay <= 1:
+            raise UsageError("the per-position acceptance decay must be in (0, 1]")
+
+    @property
+    def acceptance_per_position(self) -> tuple[float, ...]:
+        return tuple(self.acceptance * self.decay ** i for i in range(self.draft_tokens))
 
     @property
     def tokens_per_step(self) -> float:
-        return sum(self.acceptance ** i for i in range(self.draft_tokens + 1))
+        total = reach = 1.0
+        for a in self.acceptance_per_position:
+            reach *= a
+            total += reach
+        return total
 
 
 @dataclass(frozen=True)
@@ -109,7 +134,7 @@ def predict(cost: StageCost, work: Workload, spec: SpecDecode | None = None) -> 
         if spec is None:
             return pp * step.total_s + pipeline_send_s(cost, micro) + cost.eff.step_overhead_s, step
         verify = decode_stage(cost, micro, work.mean_context, 1 + spec.draft_tokens)
-        draft_s = spec.draft_tokens * step.total_s / cost.layers
+        draft_s = spec.draft_tokens * decode_stage(mtp_stage(cost), micro, work.mean_context).total_s
         step_s = pp * (verify.total_s + draft_s) + pipeline_send_s(cost, micro) + cost.eff.step_overhead_s
         return step_s / spec.tokens_per_step, verify
 

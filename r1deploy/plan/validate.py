@@ -59,6 +59,18 @@ def _perf(profile: EngineProfile, point: dict[str, Any], catalog: Catalog, mtp: 
     return predict(cost, work, profile.spec_decode(model) if mtp else None)
 
 
+def published_terms(profile: EngineProfile, point: dict[str, Any], catalog: Catalog) -> dict[str, float]:
+    """The terms behind a published point's prediction: its decode step (with MTP when the point has it: the
+    verify step), the per-step overhead, the prefill, and MTP's tokens per step."""
+    mtp = bool(point.get("mtp")) or point["metric"] == "mtp_speedup"
+    perf = _perf(profile, point, catalog, mtp, None)
+    model = point_model(point)
+    spec = profile.spec_decode(model) if mtp else None
+    return {**perf.decode.terms(), "step_overhead_ms": profile.eff(model).step_overhead_s * 1e3,
+            "prefill_ms": perf.prefill_s * 1e3, "concurrency": perf.concurrency,
+            **({"mtp_tokens_per_step": spec.tokens_per_step} if spec else {})}
+
+
 def predict_published(profile: EngineProfile, point: dict[str, Any], catalog: Catalog,
                       eff: Efficiency | None = None) -> float:
     """The profile's prediction of one published point's metric (with `eff` instead of its factors, if given)."""
@@ -69,21 +81,22 @@ def predict_published(profile: EngineProfile, point: dict[str, Any], catalog: Ca
 
 
 def _row(engine: str, kind: str, set_: str, source: str, what: str, metric: str, measured: float,
-         planned: float) -> dict[str, Any]:
+         planned: float, terms: dict[str, float] | None) -> dict[str, Any]:
     return {"engine": engine, "kind": kind, "set": set_, "source": source, "point": what, "metric": metric,
-            "measured": measured, "planned": planned, "error_pct": error_pct(planned, measured)}
+            "measured": measured, "planned": planned, "error_pct": error_pct(planned, measured), "terms": terms}
 
 
 def validate_engine(profile: EngineProfile, catalog: Catalog) -> list[dict[str, Any]]:
     rows = [_row(profile.name, "published", p["set"], p["source"], p["id"], p["metric"], p["measured"],
-                 predict_published(profile, p, catalog)) for p in profile.points]
+                 predict_published(profile, p, catalog), published_terms(profile, p, catalog)) for p in profile.points]
     for run in profile.runs:
         if not (REPO_ROOT / run).is_file():  # an installed package without the repository's benchmarks/
             continue
         for pt in load_points([str(REPO_ROOT / run)]):
             set_ = "fitted" if pt.fits else "held_out"  # `plan --calibrate` fits on every point with a `fits`
+            eff = profile.family_eff(pt.family)
             rows.append(_row(profile.name, "measured", set_, pt.source, f"{pt.model}: {pt.workload}", pt.metric,
-                             pt.measured, pt.predict(profile.family_eff(pt.family))))
+                             pt.measured, pt.predict(eff), pt.explain(eff) if pt.explain else None))
     return rows
 
 
@@ -103,7 +116,16 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_validate(engine: str | None, as_json: bool, console: Any, gpu_file: str | None = None) -> int:
+def _terms_text(terms: dict[str, float] | None) -> str:
+    if not terms:
+        return ""
+    return ", ".join(f"{k.removesuffix('_ms')} {v:.2f}" for k, v in terms.items() if k not in ("compute_ms", "memory_ms"))
+
+
+def run_validate(engine: str | None, as_json: bool, console: Any, gpu_file: str | None = None,
+                 explain: bool = False) -> int:
+    """`explain`: a column with each point's terms (ms): the step's roofline (kernel groups at their own
+    max(compute, memory)), collectives, fixed per-layer latencies, the per-step overhead, the prefill."""
     catalog = Catalog.load(gpu_file, None)
     rows = [r for name in ([engine] if engine else ENGINE_NAMES) for r in validate_engine(load_engine(name), catalog)]
     out = {"rows": rows, "summary": summary(rows),
@@ -114,11 +136,12 @@ def run_validate(engine: str | None, as_json: bool, console: Any, gpu_file: str 
     from rich.table import Table
 
     table = Table(title="planned vs measured per engine (error = planned / measured - 1)")
-    for col in ("engine", "set", "point", "metric", "measured", "planned", "error", "source"):
+    for col in ("engine", "set", "point", "metric", "measured", "planned", "error", "source") + (
+            ("terms (ms)",) if explain else ()):
         table.add_column(col, justify="right" if col in ("measured", "planned", "error") else "left")
     for r in rows:
         table.add_row(r["engine"], r["set"], r["point"], r["metric"], f"{r['measured']:,.2f}", f"{r['planned']:,.2f}",
-                      f"{r['error_pct']:+.1f}%", r["source"])
+                      f"{r['error_pct']:+.1f}%", r["source"], *((_terms_text(r["terms"]),) if explain else ()))
     console.print(table)
     st = Table(title=f"max |error| per engine (targets: fitted {FITTED_LIMIT_PCT:g}%, held out {HELD_OUT_LIMIT_PCT:g}%)")
     for col in ("engine", "fitted points", "fitted max", "held-out points", "held-out max"):

@@ -96,7 +96,9 @@ def test_shipped_file_keeps_dense_fit_and_adds_moe_section() -> None:
     data = json.loads(SHIPPED.read_text())
     dense = {k: v for k, v in data.items() if k != "moe"}
     # the dense fit (h200_dense.json + h200_quant_awq.json; test_calibrate_int4.py checks its numbers)
-    assert set(dense) == {"prefill_flops", "memory_bandwidth", "step_overhead_s", "int4_read", "int4_multirow"}
+    # ... and NCCL's measured all-reduce floor (h200_tp.json), for every family
+    assert set(dense) == {"prefill_flops", "memory_bandwidth", "step_overhead_s", "int4_read", "int4_multirow",
+                          "intranode_latency_s"}
     assert load_calibration(SHIPPED) == replace(Efficiency(), **dense)  # dense models: unchanged
     moe = load_calibration(SHIPPED, "moe")
     # the top level (the INT4 kernels' factors too) overridden by the "moe" section
