@@ -41,19 +41,21 @@ def parse_spec_metrics(text: str) -> SpecStats | None:
     """SpecStats from a /metrics page (summed over model_name); None when it has no spec_decode series."""
     values: dict[str, float] = {}
     per_position: dict[str, dict[int, float]] = {}
-    for family in text_string_to_metric_families(text):
-        _, found, metric = family.name.rpartition("spec_decode_")
-        if not found:
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:  # not Prometheus text
+        return None
+    for sample in (sample for family in families for sample in family.samples):
+        _, found, metric = sample.name.rpartition("spec_decode_")
+        if not found or metric.endswith("_created"):
             continue
-        for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
-            if "position" in sample.labels:
-                slots = per_position.setdefault(metric, {})
-                position = int(sample.labels["position"])
-                slots[position] = slots.get(position, 0.0) + sample.value
-            else:
-                values[metric] = values.get(metric, 0.0) + sample.value
+        metric = metric.removesuffix("_total")  # counters' samples carry it; untyped pages name it anyway
+        if "position" in sample.labels:
+            slots = per_position.setdefault(metric, {})
+            position = int(sample.labels["position"])
+            slots[position] = slots.get(position, 0.0) + sample.value
+        else:
+            values[metric] = values.get(metric, 0.0) + sample.value
     if "num_drafts" not in values:
         return None
 
