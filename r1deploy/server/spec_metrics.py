@@ -37,8 +37,8 @@ class SpecDecodeMetrics(Collector):
                 ("num_draft_tokens", "Draft tokens verified", stats.num_draft_tokens),
                 ("num_accepted_tokens", "Draft tokens accepted", stats.num_accepted_tokens),
                 ("draft_time_seconds", "Engine time proposing drafts", stats.draft_s),
-                ("verify_time_seconds", "Engine time of the steps that verified drafts (schedule, forward, "
-                                        "sampling, acceptance)", stats.verify_s),
+                ("verify_time_seconds", "Engine time of the steps that verified drafts (schedule to acceptance)",
+                 stats.verify_s),
                 ("num_verify_steps", "Engine steps that verified drafts", stats.num_verify_steps)):
             family = CounterMetricFamily(f"{prefix}:spec_decode_{metric}", text, labels=["model_name"])
             family.add_metric([name], value)

@@ -48,10 +48,14 @@ class SpecStats:
         return copy.deepcopy(self)
 
     def since(self, earlier: SpecStats) -> SpecStats:
-        """The counts between `earlier` (a snapshot of the same counters) and now."""
+        """The counts between `earlier` (a snapshot of the same counters) and now; positions no draft reached
+        in between (a longer k before) are left out."""
+        proposed = _minus(self.proposed_per_position, earlier.proposed_per_position)
+        while proposed and proposed[-1] == 0:
+            proposed.pop()
+        accepted = _minus(self.accepted_per_position, earlier.accepted_per_position)[:len(proposed)]
         return SpecStats(self.num_drafts - earlier.num_drafts, self.num_draft_tokens - earlier.num_draft_tokens,
-                         _minus(self.accepted_per_position, earlier.accepted_per_position),
-                         _minus(self.proposed_per_position, earlier.proposed_per_position),
+                         accepted, proposed,
                          self.draft_s - earlier.draft_s, self.verify_s - earlier.verify_s,
                          self.num_verify_steps - earlier.num_verify_steps)
 

@@ -32,8 +32,8 @@ def test_no_section_without_speculation(fake_server, tmp_path: Path) -> None:
 
 
 def test_speculative_config_is_for_the_in_process_engine(fake_server, capsys) -> None:
-    code = run_bench(["--url", fake_server(), "--speculative-config", '{"method": "ngram", '
-                      '"num_speculative_tokens": 2}', *FAST])
+    ngram = '{"method": "ngram", "num_speculative_tokens": 2}'
+    code = run_bench(["--url", fake_server(), "--speculative-config", ngram, *FAST])
     assert code == 2 and "r1deploy serve --speculative-config" in capsys.readouterr().err
 
 

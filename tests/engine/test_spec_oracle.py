@@ -119,3 +119,6 @@ def test_spec_stats_subtract_into_one_phase() -> None:
     assert phase.proposed_per_position == [2, 2, 1] and phase.accepted_per_position == [1, 0, 0]
     assert phase.acceptance_per_position == [0.5, 0.0, 0.0] and phase.mean_accepted_length == 1.5
     assert phase.summary()["verify_ms_per_verify_step"] == 500.0
+    later = stats.snapshot()
+    stats.record(1, 1)  # a phase of k = 1 after k = 3: only position 0
+    assert stats.since(later).acceptance_per_position == [1.0]
