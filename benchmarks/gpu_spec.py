@@ -37,6 +37,7 @@ from r1deploy.engine_config import SPECULATIVE_METHODS, EngineConfig, Speculativ
 from r1deploy.presets import resolve_config_path
 
 K3 = (0.85, 0.7, 0.55)
+BATCHES = (1, 8, 32)
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 TINY_MLA = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
@@ -92,9 +93,8 @@ def mtp_engine(model_dir: str, device: str, max_model_len: int) -> tuple[LLMEngi
     return engine, inner, "mtp head timed: its propose() runs before each oracle proposal, its drafts discarded"
 
 
-def free(engine: LLMEngine) -> None:
-    engine.shutdown()
-    del engine
+def release() -> None:
+    """After an engine's function returned: its weights, KV pool and graphs go before the next model loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -105,43 +105,48 @@ def prompts(engine: LLMEngine, batch: int, length: int, seed: int) -> list[list[
     return torch.randint(0, engine.model_config.vocab_size, (batch, length), generator=generator).tolist()
 
 
-def run(args: argparse.Namespace, result: dict) -> None:
-    smoke = args.cpu_smoke
-    device = "cpu" if smoke else "cuda"
-    prompt_len, new_tokens, new_tokens_b32 = (16, 24, 12) if smoke else (128, 256, 128)
-    steps = 4 if smoke else 16
-    batches = (1, 8, 32)
-    rows, cost = result["workloads"], result["verify_step_cost"]
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        engine = build(dense_model(smoke, Path(tmp)), device, 1024)
-        result["startup_s"] = {"dense": time.perf_counter() - started}
-        rows.append({"workload": "a: 7B shape, batch 1, k=3 at 0.8", "target_speedup": 1.8,
-                     **oracle_speedup(engine, prompts(engine, 1, prompt_len, 0), new_tokens, 3, (0.8,) * 3)})
-        print(json.dumps(rows[-1]), flush=True)
-        cost += [{"model": "7B shape", **row} for row in verify_step_cost(engine, 3, batches, prompt_len=prompt_len,
-                                                                           steps=steps)]
-        free(engine)
+def sizes(smoke: bool) -> dict[str, Any]:
+    return ({"prompt_len": 16, "new_tokens": 24, "new_tokens_b32": 12, "steps": 4} if smoke
+            else {"prompt_len": 128, "new_tokens": 256, "new_tokens_b32": 128, "steps": 16})
 
-        engine, inner, result["mtp"] = (None, None, "mtp head not timed: --no-mtp") if args.no_mtp else \
-            mtp_engine(r1_model(smoke, args.dense, args.moe, True, Path(tmp)), device, 1024)
-        started = time.perf_counter()
-        engine = engine or build(r1_model(smoke, args.dense, args.moe, False, Path(tmp)), device, 1024)
-        result["startup_s"]["r1"] = time.perf_counter() - started
-        result["r1_weights"] = sorted({str(p.dtype) for p in engine.loaded.model.parameters()})
-        r1 = f"R1 {args.dense} dense + {args.moe} MoE layers"
-        for name, batch, k, acceptance, target, tokens in (
-                ("b: batch 1, k=1 at 0.85", 1, 1, (0.85,), 1.6, new_tokens),
-                ("b: batch 1, k=3 at 0.85/0.7/0.55", 1, 3, K3, 2.0, new_tokens),
-                ("c: batch 32, k=1 at 0.85", 32, 1, (0.85,), 1.0, new_tokens_b32)):
-            rows.append({"workload": f"{name} ({r1})", "target_speedup": target,
-                         **oracle_speedup(engine, prompts(engine, batch, prompt_len, batch), tokens, k, acceptance,
-                                          inner=inner)})
-            print(json.dumps(rows[-1]), flush=True)
-        for k in (1, 3):
-            cost += [{"model": r1, **row} for row in verify_step_cost(engine, k, batches, prompt_len=prompt_len,
-                                                                       steps=steps)]
-        free(engine)
+
+def dense_workloads(args: argparse.Namespace, result: dict, directory: Path) -> None:
+    """(a) and (d) on the R1-Distill-Qwen-7B shape."""
+    size, device = sizes(args.cpu_smoke), "cpu" if args.cpu_smoke else "cuda"
+    started = time.perf_counter()
+    engine = build(dense_model(args.cpu_smoke, directory), device, 1024)
+    result["startup_s"]["dense"] = time.perf_counter() - started
+    result["workloads"].append({"workload": "a: 7B shape, batch 1, k=3 at 0.8", "target_speedup": 1.8,
+                                **oracle_speedup(engine, prompts(engine, 1, size["prompt_len"], 0),
+                                                 size["new_tokens"], 3, (0.8,) * 3)})
+    print(json.dumps(result["workloads"][-1]), flush=True)
+    result["verify_step_cost"] += [{"model": "7B shape", **row} for row in verify_step_cost(
+        engine, 3, BATCHES, prompt_len=size["prompt_len"], steps=size["steps"])]
+    engine.shutdown()
+
+
+def r1_workloads(args: argparse.Namespace, result: dict, directory: Path) -> None:
+    """(b), (c) and (d) on R1 at full width, reduced depth, with the MTP head as the inner drafter if it exists."""
+    size, device = sizes(args.cpu_smoke), "cpu" if args.cpu_smoke else "cuda"
+    started = time.perf_counter()
+    engine, inner, result["mtp"] = (None, None, "mtp head not timed: --no-mtp") if args.no_mtp else \
+        mtp_engine(r1_model(args.cpu_smoke, args.dense, args.moe, True, directory), device, 1024)
+    engine = engine or build(r1_model(args.cpu_smoke, args.dense, args.moe, False, directory), device, 1024)
+    result["startup_s"]["r1"] = time.perf_counter() - started
+    result["r1_weight_dtypes"] = sorted({str(p.dtype) for p in engine.loaded.model.parameters()})
+    r1 = f"R1 {args.dense} dense + {args.moe} MoE layers"
+    for name, batch, k, acceptance, target, tokens in (
+            ("b: batch 1, k=1 at 0.85", 1, 1, (0.85,), 1.6, size["new_tokens"]),
+            ("b: batch 1, k=3 at 0.85/0.7/0.55", 1, 3, K3, 2.0, size["new_tokens"]),
+            ("c: batch 32, k=1 at 0.85", 32, 1, (0.85,), 1.0, size["new_tokens_b32"])):
+        result["workloads"].append({"workload": f"{name} ({r1})", "target_speedup": target,
+                                    **oracle_speedup(engine, prompts(engine, batch, size["prompt_len"], batch),
+                                                     tokens, k, acceptance, inner=inner)})
+        print(json.dumps(result["workloads"][-1]), flush=True)
+    for k in (1, 3):
+        result["verify_step_cost"] += [{"model": r1, **row} for row in verify_step_cost(
+            engine, k, BATCHES, prompt_len=size["prompt_len"], steps=size["steps"])]
+    engine.shutdown()
 
 
 def main() -> None:
@@ -158,9 +163,13 @@ def main() -> None:
                     "device": "cpu (smoke: tiny shapes)" if args.cpu_smoke else torch.cuda.get_device_name(),
                     "host": platform.node(), "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "weights": "random (load_format dummy)", "workloads": [], "verify_step_cost": []}
+                    "weights": "random (load_format dummy)", "startup_s": {}, "workloads": [], "verify_step_cost": []}
     started = time.perf_counter()
-    run(args, result)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_workloads(args, result, Path(tmp))
+        release()
+        r1_workloads(args, result, Path(tmp))
+        release()
     result["wall_s"] = time.perf_counter() - started
     for row in result["workloads"]:
         row["meets_target"] = row["tokens_equal"] and row["speedup"] >= row["target_speedup"]

@@ -71,7 +71,11 @@ def oracle_speedup(engine: LLMEngine, prompts: Sequence[Sequence[int]], new_toke
                    acceptance: Sequence[float], *, seed: int = 0, inner: Proposer | None = None,
                    repeats: int = 2) -> dict[str, Any]:
     """Output tok/s with the oracle drafter at `acceptance` against the same engine without speculation (median of
-    `repeats` timed runs each, after one untimed run that warms up and gives the reference)."""
+    `repeats` timed runs each, after one untimed run that warms up and gives the reference). The engine must run
+    without prefix caching: a prompt served from the cache is a different (bf16-rounded) computation, so the
+    token-for-token check would compare unlike runs."""
+    if engine.block_manager.enable_prefix_caching:
+        raise ValueError("oracle_speedup: build the engine with enable_prefix_caching=False")
     use_proposer(engine, None)
     _, reference = greedy_run(engine, prompts, new_tokens)
     plain_s = statistics.median(greedy_run(engine, prompts, new_tokens)[0] for _ in range(repeats))
@@ -120,8 +124,7 @@ def verify_step_cost(engine: LLMEngine, k: int, batch_sizes: Sequence[int], *, p
 
 def _steady_step_ms(engine: LLMEngine, prompts: Sequence[Sequence[int]], steps: int) -> float:
     """Mean ms of `steps` engine steps once every request decodes (prefill done, two steps of warm-up); the
-    requests are aborted afterwards. Prefix caching is off, so each side computes the same prompts in full."""
-    engine.block_manager.enable_prefix_caching = False
+    requests are aborted afterwards."""
     params = SamplingParams(temperature=0.0, max_tokens=8 * steps + 64, ignore_eos=True)
     ids = [engine.add_request(list(p), params) for p in prompts]
     while any(engine.requests[i].num_output_tokens == 0 for i in ids):
