@@ -5,7 +5,8 @@ keys: duration, completed, request_throughput, ..., {mean,median,std,p90,p99}_{t
 slo (profile, checks, passed), telemetry (summary + series), efficiency (MBU / MFU, planned vs
 measured), optional expert_offload (--offload experts: the expert store's hits, misses, hit rate, bytes
 moved, stall time over the measured phase), optional speculative (speculative decoding over the measured phase:
-acceptance per draft position, mean accepted length, draft and verify time per verify step), sweep and soak sections, and requests (one row per request).
+acceptance per draft position, mean accepted length, draft and verify time per verify step), sweep and soak
+sections, and requests (one row per request).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.spec_from_file_location("engine_conftest", Path(__file__).parents[1] / "engine" / "conftest.py")
+    conftest = Path(__file__).parents[1] / "engine" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("engine_conftest", conftest)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module.save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
