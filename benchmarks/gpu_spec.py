@@ -131,7 +131,9 @@ def r1_workloads(args: argparse.Namespace, result: dict, directory: Path) -> Non
     started = time.perf_counter()
     engine, inner, result["mtp"] = (None, None, "mtp head not timed: --no-mtp") if args.no_mtp else \
         mtp_engine(r1_model(args.cpu_smoke, args.dense, args.moe, True, directory), device, 1024)
-    engine = engine or build(r1_model(args.cpu_smoke, args.dense, args.moe, False, directory), device, 1024)
+    if engine is None:
+        release()  # whatever a failed MTP build left
+        engine = build(r1_model(args.cpu_smoke, args.dense, args.moe, False, directory), device, 1024)
     result["startup_s"]["r1"] = time.perf_counter() - started
     result["r1_weight_dtypes"] = sorted({str(p.dtype) for p in engine.loaded.model.parameters()})
     r1 = f"R1 {args.dense} dense + {args.moe} MoE layers"
