@@ -106,8 +106,9 @@ class SpeculativeConfig:
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.method == "oracle":
             self._normalise_oracle_options()
-        elif self.acceptance or self.references is not None or self.inner is not None:
-            raise ValueError("speculative config: acceptance, references and inner are options of method 'oracle'")
+        elif self.acceptance or self.references is not None or self.inner is not None or self.seed:
+            raise ValueError("speculative config: acceptance, references, seed and inner are options of method "
+                             "'oracle'")
 
     def _normalise_oracle_options(self) -> None:
         """acceptance to k floats in [0, 1], references to a dict of tuples (frozen: set once, here)."""
