@@ -75,7 +75,7 @@ class ParallelConfig:
             raise ValueError(f"timeouts must be > 0, got {self.timeout_s}, {self.init_timeout_s}")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "oracle")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,14 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram: the shortest tail n-gram to match
     prompt_lookup_max: int = 4  # ngram: the longest, tried first
+    # "oracle" (tests and benchmarks only, NOT for production: it needs the target's own greedy output in advance):
+    # r1deploy/spec/oracle.py. acceptance: the probability that draft position i is left right (one value or k);
+    # references: prompt token ids -> the target's greedy output ids (JSON: a list of [prompt, output] pairs);
+    # inner: a method whose proposer runs for its cost, its drafts discarded (e.g. "ngram"; MTP once it exists).
+    acceptance: tuple[float, ...] = ()
+    references: Mapping[tuple[int, ...], tuple[int, ...]] | None = None
+    seed: int = 0
+    inner: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -96,6 +104,35 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.method == "oracle":
+            self._normalise_oracle_options()
+        elif self.acceptance or self.references is not None or self.inner is not None or self.seed:
+            raise ValueError("speculative config: acceptance, references, seed and inner are options of method "
+                             "'oracle'")
+
+    def _normalise_oracle_options(self) -> None:
+        """acceptance to k floats in [0, 1], references to a dict of tuples (frozen: set once, here)."""
+        k = self.num_speculative_tokens
+        acceptance = self.acceptance
+        acceptance = (acceptance,) if isinstance(acceptance, (int, float)) else tuple(acceptance)
+        if len(acceptance) == 1:
+            acceptance *= k
+        if len(acceptance) != k or not all(0.0 <= a <= 1.0 for a in acceptance):
+            raise ValueError(f"oracle: acceptance must be one value or {k} values in [0, 1], got {self.acceptance!r}")
+        references = self.references
+        if references is None:
+            raise ValueError("oracle: references (prompt token ids -> the target's greedy output ids) are required")
+        pairs = references.items() if isinstance(references, Mapping) else references
+        try:
+            references = {tuple(map(int, prompt)): tuple(map(int, output)) for prompt, output in pairs}
+        except (TypeError, ValueError):
+            raise ValueError("oracle: references must map prompt token ids to output token ids "
+                             "(JSON: [[prompt ids, output ids], ...])") from None
+        if self.inner is not None and self.inner not in set(SPECULATIVE_METHODS) - {"oracle"}:
+            raise ValueError(f"oracle: inner must be one of {sorted(set(SPECULATIVE_METHODS) - {'oracle'})}, "
+                             f"got {self.inner!r}")
+        object.__setattr__(self, "acceptance", tuple(float(a) for a in acceptance))
+        object.__setattr__(self, "references", references)
 
     @staticmethod
     def of(options: dict | str) -> SpeculativeConfig:

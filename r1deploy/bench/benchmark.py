@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from r1deploy.bench import efficiency, planlink, report, workload
+from r1deploy.bench import efficiency, planlink, report, spec_report, workload
 from r1deploy.bench.arrivals import Concurrency, Rate, Rounds, Schedule
 from r1deploy.bench.client import Backend, EngineBackend, HttpBackend
 from r1deploy.bench.metrics import Summary, summarize
@@ -41,6 +41,7 @@ class Setup:
     plan: dict[str, Any] | None
     description: str
     expert_store: Any = None  # --offload experts: the engine's TieredExpertStore (stats(), reset_stats())
+    spec_counters: spec_report.SpecCounters | None = None  # speculative decoding's counters (engine or /metrics)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Measured:
     telemetry: dict[str, Any]
     checks: tuple[Check, ...]
     expert_offload: dict[str, Any] | None = None  # --offload experts: the store's counters over this phase
+    speculative: dict[str, Any] | None = None  # speculative decoding over this phase (acceptance, draft/verify time)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -91,6 +93,9 @@ def _validate(args: argparse.Namespace) -> None:
     if offload and args.url:
         raise UsageError("--offload runs the in-process engine; for a server, start it with "
                          "`r1deploy serve --offload experts` (its /metrics has the expert-cache counters)")
+    if args.url and getattr(args, "speculative_config", None):
+        raise UsageError("--speculative-config sets up the in-process engine; for a server, start it with "
+                         "`r1deploy serve --speculative-config JSON` (the report reads its /metrics)")
     if offload and getattr(args, "gpu_weight_budget", None) is None:
         raise UsageError("--offload experts needs --gpu-weight-budget GB")
 
@@ -173,7 +178,8 @@ async def _http_target(args: argparse.Namespace) -> Setup:
                           remote_process=True)
     plan = planlink.plan(args.model, **_plan_workload(args), **_plan_engine(args)) if args.model else None
     return Setup(backend, PromptMaker(tokenizer=tokenizer), telemetry, plan,
-                  f"{args.url} ({_api(args)}, model {backend.model})")
+                  f"{args.url} ({_api(args)}, model {backend.model})",
+                  spec_counters=spec_report.server_counters(backend.base, args.api_key))
 
 
 def _plan_workload(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,7 +199,7 @@ def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> 
     model = args.engine or args.model or None
     engine = load_engine(model, args.device, args.dtype, args.load_format, max_seqs, context_len,
                          _plan_workload(args), offload=_offload_config(args), tp=args.tp,
-                         dp_attention=args.dp_attention)
+                         dp_attention=args.dp_attention, speculative=_speculative_config(args))
     tok = engine.tokenizer
     text_workload = _workload_kind(args) in ("sharegpt", "reasoning")
     # Token-id prompts for synthetic workloads: exact lengths with or without a tokenizer.
@@ -213,7 +219,19 @@ def engine_target(args: argparse.Namespace, context_len: int, max_seqs: int) -> 
         description += f", TP {args.tp}" + (" with DP attention" if args.dp_attention else "")
     if store is not None:
         description += f", experts offloaded: {store.num_gpu_slots} GPU slots"
-    return Setup(backend, maker, telemetry, plan, description + ")", expert_store=store)
+    return Setup(backend, maker, telemetry, plan, description + ")", expert_store=store,
+                 spec_counters=spec_report.engine_counters(engine))
+
+
+def _speculative_config(args: argparse.Namespace) -> Any:
+    if not getattr(args, "speculative_config", None):
+        return None
+    from r1deploy.engine_config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.of(args.speculative_config)
+    except ValueError as exc:
+        raise UsageError(f"--speculative-config: {exc}") from None
 
 
 def _offload_config(args: argparse.Namespace) -> Any:
@@ -283,6 +301,7 @@ async def measure(target: Setup, specs: list[RequestSpec], schedule: Schedule, a
     target.telemetry.samples.clear()
     if target.expert_store is not None:  # count the measured phase only (not load, warm-up or earlier points)
         target.expert_store.reset_stats()
+    spec_before = target.spec_counters() if target.spec_counters is not None else None
     t0 = time.monotonic()
     target.telemetry.start(t0)
     try:
@@ -290,17 +309,21 @@ async def measure(target: Setup, specs: list[RequestSpec], schedule: Schedule, a
     finally:
         target.telemetry.stop()
     duration = time.monotonic() - t0
-    return finish(target, records, t0, duration, targets, counted_from="start of the measured phase")
+    return finish(target, records, t0, duration, targets, counted_from="start of the measured phase",
+                  spec_before=spec_before)
 
 
 def finish(target: Setup, records: list[RequestRecord], t0: float, duration: float, targets: tuple,
-           counted_from: str = "start of the engine") -> Measured:
+           counted_from: str = "start of the engine", spec_before: Any = None) -> Measured:
+    """spec_before: speculative decoding's counters at counted_from (None: since the engine started)."""
     tel = target.telemetry.summary()
     summary = summarize(records, duration, goodput_limits(targets))
     checks = verdict(targets, measured_values(summary, tel, records), _missing(tel), _caveats(tel))
     offload = (None if target.expert_store is None
                else expert_offload_section(target.expert_store, summary, counted_from))
-    return Measured(tuple(records), t0, summary, tel, tuple(checks), offload)
+    spec = None if target.spec_counters is None else spec_report.section(spec_before, target.spec_counters(),
+                                                                          counted_from)
+    return Measured(tuple(records), t0, summary, tel, tuple(checks), offload, spec)
 
 
 def build_report(args: argparse.Namespace, target: Setup, m: Measured, schedule_text: str,
@@ -313,6 +336,8 @@ def build_report(args: argparse.Namespace, target: Setup, m: Measured, schedule_
     sections: dict[str, Any] = {"efficiency": eff}
     if m.expert_offload is not None:
         sections["expert_offload"] = m.expert_offload
+    if m.speculative is not None:
+        sections["speculative"] = m.speculative
     return report.build(config, m.summary, m.records, m.t0, args.slo_profile, m.checks, tel,
                         {**sections, **(extra or {})})
 

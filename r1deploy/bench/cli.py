@@ -80,6 +80,10 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-attention", action="store_true",
                    help="in-process, with --tp N, DeepSeek (MLA) models: each rank runs attention for its own "
                         "requests with its own latent KV cache (N x the KV capacity), as `serve --dp-attention`")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='in-process: speculative decoding as `serve` takes it, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3}\'; the report adds acceptance per position, mean accepted '
+                        "length and draft/verify time (for a --url server they come from its /metrics)")
     g.add_argument("--plan-engine", choices=ENGINE_NAMES, default=None,
                    help="predict planned-vs-measured with this engine's profile (e.g. vllm for a vLLM --url); "
                         "default: the planner's datasheet roofline")

@@ -4,7 +4,9 @@ JSON layout (schema "r1deploy-bench/1"): config, environment, definitions, summa
 keys: duration, completed, request_throughput, ..., {mean,median,std,p90,p99}_{ttft,tpot,itl,e2el}_ms),
 slo (profile, checks, passed), telemetry (summary + series), efficiency (MBU / MFU, planned vs
 measured), optional expert_offload (--offload experts: the expert store's hits, misses, hit rate, bytes
-moved, stall time over the measured phase), sweep and soak sections, and requests (one row per request).
+moved, stall time over the measured phase), optional speculative (speculative decoding over the measured phase:
+acceptance per draft position, mean accepted length, draft and verify time per verify step), sweep and soak
+sections, and requests (one row per request).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.table import Table
 from r1deploy.bench.metrics import Summary
 from r1deploy.bench.record import RequestRecord
 from r1deploy.bench.slo import PASS, Check
+from r1deploy.bench.spec_report import print_section as print_spec_section
 
 SCHEMA = "r1deploy-bench/1"
 
@@ -183,6 +186,8 @@ def print_summary(report: dict[str, Any], checks: Sequence[Check], console: Cons
                              ("Computed on the host", _fmt(offload.get("cpu_computes")))):
             table.add_row(label, value)
         console.print(table)
+    if report.get("speculative"):
+        print_spec_section(report["speculative"], console)
     for c in checks:
         style = "green" if c.status == PASS else "red" if c.status == "FAIL" else "yellow"
         console.print(f"[{style}]{c.line()}[/{style}]", highlight=False, soft_wrap=True)

@@ -109,9 +109,10 @@ def check_runs_here(facts: ModelFacts, device: str | None, context_len: int, off
 
 def load_engine(model: str | None, device: str | None, dtype: str | None, load_format: str,
                 max_num_seqs: int, context_len: int, workload: dict[str, Any], offload: Any = None,
-                tp: int = 1, dp_attention: bool = False) -> Any:
+                tp: int = 1, dp_attention: bool = False, speculative: Any = None) -> Any:
     """An LLMEngine sized for the run; loader failures become one clear line. offload: an OffloadConfig
-    (--offload experts|layers); tp, dp_attention: `serve --tp N [--dp-attention]`'s split, one process per rank."""
+    (--offload experts|layers); tp, dp_attention: `serve --tp N [--dp-attention]`'s split, one process per rank;
+    speculative: a SpeculativeConfig (--speculative-config)."""
     try:
         from r1deploy.distributed.worker import precheck
         from r1deploy.engine.engine import LLMEngine
@@ -128,7 +129,7 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, load_f
                                  "--load-format dummy for random weights at its real shape, or a model directory")
     precheck(model, tp, dp_attention)  # a --tp that cannot split the model fails before any rank starts
     try:
-        config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload,
+        config = EngineConfig(max_num_seqs=max(max_num_seqs, 1), offload=offload, speculative=speculative,
                               parallel=ParallelConfig(tensor_parallel_size=tp, dp_attention=dp_attention))
     except ValueError as exc:  # e.g. --offload with --tp > 1
         raise UsageError(str(exc)) from None

@@ -123,7 +123,7 @@ class LLMEngine:
         # Overlap the host's work with the GPU's (see step). Under TP the workers fill pending tokens from
         # rank 0's broadcast samples. --dp-attention steps are split per rank on the host, and speculative
         # steps need their verified tokens on the host to propose the next drafts: both stay synchronous.
-        self.proposer = make_proposer(self.config.speculative)
+        self.proposer = make_proposer(self.config.speculative, self.model_config.vocab_size)
         self.async_scheduling = (self.config.async_scheduling and not self.config.parallel.dp_attention
                                  and self.proposer is None)
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
@@ -286,6 +286,8 @@ class LLMEngine:
         scheduling = time.perf_counter()
         if self.proposer is not None:
             self._propose_drafts()
+            self.spec_stats.draft_s += time.perf_counter() - scheduling
+        verifying = time.perf_counter()  # a speculative step's time from here to its tokens accepted: verify time
         step = self.scheduler.schedule()
         out_of_memory = False
         try:
@@ -307,6 +309,8 @@ class LLMEngine:
             rejected = {}
             processed, stopped = self._process(current, rejected)
             changed += processed
+            if current.drafts:
+                self.spec_stats.record_verify_step(time.perf_counter() - verifying)
             current = None
         if step.chunks and not out_of_memory:
             # After `previous` was processed: the tokens this step computes K/V for are all real now. A

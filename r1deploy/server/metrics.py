@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from r1deploy.engine.outputs import CompletionOutput
 from r1deploy.server.process_metrics import register_process_metrics
+from r1deploy.server.spec_metrics import SpecDecodeMetrics
 from r1deploy.server.vllm_metrics import VllmMetrics
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class ServerMetrics:
         self.e2e = Histogram("r1deploy_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
+        r.register(SpecDecodeMetrics(prefix, model_name, engine))  # --speculative-config only
         register_process_metrics(r)  # process_resident_memory_bytes, process_open_fds, process_threads
 
     def observe_finished(self, output: CompletionOutput, num_prompt_tokens: int) -> None:

@@ -26,6 +26,7 @@ class FakeServerOptions:
     reasoning_tokens: int = 0  # chat: this many reasoning_content deltas before the answer
     include_usage: bool = True
     rss_growth_per_scrape: float | None = None  # export process_* series; RSS grows this much per scrape
+    spec_decode: bool = False  # export vLLM's spec_decode_* counters: per request 2 drafts of 2, 3 accepted
 
 
 def make_app(options: FakeServerOptions) -> FastAPI:
@@ -53,6 +54,14 @@ def make_app(options: FakeServerOptions) -> FastAPI:
             counter["scrapes"] = counter.get("scrapes", 0) + 1
             rss = 1e9 + counter["scrapes"] * options.rss_growth_per_scrape
             text += f"process_resident_memory_bytes {rss}\nprocess_open_fds 20\nprocess_threads 8\n"
+        if options.spec_decode:
+            n = counter["n"]
+            text += (f'vllm:spec_decode_num_drafts_total{{model_name="fake-model"}} {2 * n}\n'
+                     f'vllm:spec_decode_num_draft_tokens_total{{model_name="fake-model"}} {4 * n}\n'
+                     f'vllm:spec_decode_num_accepted_tokens_total{{model_name="fake-model"}} {3 * n}\n'
+                     f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="fake-model",position="0"}} '
+                     f'{2 * n}\nvllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="fake-model",'
+                     f'position="1"}} {n}\n')
         return PlainTextResponse(text)
 
     async def stream(request: Request, chat: bool):
