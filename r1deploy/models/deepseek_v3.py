@@ -30,7 +30,7 @@ from r1deploy.errors import UsageError
 from r1deploy.layers.mla import MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
-from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
+from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding, size_rank
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.models.deepseek_weights import load_deepseek_weights
@@ -124,12 +124,12 @@ class DeepseekV3ForCausalLM(CausalLM):
         (the loader passes linear_quant(config, its FP8 choice)); None: linear_quant(config), FP8 dequantised."""
         super().__init__(config, tp)
         self.dp_attention = _dp_attention(tp)
-        if tp is not None and tp.size > 1:
-            self.check_tensor_parallel(config, tp.size, self.dp_attention)
+        self.check_parallel(config, size_rank(tp)[0], self.dp_attention)  # built directly, not by the loader
         # --offload experts: built under expert_cache.building_with(store), the routed experts are served
         # from it (load_weights routes their tensors there).
         self.offload_store: TieredExpertStore | None = current_expert_store()
-        self.model = DeepseekModel(config, tp, self.offload_store, self.linear_quant(config) if quant is None else quant)
+        quant = self.linear_quant(config) if quant is None else quant
+        self.model = DeepseekModel(config, tp, self.offload_store, quant)
         self.host_routed_experts = any(
             isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.method.reads_routing_on_host
             for layer in self.model.layers)
