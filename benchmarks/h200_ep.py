@@ -42,12 +42,13 @@ from r1deploy.distributed.group import free_port, init_group, leave_group
 from r1deploy.layers.moe import DeepseekMoE
 from r1deploy.plan.collectives import _timed_ms
 from r1deploy.presets import resolve_config_path
-from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block
-from r1deploy.quant.fp8_linear import building_fp8
+from r1deploy.quant.fp8_block import FP8_DTYPE
+from r1deploy.quant.methods import LinearQuant
 
 TOKENS = (1, 8, 32, 128, 512)
 SCHEMES = ("tp", "allgather", "a2a")
 FP8_BLOCK = (128, 128)  # R1's weight_block_size
+SMOKE_BLOCK = (16, 16)  # --smoke: tiles the toy shared expert's 32 rows split into whole over 2 ranks
 # --smoke: R1's router and layout at toy widths (16 experts in 4 groups, 4 per token), fp32 on the CPU.
 SMOKE = {"hidden_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
          "num_experts_per_tok": 4}
@@ -55,7 +56,7 @@ WARMUP, ITERS = 3, 20
 
 
 @torch.no_grad()
-def randomize_(moe: DeepseekMoE, rank: int) -> None:
+def randomize_(moe: DeepseekMoE, rank: int, block: tuple[int, int]) -> None:
     """O(1) activations: the gate and shared expert the same on every rank (one seed), each rank's experts its
     own; FP8 weights N(0, 1) with scales 1/sqrt(fan-in); no router bias (balanced random routing)."""
     for seed, local in ((0, False), (1 + rank, True)):
@@ -68,34 +69,35 @@ def randomize_(moe: DeepseekMoE, rank: int) -> None:
             elif param.dtype == FP8_DTYPE:
                 param.copy_(torch.randn(param.shape, device=param.device).clamp_(-4, 4))
             elif name.endswith("scale_inv"):  # [.., rows, K tiles]
-                param.fill_((param.shape[-1] * FP8_BLOCK[1]) ** -0.5)
+                param.fill_((param.shape[-1] * block[1]) ** -0.5)
             else:
                 param.copy_(torch.randn(param.shape, device=param.device) / param.shape[-1] ** 0.5)
 
 
-def build(config: DeepseekConfig, tp, fp8: bool) -> dict[str, DeepseekMoE]:
+def build(config: DeepseekConfig, tp, block: tuple[int, int]) -> dict[str, DeepseekMoE]:
     """The three schemes' blocks over the same weights: allgather and a2a share every tensor; tp shares the
-    experts and the gate and holds its slice of the shared expert (in the model dtype, as the TP build does)."""
+    experts and the gate and holds its slice of the shared expert (FP8 too, as the TP build does)."""
     groups = {"tp": dataclasses.replace(tp, dp_attention=False, moe_all_to_all=False),
               "allgather": dataclasses.replace(tp, dp_attention=True, moe_all_to_all=False),
               "a2a": dataclasses.replace(tp, dp_attention=True, moe_all_to_all=True)}
-    with building_fp8(FP8_BLOCK if fp8 else None), tp.device:
-        blocks = {name: DeepseekMoE(config, group).eval() for name, group in groups.items()}
+    quant = LinearQuant(fp8_block=block)  # FP8 shared expert linears and routed experts
+    with tp.device:
+        blocks = {name: DeepseekMoE(config, group, quant=quant).eval() for name, group in groups.items()}
     ref = blocks["allgather"]
-    randomize_(ref, tp.rank)
+    randomize_(ref, tp.rank, block)
     blocks["a2a"].load_state_dict(ref.state_dict(), assign=True)
     routed = {k: v for k, v in ref.state_dict().items() if not k.startswith("shared_experts.")}
     blocks["tp"].load_state_dict(routed, strict=False, assign=True)
     shared, sliced = ref.shared_experts, blocks["tp"].shared_experts
-    for name in ("gate_up_proj", "down_proj"):  # the whole (dequantised) weight through the TP slice's loader
-        whole, param = getattr(shared, name), getattr(sliced, name).weight
-        weight = (dequantize_fp8_block(whole.weight, whole.weight_scale_inv, param.dtype, FP8_BLOCK) if fp8
-                  else whole.weight)
-        if name == "gate_up_proj":
-            for shard, half in zip(("gate", "up"), weight.chunk(2), strict=True):
-                param.weight_loader(param, half, shard)
-        else:
-            param.weight_loader(param, weight)
+    for name in ("gate_up_proj", "down_proj"):  # the whole layer's tensors (FP8: with scales) through the slice's loaders
+        whole = getattr(shared, name)
+        for param_name, param in getattr(sliced, name).named_parameters():
+            tensor = getattr(whole, param_name)
+            if name == "gate_up_proj":  # gate rows (or scale rows) first, then up's
+                for shard, half in zip(("gate", "up"), tensor.chunk(2), strict=True):
+                    param.weight_loader(param, half, shard)
+            else:
+                param.weight_loader(param, tensor)
     return blocks
 
 
@@ -106,7 +108,7 @@ def rank_main(rank: int, size: int, port: int, smoke: bool, out: str) -> None:
         raw = read_hf_config(resolve_config_path("deepseek-r1"))
         config = DeepseekConfig.from_hf({**raw, **SMOKE, "torch_dtype": "float32"} if smoke else raw)
         torch.set_default_dtype(config.torch_dtype)
-        blocks = build(config, tp, fp8=True)
+        blocks = build(config, tp, SMOKE_BLOCK if smoke else FP8_BLOCK)
         results = []
         with torch.inference_mode():
             for t in TOKENS:

@@ -26,7 +26,7 @@ an outlier into a clipped value, never inf/NaN.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,9 +35,9 @@ from r1deploy.attention.base import MLAMetadata
 from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.layers.linear import Linear
 from r1deploy.layers.norm import RMSNorm
-from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear
+from r1deploy.layers.parallel import ColumnParallelLinear, RowParallelLinear, size_rank
 from r1deploy.layers.yarn import apply_rope
-from r1deploy.quant.awq import AWQLinearMethod
+from r1deploy.quant.methods import NO_QUANT, LinearMethodFor
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.distributed.group import TPGroup
@@ -46,17 +46,17 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
 class MLAttention(nn.Module):
     """tp: this rank's heads. q_proj / q_b_proj and kv_b_proj are column-parallel by heads, o_proj
     row-parallel (one all-reduce); q_a_proj, kv_a_proj_with_mqa and the norms are replicated, and so is
-    the latent cache: every rank writes the same latents and expands them for its own heads.
+    the latent cache: every rank writes the same latents and expands them for its own heads. tp=None: every
+    layer is the plain one (layers/parallel.py).
 
-    config.awq (no tp): the projections are AWQ linears where the checkpoint quantises them (prefix: this
-    block's checkpoint name, model.layers.{i}.self_attn, for modules_to_not_convert), except kv_b_proj:
-    both attention forms read its matrix directly, so it stays a plain weight (an AWQ one is dequantised
-    at load, models/deepseek_v3.py)."""
+    linear_method(name): each projection's quantisation (FP8 block, AWQ) from its checkpoint name
+    (prefix: this block's, model.layers.{i}.self_attn), except kv_b_proj: both attention forms read its matrix
+    directly, so it stays a plain weight (an FP8 or AWQ one is dequantised at load, models/deepseek_weights.py)."""
 
-    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "self_attn") -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "self_attn",
+                 linear_method: LinearMethodFor = NO_QUANT) -> None:
         super().__init__()
-        size = 1 if tp is None else tp.size
-        self.num_heads = config.num_attention_heads // size
+        self.num_heads = config.num_attention_heads // size_rank(tp)[0]
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.head_dim = config.qk_head_dim
@@ -67,29 +67,22 @@ class MLAttention(nn.Module):
         hidden, bias = config.hidden_size, config.attention_bias
         heads = config.num_attention_heads
 
-        def awq_method(name: str) -> AWQLinearMethod | None:
-            return config.awq and config.awq.linear_method(f"{prefix}.{name}")
-
-        def column(in_features: int, out_features: int, awq_name: str | None) -> Linear:
-            if tp is None:
-                return Linear(in_features, out_features, bias=False, quant_method=awq_name and awq_method(awq_name))
-            return ColumnParallelLinear(in_features, out_features, False, tp)
+        def method(name: str) -> Any:
+            return linear_method(f"{prefix}.{name}")
 
         self.has_q_lora = config.q_lora_rank is not None
         if not self.has_q_lora:
-            self.q_proj = column(hidden, heads * self.head_dim, "q_proj")
+            self.q_proj = ColumnParallelLinear(hidden, heads * self.head_dim, False, tp, method("q_proj"))
         else:
-            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias, quant_method=awq_method("q_a_proj"))
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias, quant_method=method("q_a_proj"))
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = column(config.q_lora_rank, heads * self.head_dim, "q_b_proj")
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, heads * self.head_dim, False, tp,
+                                                 method("q_b_proj"))
         self.kv_a_proj_with_mqa = Linear(hidden, config.kv_cache_dim, bias=bias,
-                                         quant_method=awq_method("kv_a_proj_with_mqa"))
+                                         quant_method=method("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = column(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), None)  # plain under AWQ
-        if tp is None:
-            self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias, quant_method=awq_method("o_proj"))
-        else:
-            self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, tp)
+        self.kv_b_proj = ColumnParallelLinear(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False, tp)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, tp, quant_method=method("o_proj"))
         self.kv_scale = 1.0  # FP8 cache only: real row = stored * kv_scale (see the module docstring)
 
     def forward(

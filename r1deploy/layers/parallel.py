@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1deploy.distributed.group import TPGroup
-from r1deploy.layers.linear import Linear, MergedLinear, default_weight_loader, empty_parameter
+from r1deploy.errors import UsageError
+from r1deploy.layers.linear import Linear, MergedLinear, empty_parameter
 
 
 def size_rank(tp: TPGroup | None) -> tuple[int, int]:
@@ -52,11 +53,16 @@ def _narrow(loaded: torch.Tensor, dim: int, full: int, start: int, size: int) ->
     return loaded.narrow(dim, start, size)
 
 
-def _narrow_packed(loaded: torch.Tensor, dim: int, spec: ShardSpec, pack: int) -> torch.Tensor:
-    """spec's rows of a tensor whose dim holds one element per `pack` rows (a packed int32, a group, a tile)."""
+def _narrow_packed(loaded: torch.Tensor, dim: int | None, spec: ShardSpec, pack: int) -> torch.Tensor:
+    """spec's rows of a tensor whose dim holds one element per `pack` rows (a packed int32, a group, a tile);
+    dim None: a tensor without that dim, whole on every rank."""
+    if dim is None:
+        return loaded
     if spec.start % pack or (spec.size % pack and spec.start + spec.size != spec.full):
-        raise ValueError(f"shard [{spec.start}, {spec.start + spec.size}) of {spec.full} cuts a {pack}-wide "
-                         "quantisation group")
+        # A UsageError: the split (--tp) does not fit the checkpoint's quantisation layout.
+        raise UsageError(f"shard [{spec.start}, {spec.start + spec.size}) of {spec.full} cuts a {pack}-wide "
+                         "quantisation group (AWQ packing or group, FP8 scale tile): use a --tp that splits "
+                         "this layer on group boundaries, or dequantise at load")
     return _narrow(loaded, dim, -(-spec.full // pack), spec.start // pack, -(-spec.size // pack))
 
 
@@ -71,11 +77,12 @@ class MergedColumnParallelLinear(MergedLinear):
         super().__init__(in_features, {k: s.size for k, s in shards.items()}, bias, quant_method)
         self.specs = shards
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    def shard_of(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.specs.get(shard_id)  # type: ignore[arg-type]
         if spec is not None:
             loaded = _narrow_output(param, loaded, spec)
-        super().weight_loader(param, loaded, shard_id)
+        return super().shard_of(param, loaded, shard_id)
 
 
 class ColumnParallelLinear(Linear):
@@ -86,12 +93,12 @@ class ColumnParallelLinear(Linear):
         shard = ShardSpec.even(out_features, tp)
         super().__init__(in_features, shard.size, bias, quant_method)
         self.shard, self.tp = shard, tp
-        if shard.size != shard.full:  # one rank keeps the plain layer's loaders (a quant method may bind its own)
-            for param in self.parameters():
-                param.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        default_weight_loader(param, _narrow_output(param, loaded, self.shard), shard_id)
+    def shard_of(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shard.size != self.shard.full:  # one rank: the plain layer's loading
+            loaded = _narrow_output(param, loaded, self.shard)
+        return super().shard_of(param, loaded, shard_id)
 
 
 class RowParallelLinear(Linear):
@@ -112,13 +119,18 @@ class RowParallelLinear(Linear):
         self.shard = shard
         self.tp = tp if size > 1 else None  # one rank: nothing to sum, the plain layer's forward
         self.reduce = reduce
-        for param in self.parameters() if size > 1 else ():  # one rank: the plain layer's loaders
-            if param is not self.bias:  # the bias is added once, after the sum: every rank holds it whole
-                param.weight_loader = self._load_weight  # type: ignore[attr-defined]
 
-    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        dim, pack = getattr(param, "input_dim", 1), getattr(param, "input_pack", 1)
-        default_weight_loader(param, _narrow_packed(loaded, dim, self.shard, pack), shard_id)
+    @property
+    def input_start(self) -> int:
+        return self.shard.start
+
+    def shard_of(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One rank: the plain layer's loading. The bias is added once, after the sum: every rank holds it whole.
+        if self.tp is not None and param is not self.bias:
+            dim, pack = getattr(param, "input_dim", 1), getattr(param, "input_pack", 1)
+            loaded = _narrow_packed(loaded, dim, self.shard, pack)
+        return super().shard_of(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is None:

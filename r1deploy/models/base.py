@@ -7,6 +7,9 @@ A model family subclasses CausalLM and declares, explicitly rather than by duck 
 * `cache_spec(config, tp)` / `kv_cache_spec`: one layer's paged-cache layout and its bytes per token;
 * `check_parallel(config, tp, dp_attention)`: a UsageError before any process starts when the layout cannot
   split the model; `check_tensor_parallel` is the family's own part of it;
+* `linear_quant(config, fp8_block)`: every linear's quantisation method (quant/methods.LinearQuant: the
+  checkpoint's AWQ / GPTQ, and FP8 kept with the loader's tiles); the loader builds `cls(config, tp=tp,
+  quant=cls.linear_quant(config, fp8_block))` and the model hands it to every layer that builds linears;
 * `load_weights(weights)`: HF-named tensors into the parameters (a family with its own checkpoint mapping
   overrides it; the mapping lives beside the model, not in its maths);
 * `build_draft()`: the family's own speculative-decoding head (DeepSeek's MTP later); None by default;
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from r1deploy.errors import UsageError
+from r1deploy.quant.methods import LinearQuant
 
 if TYPE_CHECKING:
     from r1deploy.core.forward_batch import ForwardBatch
@@ -95,6 +99,12 @@ class CausalLM(nn.Module):
     def check_tensor_parallel(cls, config: Any, tp: int, dp_attention: bool = False) -> None:
         """The family's own divisibility rules for tp > 1."""
         raise NotImplementedError
+
+    @classmethod
+    def linear_quant(cls, config: Any, fp8_block: tuple[int, int] | None = None) -> LinearQuant:
+        """Every linear's quantisation for this config: the checkpoint's INT4 method (the family knows where its
+        config keeps it) and, where the loader keeps an FP8 checkpoint in FP8, fp8_block's tiles."""
+        return LinearQuant(fp8_block=fp8_block)
 
     # ---- the paged cache ---------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ Parameter names follow transformers, except that dense/shared gate_proj + up_pro
 `experts.down_proj` [E, H, I], transformers 5's layout); the checkpoint mapping (FP8 kept or dequantised,
 AWQ repacking, expert stacking, the MTP layers skipped) lives in deepseek_weights.py.
 
-AWQ INT4 checkpoints (config.awq, AutoAWQ "gemm"; one process: no tensor parallelism, no --dp-attention,
-no expert offload yet): the attention projections, dense MLPs and shared experts are AWQ linears
+AWQ INT4 checkpoints (config.awq, AutoAWQ "gemm"; tensor parallelism splits them like bf16 weights; no
+--dp-attention, no expert offload yet): the attention projections, dense MLPs and shared experts are AWQ linears
 (quant/awq.AWQLinearMethod) unless modules_to_not_convert names them; kv_b_proj stays a plain weight,
 dequantised at load; the routed experts' per-expert qweight / qzeros / scales are repacked one tensor at
 a time into AWQ stacks (layers/moe/experts_awq.py). Their forward loops over the busy experts on the host, so such a
@@ -30,12 +30,11 @@ from r1deploy.errors import UsageError
 from r1deploy.layers.mla import MLAttention
 from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
-from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding
+from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding, size_rank
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
 from r1deploy.models.deepseek_weights import load_deepseek_weights
-from r1deploy.quant.fp8_linear import current_fp8_block
-from r1deploy.quant.methods import LinearMethodFor, LinearQuant, no_quant
+from r1deploy.quant.methods import NO_QUANT, LinearQuant
 from r1deploy.weights.expert_cache import current_expert_store
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -50,20 +49,19 @@ def _dp_attention(tp: TPGroup | None) -> bool:
 
 class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None,
-                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
+                 store: TieredExpertStore | None = None, quant: LinearQuant = NO_QUANT) -> None:
         """Under --dp-attention (tp.dp_attention) attention and the dense MLP are whole on every rank (no tp);
-        the MoE block keeps its routed experts expert-parallel."""
+        the MoE block keeps its routed experts expert-parallel. quant: every linear's method, by checkpoint name."""
         super().__init__()
         local = None if _dp_attention(tp) else tp
         prefix = f"model.layers.{layer_idx}"  # checkpoint names, for AWQ's modules_to_not_convert
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn")
+        self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn", linear_method=quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (
-            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store,
-                        linear_method=linear_method)
+            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store, quant=quant)
             if config.is_moe_layer(layer_idx)
-            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, linear_method=linear_method,
+            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, linear_method=quant,
                              prefix=f"{prefix}.mlp"))
 
     def forward(
@@ -85,12 +83,12 @@ class DeepseekDecoderLayer(nn.Module):
 
 class DeepseekModel(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None,
-                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
+                 store: TieredExpertStore | None = None, quant: LinearQuant = NO_QUANT) -> None:
         super().__init__()
         # Data-parallel attention: each rank embeds its own tokens, whole table.
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    None if _dp_attention(tp) else tp)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store, linear_method)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store, quant)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DeepseekRotary(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
@@ -118,21 +116,20 @@ class DeepseekV3ForCausalLM(CausalLM):
     ARCHITECTURE = ModelCapabilities(cuda_graphs=True, tensor_parallel=True, dp_attention=True,
                                      offload=frozenset({"experts", "layers"}))
 
-    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, quant: LinearQuant | None = None) -> None:
         """tp: MLA heads, dense MLPs and shared experts tensor-parallel, routed experts expert-parallel
         (rank r holds experts [r*E/N, (r+1)*E/N)), vocabulary split; the latent cache is replicated.
         tp.dp_attention: only the routed experts are split; everything else is whole on every rank, which runs
-        its own sequences (and holds only their latent cache)."""
+        its own sequences (and holds only their latent cache). quant: the linears' and experts' quantisation
+        (the loader passes linear_quant(config, its FP8 choice)); None: linear_quant(config), FP8 dequantised."""
         super().__init__(config, tp)
         self.dp_attention = _dp_attention(tp)
-        if tp is not None and tp.size > 1:
-            self.check_tensor_parallel(config, tp.size, self.dp_attention)
+        self.check_parallel(config, size_rank(tp)[0], self.dp_attention)  # built directly, not by the loader
         # --offload experts: built under expert_cache.building_with(store), the routed experts are served
         # from it (load_weights routes their tensors there).
         self.offload_store: TieredExpertStore | None = current_expert_store()
-        # The dense MLPs' and shared experts' quantisation, passed explicitly (AWQ from the checkpoint, FP8 as the
-        # loader builds: quant/fp8_linear.building_fp8); MLA's linears still get FP8 from building_fp8's hook.
-        self.model = DeepseekModel(config, tp, self.offload_store, LinearQuant(config.awq, current_fp8_block()))
+        quant = self.linear_quant(config) if quant is None else quant
+        self.model = DeepseekModel(config, tp, self.offload_store, quant)
         self.host_routed_experts = any(
             isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.method.reads_routing_on_host
             for layer in self.model.layers)
@@ -150,13 +147,17 @@ class DeepseekV3ForCausalLM(CausalLM):
         return replace(base, cuda_graphs=base.cuda_graphs and not self.dp_attention and not self.host_routed_experts)
 
     @classmethod
+    def linear_quant(cls, config: DeepseekConfig, fp8_block: tuple[int, int] | None = None) -> LinearQuant:
+        return LinearQuant(config.awq, fp8_block)
+
+    @classmethod
     def check_tensor_parallel(cls, config: DeepseekConfig, tp: int, dp_attention: bool = False) -> None:
         """UsageError (one line) unless tp splits the heads, the dense and shared MLPs and the experts
         (dp_attention: only the experts are split)."""
         arch = config.architecture
-        if config.awq is not None:
-            how = "--dp-attention" if dp_attention else "tensor parallelism"
-            raise UsageError(f"{how} (--tp {tp}) does not support AWQ checkpoints yet: run {arch} AWQ with --tp 1")
+        if config.awq is not None and dp_attention:
+            raise UsageError(f"--dp-attention (--tp {tp}) does not support AWQ checkpoints yet: run {arch} AWQ "
+                             "with tensor parallelism (no --dp-attention)")
         if dp_attention:
             if config.n_routed_experts % tp:
                 raise UsageError(f"--tp {tp} does not divide {arch}'s {config.n_routed_experts} routed experts "

@@ -2,8 +2,8 @@
 
 Parameter names follow transformers, except that dense/shared gate_proj + up_proj are one `gate_up_proj` and
 routed experts are stacked (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], transformers 5's
-layout). Loading maps checkpoint names, keeps FP8 weights where the model holds them in FP8 (built under
-quant/fp8_linear.building_fp8), dequantises them elsewhere, repacks AWQ experts one tensor at a time, and skips
+layout). Loading maps checkpoint names, keeps FP8 weights where the model holds them in FP8 (built with
+the loader's FP8 choice, quant/methods.LinearQuant), dequantises them elsewhere, repacks AWQ experts one tensor at a time, and skips
 the MTP layers (model.layers.{num_hidden_layers}...).
 """
 

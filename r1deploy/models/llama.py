@@ -17,7 +17,6 @@ from r1deploy.attention.base import AttentionMetadata
 from r1deploy.attention.selector import step_metadata
 from r1deploy.config import ModelConfig
 from r1deploy.distributed.group import check_tensor_parallel, kv_head_shard
-from r1deploy.errors import UsageError
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import (
@@ -30,6 +29,7 @@ from r1deploy.layers.parallel import (
 )
 from r1deploy.layers.rotary import RotaryEmbedding, apply_rotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
+from r1deploy.quant.methods import NO_QUANT, LinearMethodFor, LinearQuant
 from r1deploy.quant.registry import quant_config_from_hf
 
 if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
@@ -45,7 +45,8 @@ def local_config(config: ModelConfig, tp: TPGroup | None) -> ModelConfig:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "self_attn", tp: TPGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "self_attn", tp: TPGroup | None = None,
+                 linear_method: LinearMethodFor = NO_QUANT) -> None:
         super().__init__()
         size, rank = size_rank(tp)
         local = local_config(config, tp)  # this rank's q and KV heads; o_proj sums the heads' outputs over ranks
@@ -57,11 +58,10 @@ class LlamaAttention(nn.Module):
         specs = {"q": ShardSpec(config.q_size, rank * local.q_size, local.q_size),
                  "k": ShardSpec(config.kv_size, kv_start, local.kv_size),
                  "v": ShardSpec(config.kv_size, kv_start, local.kv_size)}
-        quant = quant_config_from_hf(config.quantization_config)
         self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, specs, bias=config.attention_bias,
-                                                   quant_method=quant and quant.linear_method(f"{prefix}.qkv_proj"))
+                                                   quant_method=linear_method(f"{prefix}.qkv_proj"))
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias, tp,
-                                        quant_method=quant and quant.linear_method(f"{prefix}.o_proj"))
+                                        quant_method=linear_method(f"{prefix}.o_proj"))
         # FP8 KV cache scales (real value = stored value * scale); 1.0 unless calibrated (set_kv_cache_scales).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -84,27 +84,27 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "mlp", tp: TPGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "mlp", tp: TPGroup | None = None,
+                 linear_method: LinearMethodFor = NO_QUANT) -> None:
         super().__init__()
         spec = ShardSpec.even(config.intermediate_size, tp)  # this rank's gate/up columns; down_proj sums
-        quant = quant_config_from_hf(config.quantization_config)
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, {"gate": spec, "up": spec}, bias=False,
-            quant_method=quant and quant.linear_method(f"{prefix}.gate_up_proj"))
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": spec, "up": spec}, bias=False,
+                                                       quant_method=linear_method(f"{prefix}.gate_up_proj"))
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, tp,
-                                           quant_method=quant and quant.linear_method(f"{prefix}.down_proj"))
+                                           quant_method=linear_method(f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "model.layers.0", tp: TPGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "model.layers.0", tp: TPGroup | None = None,
+                 linear_method: LinearMethodFor = NO_QUANT) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", tp)
+        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", tp, linear_method)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, f"{prefix}.mlp", tp)
+        self.mlp = LlamaMLP(config, f"{prefix}.mlp", tp, linear_method)
 
     def forward(
         self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -122,10 +122,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None, linear_method: LinearMethodFor = NO_QUANT
+                 ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, f"model.layers.{i}", tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, f"model.layers.{i}", tp, linear_method)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -157,15 +158,19 @@ class LlamaForCausalLM(CausalLM):
     ARCHITECTURE = ModelCapabilities(cuda_graphs=True, tensor_parallel=True, dp_attention=False,
                                      offload=frozenset({"layers"}))
 
-    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None, quant: LinearQuant | None = None) -> None:
+        """tp: heads, MLP columns and vocabulary split (layers/parallel.py; AWQ / GPTQ weights too). quant: the
+        linears' quantisation; None: linear_quant(config), the checkpoint's AWQ / GPTQ."""
         super().__init__(config, tp)
-        if tp is not None and config.quantization_config is not None:
-            raise UsageError("tensor parallelism does not support quantised (AWQ / GPTQ) checkpoints yet")
-        self.model = LlamaModel(config, tp)
+        self.model = LlamaModel(config, tp, self.linear_quant(config) if quant is None else quant)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             # One tensor under two names; named_parameters() reports it once, as the embedding.
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def linear_quant(cls, config: ModelConfig, fp8_block: tuple[int, int] | None = None) -> LinearQuant:
+        return LinearQuant(quant_config_from_hf(config.quantization_config), fp8_block)
 
     @classmethod
     def check_tensor_parallel(cls, config: ModelConfig, tp: int, dp_attention: bool = False) -> None:

@@ -36,7 +36,6 @@ from r1deploy.models.base import CausalLM
 from r1deploy.models.hub import repo_id_of
 from r1deploy.models.registry import model_class_for_config
 from r1deploy.presets import canonical_name, r1_chat_template, resolve_config_path
-from r1deploy.quant.fp8_linear import building_fp8
 from r1deploy.startup import phase, weights_with_progress
 from r1deploy.weights.dummy import init_dummy_weights
 from r1deploy.weights.expert_cache import building_with
@@ -257,10 +256,10 @@ def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.de
     config = cls.config_class.from_hf(raw)
     if tp is not None:
         cls.check_parallel(config, tp.size, tp.size > 1 and tp.dp_attention)
-    fp8_block = _fp8_block(config, quantization, device)
+    quant = cls.linear_quant(config, _fp8_block(config, quantization, device))  # each linear's method, explicitly
     # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
-    with _default_dtype(dtype or default_dtype(config, device)), device, building_fp8(fp8_block):
-        return cls(config, tp=tp).eval(), config
+    with _default_dtype(dtype or default_dtype(config, device)), device:
+        return cls(config, tp=tp, quant=quant).eval(), config
 
 
 def _fp8_block(config: Any, quantization: Quantization, device: torch.device) -> tuple[int, int] | None:

@@ -94,7 +94,9 @@ class AWQLinearMethod:
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
         g = self.config.group_size
         if in_features % g or out_features % PACK_FACTOR:
-            raise UsageError(f"AWQ layer {in_features} -> {out_features} needs in % {g} == 0 and out % 8 == 0")
+            # A tensor-parallel layer passes its rank's share: a split that cuts a group or a packed word lands here.
+            raise UsageError(f"AWQ layer {in_features} -> {out_features} (a tensor-parallel rank's share where split) "
+                             f"needs in % {g} == 0 and out % 8 == 0")
         layer.qweight = quantized_parameter(in_features, out_features // PACK_FACTOR, dtype=torch.int32,
                                             output_dim=1, pack_factor=PACK_FACTOR, input_dim=0)
         layer.qzeros = quantized_parameter(in_features // g, out_features // PACK_FACTOR, dtype=torch.int32,

@@ -31,7 +31,7 @@ from torch import nn
 
 from r1deploy.errors import UsageError
 from r1deploy.kernels.awq_format import PACK_FACTOR
-from r1deploy.layers.linear import MergedLinear, default_weight_loader
+from r1deploy.layers.linear import default_weight_loader, quantized_parameter
 from r1deploy.quant.awq import AWQConfig, AWQLinearMethod, pack_awq
 
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> what to add to a stored zero point
@@ -68,7 +68,11 @@ class GPTQConfig:
 
 class GPTQLinearMethod:
     """Registers AWQ's parameters plus `g_idx`, and converts each GPTQ tensor as it is loaded; holds the
-    layer's loading state, so one instance per layer (linear_method makes one)."""
+    layer's loading state, so one instance per layer (linear_method makes one).
+
+    Tensor parallelism: each checkpoint tensor is converted whole, then the layer's shard_of narrows it like
+    AWQ's (layers/linear.py); a row-parallel rank keeps its input rows of qweight and g_idx, and the groups
+    those rows fill. Act-order works where each rank's rows are whole groups, and is refused elsewhere."""
 
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
@@ -77,50 +81,59 @@ class GPTQLinearMethod:
         self.g_idx_loaded = False
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
-        group = in_features if self.config.group_size == -1 else self.config.group_size
+        one_group = self.config.group_size == -1
+        group = in_features if one_group else self.config.group_size
         if group % 16:
             raise UsageError(f"GPTQ layer {in_features} -> {out_features}: a group of {group} input channels "
                              "is not a multiple of 16")
         self.awq = AWQLinearMethod(AWQConfig(group))
         self.awq.create_weights(layer, in_features, out_features)
-        layer.g_idx = nn.Parameter(torch.empty(in_features, dtype=torch.int32), requires_grad=False)
+        if one_group:  # the one group's zeros and scales apply to every input row: whole on every rank
+            layer.qzeros.input_dim = layer.scales.input_dim = None
+        # One group id per input row: no output dim, so every q/k/v (gate/up) or column shard holds it whole.
+        layer.g_idx = quantized_parameter(in_features, dtype=torch.int32, output_dim=None, pack_factor=1,
+                                          input_dim=0)
         layer.register_buffer("input_perm", None, persistent=False)  # set by an act-order g_idx
-        # Every parameter loads through `load`; MergedLinear binds layer.weight_loader to all its parameters.
-        layer.weight_loader = lambda param, loaded, shard_id=None: self.load(layer, param, loaded, shard_id)
-        for param in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx):
-            param.weight_loader = layer.weight_loader
 
     def load(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
-        """One checkpoint tensor (of one shard, for a merged layer) in GPTQ's layout -> AWQ's."""
+        """One checkpoint tensor (of one shard, for a merged layer) in GPTQ's layout -> AWQ's, then the
+        layer's part of it (Linear.shard_of) into param."""
         if param is layer.g_idx:
-            self._load_g_idx(layer, loaded)
+            part = layer.shard_of(param, loaded, shard_id)[1]
+            self._load_g_idx(layer, part, split=part.shape != loaded.shape)
             return
         if param is layer.qweight:
-            loaded = pack_awq(unpack_gptq(_int32(loaded)))
+            target, part = layer.shard_of(param, pack_awq(unpack_gptq(_int32(loaded))), shard_id)
             if layer.input_perm is not None:
-                loaded = loaded[layer.input_perm.to(loaded.device)]
-        elif param is layer.qzeros:
+                part = part[layer.input_perm.to(part.device)]
+            default_weight_loader(target, part)
+            return
+        if param is layer.qzeros:
             zeros = unpack_gptq(_int32(loaded).t()).t() + self.zero_offset
             if int(zeros.max()) > 15:
                 raise ValueError("a v1 ('gptq') zero point of 0 is stored as -1, which GPTQ's v1 packing "
                                  "corrupts; re-export the checkpoint as 'gptq_v2'")
             loaded = pack_awq(zeros)
-        if shard_id is None:
-            default_weight_loader(param, loaded)
-        else:
-            MergedLinear.weight_loader(layer, param, loaded, shard_id)  # narrows to the shard's columns
+        layer.copy_shard(param, loaded, shard_id)
 
-    def _load_g_idx(self, layer: nn.Module, g_idx: torch.Tensor) -> None:
-        g_idx = g_idx.to(torch.int32).cpu()
+    def _load_g_idx(self, layer: nn.Module, g_idx: torch.Tensor, split: bool) -> None:
+        """This layer's rows of g_idx (split: a row-parallel rank's share, numbered from its first group)."""
+        in_features, group = layer.g_idx.shape[0], self.awq.config.group_size
+        first_group = 0 if self.config.group_size == -1 else layer.input_start // group
+        g_idx = g_idx.to(torch.int32).cpu() - first_group
         if self.g_idx_loaded:  # a merged layer's next shard
             if not torch.equal(g_idx, layer.g_idx.cpu()):
                 raise ValueError("the shards of a merged layer have different g_idx (act-order); unsupported")
             return
-        in_features, group = layer.g_idx.shape[0], self.awq.config.group_size
         if g_idx.shape != (in_features,):
             raise ValueError(f"g_idx of shape {tuple(g_idx.shape)}, expected ({in_features},)")
         perm = torch.argsort(g_idx, stable=True)
         if not torch.equal(g_idx[perm], torch.arange(in_features, dtype=torch.int32) // group):
+            if split:
+                start = layer.input_start
+                raise UsageError(f"act-order GPTQ: the input rows [{start}, {start + in_features}) this "
+                                 "tensor-parallel rank holds are not whole quantisation groups (g_idx mixes "
+                                 "groups across ranks); run this checkpoint with --tp 1")
             raise ValueError(f"g_idx does not give each group exactly {group} input channels")
         layer.g_idx.copy_(g_idx)
         if not torch.equal(perm, torch.arange(in_features)):  # act-order

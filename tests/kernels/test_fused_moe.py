@@ -11,13 +11,12 @@ from r1deploy.kernels.fused_moe import fused_moe, fused_moe_ref, moe_align
 from r1deploy.layers.moe import DeepseekExperts
 from r1deploy.layers.moe.experts_dense import resident_method
 from r1deploy.quant.fp8_block import quantize_fp8_block
-from r1deploy.quant.fp8_linear import building_fp8
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> DeepseekExperts:
-    experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
+    experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method(None))
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(num_experts, 2 * inter, hidden) * hidden**-0.5)
         experts.down_proj.copy_(torch.randn(num_experts, hidden, inter) * inter**-0.5)
@@ -82,7 +81,7 @@ def test_fused_moe_r1_shape(tokens: int) -> None:
     weights, ids = _routing(tokens, num_experts, top_k)
     weights, ids = weights.cuda(), ids.cuda()
     with torch.device("meta"):
-        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
+        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method(None))
     experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
     experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
     out = experts(x, weights, ids)  # the CUDA dispatch
@@ -114,8 +113,7 @@ def test_fused_moe_cuda_graph_replay() -> None:
 
 def _fp8_experts(num_experts: int, hidden: int, inter: int, block: tuple[int, int]) -> DeepseekExperts:
     """FP8 experts loaded the way a checkpoint fills them: per expert, per projection, with scales."""
-    with building_fp8(block):
-        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
+    experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method(block))
     for e in range(num_experts):
         for projection, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
             q, scale_inv = quantize_fp8_block(torch.randn(shape) * shape[1] ** -0.5, block)
@@ -176,8 +174,8 @@ def test_fused_moe_fp8_r1_shape(tokens: int) -> None:
     """R1 routed experts in FP8 (H 7168, I 2048, top-8, 128 x 128 tiles), 64 of the 256 experts,
     through DeepseekExperts' CUDA dispatch against the same weights dequantised to bf16."""
     num_experts, hidden, inter, top_k = 64, 7168, 2048, 8
-    with building_fp8((128, 128)), torch.device("cuda"):
-        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method())
+    with torch.device("cuda"):
+        experts = DeepseekExperts(num_experts, hidden, inter, method=resident_method((128, 128)))
     for stack, scales in ((experts.gate_up_proj, experts.gate_up_proj_scale_inv),
                           (experts.down_proj, experts.down_proj_scale_inv)):
         for e in range(num_experts):

@@ -1,19 +1,19 @@
 """The FP8 linear method (quant/fp8_linear) against dequantise-then-F.linear, its merged-shard loaders,
-and building_fp8's choice of layers."""
+and LinearQuant's choice of layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from r1deploy.distributed.group import TPGroup
 from r1deploy.layers.linear import Linear, MergedLinear
 from r1deploy.layers.parallel import ColumnParallelLinear
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_fp8_block, fp8_block_gemm, quantize_fp8_block
 from r1deploy.quant.fp8_block import act_quant as act_quant_ref
-from r1deploy.quant.fp8_linear import Fp8LinearMethod, building_fp8
+from r1deploy.quant.fp8_linear import Fp8LinearMethod
+from r1deploy.quant.methods import NO_QUANT, LinearQuant
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,26 +60,22 @@ def test_merged_fp8_shards_sharing_a_tile_are_refused() -> None:
         _load(layer, "weight_scale_inv", scale_inv, "up")
 
 
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_a_proj = Linear(64, 32, bias=False)
-        self.gate_up_proj = MergedLinear(64, {"gate": 32, "up": 32}, bias=False)
-        self.kv_b_proj = Linear(32, 64, bias=False)  # MLA reads its matrix: stays in the model dtype
-        self.lm_head = Linear(64, 100, bias=False)  # bf16 in R1's checkpoint
-        self.column = ColumnParallelLinear(64, 32, False, TPGroup(rank=0, size=2, device=torch.device("cpu")))
-
-
-def test_building_fp8_switches_plain_linears_only() -> None:
-    with building_fp8((16, 16)):
-        block = _Block()
-    assert block.q_a_proj.weight.dtype == FP8_DTYPE and block.q_a_proj.weight_scale_inv.shape == (2, 4)
-    assert block.gate_up_proj.weight.dtype == FP8_DTYPE
-    # the merged layer's new parameters load through its shard loader
-    assert block.gate_up_proj.weight_scale_inv.weight_loader == block.gate_up_proj.weight_loader
-    for layer in (block.kv_b_proj, block.lm_head, block.column):
+def test_linear_quant_gives_fp8_to_every_linear_it_is_asked_for() -> None:
+    """The loader's FP8 choice (quant/methods.LinearQuant) reaches plain, merged and tensor-parallel linears
+    alike; without it every linear holds the model dtype."""
+    quant = LinearQuant(fp8_block=(16, 16))
+    plain = Linear(64, 32, bias=False, quant_method=quant("model.layers.0.self_attn.q_a_proj"))
+    merged = MergedLinear(64, {"gate": 32, "up": 32}, bias=False, quant_method=quant("model.layers.0.mlp.gate_up_proj"))
+    column = ColumnParallelLinear(64, 64, False, TPGroup(rank=0, size=2, device=torch.device("cpu")),
+                                  quant_method=quant("model.layers.0.self_attn.q_b_proj"))
+    assert plain.weight.dtype == FP8_DTYPE and plain.weight_scale_inv.shape == (2, 4)
+    assert merged.weight.dtype == FP8_DTYPE
+    # the merged layer's quantised parameters load through its shard loader
+    assert merged.weight_scale_inv.weight_loader == merged.weight_loader
+    assert column.weight.dtype == FP8_DTYPE and column.weight_scale_inv.shape == (2, 4)  # this rank's 32 rows
+    for unquantised in (NO_QUANT, LinearQuant()):
+        layer = Linear(64, 32, bias=False, quant_method=unquantised("model.layers.0.self_attn.q_a_proj"))
         assert layer.quant_method is None and layer.weight.dtype == torch.get_default_dtype()
-    assert _Block().q_a_proj.quant_method is None  # outside the context nothing changes
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from r1deploy.layers.moe.experts_dense import resident_method
 from r1deploy.layers.moe.experts_offload import OffloadedExperts
 from r1deploy.layers.moe.mlp import DeepseekMLP
 from r1deploy.layers.moe.router import Router
-from r1deploy.quant.methods import LinearMethodFor, no_quant
+from r1deploy.quant.methods import NO_QUANT, LinearQuant
 
 if TYPE_CHECKING:
     from r1deploy.core.deepseek_config import DeepseekConfig
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 
 
 def experts_method(config: DeepseekConfig, prefix: str, layer_idx: int,
-                   store: TieredExpertStore | None) -> ExpertsMethod:
+                   store: TieredExpertStore | None, fp8_block: tuple[int, int] | None = None) -> ExpertsMethod:
     """The routed experts' format: the offload store's, AWQ where the checkpoint quantises them, else resident
-    in the model dtype or FP8 (resident_method)."""
+    in the model dtype or, given fp8_block (the loader's choice), FP8 (resident_method)."""
     awq = config.awq
     if awq is not None and awq.quantises(f"{prefix}.experts"):
         if store is not None:
@@ -35,19 +35,20 @@ def experts_method(config: DeepseekConfig, prefix: str, layer_idx: int,
         return AWQExperts(awq)
     if store is not None:
         return OffloadedExperts(store, layer_idx)
-    return resident_method()
+    return resident_method(fp8_block)
 
 
 class DeepseekMoE(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None, prefix: str = "mlp", layer_idx: int = 0,
-                 store: TieredExpertStore | None = None, linear_method: LinearMethodFor = no_quant) -> None:
+                 store: TieredExpertStore | None = None, quant: LinearQuant = NO_QUANT) -> None:
         """prefix: this block's checkpoint name (model.layers.{i}.mlp), which AWQ's modules_to_not_convert is
         matched against. store (--offload experts): serve the routed experts from it (it also runs this
-        layer's router ahead of time to prefetch). linear_method: the shared experts' quantisation."""
+        layer's router ahead of time to prefetch). quant: the shared experts' linears' quantisation, and the
+        routed experts' FP8 choice (quant.fp8_block: the loader's)."""
         super().__init__()
         self.dispatch = dispatcher_for(tp)
         self.gate = Router(config)
-        method = experts_method(config, prefix, layer_idx, store)
+        method = experts_method(config, prefix, layer_idx, store, quant.fp8_block)
         self.experts = DeepseekExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp,
                                        method=method)
         if store is not None:
@@ -57,7 +58,7 @@ class DeepseekMoE(nn.Module):
         shared_tp = None if isinstance(self.dispatch, DataParallelDispatch) else tp
         self.shared_experts = (
             DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, shared_tp,
-                        reduce=False, linear_method=linear_method, prefix=f"{prefix}.shared_experts")
+                        reduce=False, linear_method=quant, prefix=f"{prefix}.shared_experts")
             if config.n_shared_experts else None)
 
     @property

@@ -133,7 +133,7 @@ def _fused(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, args: dict
 
 class DeepseekExperts(nn.Module):
     """This rank's routed experts in the format of `method` (for resident weights experts_dense.resident_method:
-    the model dtype, or FP8 stacks when built under quant/fp8_linear.building_fp8)."""
+    the model dtype, or FP8 stacks when the loader keeps an FP8 checkpoint in FP8)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  tp: TPGroup | None = None, *, method: ExpertsMethod) -> None:

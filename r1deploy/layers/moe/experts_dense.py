@@ -11,7 +11,6 @@ import torch
 
 from r1deploy.layers.moe.experts import DeepseekExperts, ExpertsMethod
 from r1deploy.quant.fp8_block import FP8_DTYPE, dequantize_expert
-from r1deploy.quant.fp8_linear import current_fp8_block
 
 
 class UnquantizedExperts(ExpertsMethod):
@@ -52,7 +51,6 @@ class Fp8BlockExperts(ExpertsMethod):
                 "down_scale": layer.down_proj_scale_inv, "scale_block": self.block}
 
 
-def resident_method() -> ExpertsMethod:
-    """FP8 stacks when the model is built under quant/fp8_linear.building_fp8, else the model dtype."""
-    block = current_fp8_block()
-    return UnquantizedExperts() if block is None else Fp8BlockExperts(block)
+def resident_method(fp8_block: tuple[int, int] | None) -> ExpertsMethod:
+    """FP8 stacks with fp8_block's tiles (an FP8 checkpoint the loader keeps in FP8), else the model dtype."""
+    return UnquantizedExperts() if fp8_block is None else Fp8BlockExperts(fp8_block)

@@ -9,7 +9,7 @@ from torch import nn
 
 from r1deploy.layers.activation import silu_and_mul
 from r1deploy.layers.parallel import MergedColumnParallelLinear, RowParallelLinear, ShardSpec
-from r1deploy.quant.methods import LinearMethodFor, no_quant
+from r1deploy.quant.methods import NO_QUANT, LinearMethodFor
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
@@ -23,7 +23,7 @@ class DeepseekMLP(nn.Module):
     linear_method(name): each projection's quantisation (FP8 block, AWQ) from its checkpoint name `prefix`.{name}."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup | None = None,
-                 reduce: bool = True, linear_method: LinearMethodFor = no_quant, prefix: str = "") -> None:
+                 reduce: bool = True, linear_method: LinearMethodFor = NO_QUANT, prefix: str = "") -> None:
         super().__init__()
         spec = ShardSpec.even(intermediate_size, tp)
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, {"gate": spec, "up": spec}, bias=False,
