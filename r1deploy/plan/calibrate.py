@@ -11,7 +11,8 @@ from typing import Any
 
 from r1deploy.errors import UsageError
 from r1deploy.plan.fit import FITTED_INT4, Fit, fit, fit_families, fit_moe
-from r1deploy.plan.points import Point, error_pct, load_points
+from r1deploy.plan.points import Point, error_pct
+from r1deploy.plan.run_points import load_points
 from r1deploy.plan.roofline import Efficiency
 
 __all__ = ["FITTED_INT4", "fit", "fit_families", "fit_moe", "load_points", "render", "result_dict", "run_calibrate"]

@@ -25,10 +25,9 @@ Four inputs are read:
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -392,49 +391,4 @@ def _wave_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: st
         if tput is not None:
             points.append(Point(**common, metric="output tok/s", measured=tput, fits=None,
                                 predict=lambda eff, w=wave, c=c, n=n_out: c * n / w(eff)[0]))
-    return points
-
-
-def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) -> list[Point]:
-    from r1deploy.plan import run_points  # it builds on this module's readers
-
-    catalog = Catalog.load(options.get("gpu_file"), None)
-    points: list[Point] = []
-    for path in paths:
-        try:
-            data = json.loads(Path(path).expanduser().read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--calibrate {path}: no such file") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"--calibrate {path}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--calibrate {path}: expected a JSON object")
-        if "schema" in data or "summary" in data:
-            found = _bench_points(path, data, catalog, gpu, options)
-        elif isinstance(data.get("awq"), dict):  # before the engine file: it has a top-level 'shape' too
-            found = _quant_points(path, data, catalog, gpu, options)
-        elif isinstance(data.get("shape"), str):
-            found = _engine_points(path, data, "", catalog, gpu, options)
-        elif isinstance(data.get("models"), list):
-            found = _layers_points(path, data, catalog, gpu, options)
-        elif isinstance(data.get("decode"), list) and "tp" in data:
-            found = _wave_points(path, data, catalog, gpu, options)
-        elif run_points.is_tp_file(data):
-            found = run_points.tp_points(path, data, catalog, gpu, options)
-        elif run_points.is_offload_file(data):
-            found = run_points.offload_points(path, data, catalog, gpu, options)
-        else:
-            found = []
-            for label, entry in data.items():
-                if isinstance(entry, dict) and isinstance(entry.get("shape"), str) and any(
-                        re.fullmatch(r"ttft_\d+_ms|decode_bs\d+_median_step_ms|offline_out_tok_s", k) for k in entry):
-                    found += _engine_points(path, entry, label, catalog, gpu, options)
-            if not found:
-                raise UsageError(f"--calibrate {path}: neither a bench report (schema {BENCH_SCHEMA}) nor an engine "
-                                 "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms) "
-                                 "nor a reduced-depth DeepSeek file (a 'models' list) nor an AWQ file (an 'awq' "
-                                 "object) nor a full-model run (a 'decode' list and 'tp')")
-        if not found:
-            raise UsageError(f"--calibrate {path}: no measured TTFT, TPOT or throughput in it")
-        points += found
     return points

@@ -1,5 +1,5 @@
 """Measured points of the multi-GPU and offload runs, for `plan --validate` and `plan --calibrate` (points.py
-dispatches here):
+and load_points below):
 - a tensor-parallel file (benchmarks/results/h200_tp*.json, as benchmarks/h200_tp.py writes it): sections
   `tp7b` / `tp70b`, each with entries `tpN` holding `model`, `tp`, `decode_bs1_median_step_ms` (one decode step
   of one sequence, prompt 128, 256 new tokens) and `offline_out_tok_s` (`offline_requests` prompts at once,
@@ -9,11 +9,14 @@ dispatches here):
   every expert in pinned host memory; `offload.bsB.median_step_ms` is one decode step of B sequences.
 None of these points is fitted (`fits` None): they check the factors fitted elsewhere on layouts and paths
 (TP all-reduce, PCIe expert copies) the fitted points do not exercise.
+`load_points` reads any committed run file, dispatching to points.py's readers or these.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,18 @@ from r1deploy.errors import UsageError
 from r1deploy.plan.catalog import Catalog
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
 from r1deploy.plan.points import (
+    BENCH_SCHEMA,
     ENGINE_DECODE_NEW,
     ENGINE_DECODE_PROMPT,
     LAYERS_DEFAULT_MODEL,
     Point,
+    _bench_points,
+    _engine_points,
     _gpu,
+    _layers_points,
     _number,
+    _quant_points,
+    _wave_points,
     decode_terms,
 )
 from r1deploy.plan.roofline import Efficiency, calibration_family, decode_stage, stage_cost
@@ -139,4 +148,47 @@ def offload_points(path: str, data: dict[str, Any], catalog: Catalog, gpu_flag: 
         points.append(Point(Path(path).name, f"{model.name} 1d+{moe_layers}m offload", f"decode batch {batch}, "
                             f"{budget:.0f} GB of expert slots, experts over PCIe", "TPOT ms", step, None, step_ms,
                             calibration_family(model)))
+    return points
+
+
+def load_points(paths: Sequence[str], gpu: str | None = None, **options: Any) -> list[Point]:
+    catalog = Catalog.load(options.get("gpu_file"), None)
+    points: list[Point] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--calibrate {path}: no such file") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--calibrate {path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--calibrate {path}: expected a JSON object")
+        if "schema" in data or "summary" in data:
+            found = _bench_points(path, data, catalog, gpu, options)
+        elif isinstance(data.get("awq"), dict):  # before the engine file: it has a top-level 'shape' too
+            found = _quant_points(path, data, catalog, gpu, options)
+        elif isinstance(data.get("shape"), str):
+            found = _engine_points(path, data, "", catalog, gpu, options)
+        elif isinstance(data.get("models"), list):
+            found = _layers_points(path, data, catalog, gpu, options)
+        elif isinstance(data.get("decode"), list) and "tp" in data:
+            found = _wave_points(path, data, catalog, gpu, options)
+        elif is_tp_file(data):
+            found = tp_points(path, data, catalog, gpu, options)
+        elif is_offload_file(data):
+            found = offload_points(path, data, catalog, gpu, options)
+        else:
+            found = []
+            for label, entry in data.items():
+                if isinstance(entry, dict) and isinstance(entry.get("shape"), str) and any(
+                        re.fullmatch(r"ttft_\d+_ms|decode_bs\d+_median_step_ms|offline_out_tok_s", k) for k in entry):
+                    found += _engine_points(path, entry, label, catalog, gpu, options)
+            if not found:
+                raise UsageError(f"--calibrate {path}: neither a bench report (schema {BENCH_SCHEMA}) nor an engine "
+                                 "benchmark file (entries with 'shape' and ttft_N_ms / decode_bsN_median_step_ms) "
+                                 "nor a reduced-depth DeepSeek file (a 'models' list) nor an AWQ file (an 'awq' "
+                                 "object) nor a full-model run (a 'decode' list and 'tp')")
+        if not found:
+            raise UsageError(f"--calibrate {path}: no measured TTFT, TPOT or throughput in it")
+        points += found
     return points

@@ -18,7 +18,8 @@ from r1deploy.plan.memory import plan_memory
 from r1deploy.plan.model_spec import ModelSpec, load_model
 from r1deploy.plan.parallel import DEFAULT_GPUS_PER_NODE, Layout
 from r1deploy.plan.planner import DEFAULT_GPU_MEMORY_UTILIZATION
-from r1deploy.plan.points import error_pct, load_points
+from r1deploy.plan.points import error_pct
+from r1deploy.plan.run_points import load_points
 from r1deploy.plan.precision import make_precision
 from r1deploy.plan.roofline import Efficiency, stage_cost
 from r1deploy.plan.serving import Performance, Workload, predict

@@ -15,7 +15,7 @@ from r1deploy.plan.engine_fit import fit_profile
 from r1deploy.plan.engines import ENGINE_NAMES, load_engine
 from r1deploy.plan.parallel import Layout
 from r1deploy.plan.planner import build_settings
-from r1deploy.plan.points import load_points
+from r1deploy.plan.run_points import load_points
 from r1deploy.plan.roofline import Efficiency, stage_cost
 from r1deploy.plan.serving import SpecDecode, Workload, predict
 from r1deploy.plan.validate import FITTED_LIMIT_PCT, HELD_OUT_LIMIT_PCT, validate_engine
