@@ -78,6 +78,14 @@ class ReferenceMTP:
     @torch.no_grad()
     def logits(self, token_ids: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """MTP logits [L - 1, vocab] at positions 0..L-2 of token_ids (position i reads t_{i+1} and hidden[i])."""
+        return self.head(self.outputs(token_ids, hidden))
+
+    def head(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs @ self.w["shared_head.head.weight"].T
+
+    @torch.no_grad()
+    def outputs(self, token_ids: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP layer's output hidden states o [L - 1, hidden] (after shared_head.norm) at positions 0..L-2."""
         w = self.w
         embeds = w["embed_tokens.weight"][torch.tensor(token_ids[1:])]
         x = torch.cat((self._rms(embeds, w["enorm.weight"]), self._rms(hidden[: len(token_ids) - 1], w["hnorm.weight"])),
@@ -88,4 +96,4 @@ class ReferenceMTP:
         y = self.block(x[None], attention_mask=mask, position_ids=positions,
                        position_embeddings=self.rotary(x[None], positions))
         y = y[0] if isinstance(y, tuple) else y
-        return self._rms(y[0], w["shared_head.norm.weight"]) @ w["shared_head.head.weight"].T
+        return self._rms(y[0], w["shared_head.norm.weight"])
