@@ -110,12 +110,12 @@ def test_fp8_checkpoint_speculates_exactly(mtp_checkpoint, tmp_path: Path) -> No
     assert generate(spec, PROMPTS) == plain and spec.spec_stats.num_draft_tokens > 0
 
 
-def test_a_layer_that_predicts_well_gets_drafts_accepted(tmp_path: Path) -> None:
+def write_predictive_checkpoint(path: Path) -> None:
     """A main model close to a bigram table (attention and MLP outputs scaled down) and an MTP layer that copies
-    its next-token rule: most drafts are accepted, some rejected, and the tokens still equal the plain run's."""
-    tensors = write_mtp_checkpoint(tmp_path, seed=7)
+    its next-token rule from the embedding of the token it reads: its drafts are mostly right."""
     from safetensors.torch import save_file
 
+    tensors = write_mtp_checkpoint(path, seed=7)
     hidden = tensors["model.embed_tokens.weight"].shape[1]
     for name in list(tensors):
         if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -123,14 +123,43 @@ def test_a_layer_that_predicts_well_gets_drafts_accepted(tmp_path: Path) -> None
     tensors[f"model.layers.{MTP}.eh_proj.weight"] = torch.cat((torch.eye(hidden), torch.zeros(hidden, hidden)), 1)
     tensors[f"model.layers.{MTP}.enorm.weight"] = torch.ones(hidden)
     tensors[f"model.layers.{MTP}.shared_head.norm.weight"] = tensors["model.norm.weight"].clone()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
-    plain = generate(make_engine(tmp_path), PROMPTS)
-    spec = make_engine(tmp_path, speculative=SpeculativeConfig("mtp", 3), block_size=4)
-    assert generate(spec, PROMPTS) == plain
-    stats = spec.spec_stats
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+
+
+def assert_mostly_accepted(engine: LLMEngine) -> None:
+    stats = engine.spec_stats
     assert stats.num_accepted_tokens > 0.5 * stats.num_draft_tokens
     assert stats.num_accepted_tokens < stats.num_draft_tokens
     assert stats.accepted_per_position[2] > 0
+
+
+def test_a_layer_that_predicts_well_gets_drafts_accepted(tmp_path: Path) -> None:
+    """Most drafts accepted, some rejected (rollbacks of several positions), the plain run's tokens."""
+    write_predictive_checkpoint(tmp_path)
+    plain = generate(make_engine(tmp_path), PROMPTS)
+    spec = make_engine(tmp_path, speculative=SpeculativeConfig("mtp", 3), block_size=4)
+    assert generate(spec, PROMPTS) == plain
+    assert_mostly_accepted(spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [False, True])
+def test_gpu_mtp_speculation_with_and_without_graphs(tmp_path: Path, eager: bool) -> None:
+    """On CUDA (Triton kernels; verify steps of 1 + 3 and decode steps replayed from graphs, whose final hidden
+    states the draft reads, or everything eager): the plain run's tokens, and the drafts still mostly right."""
+    write_predictive_checkpoint(tmp_path)
+    config = {"enforce_eager": eager, "max_num_seqs": 8, "max_model_len": 128, "block_size": 4,
+              "max_num_batched_tokens": 16, "graph_query_lens": (1, 4)}
+
+    def engine(**extra: object) -> LLMEngine:
+        return LLMEngine(str(tmp_path), config=EngineConfig(**config, **extra), device="cuda", dtype="float32")
+
+    plain = generate(engine(), PROMPTS)
+    spec = engine(speculative=SpeculativeConfig("mtp", 3))
+    assert (spec.runner.graphs is None) == eager
+    assert generate(spec, PROMPTS) == plain
+    assert_mostly_accepted(spec)
 
 
 def test_mtp_is_refused_where_it_cannot_run(mtp_checkpoint) -> None:
