@@ -176,6 +176,10 @@ class EngineConfig:
         if self.uses_draft_model and (self.parallel.tensor_parallel_size > 1 or self.offload is not None):
             raise ValueError("speculative method 'mtp' runs in one process without --offload so far "
                              "(use --tp 1, or method 'ngram')")
+        if self.uses_draft_model and self.speculative.num_speculative_tokens - 1 > self.block_size:
+            # a draft chain's positions past a sequence's blocks must fit its one scratch block (spec/mtp.py)
+            raise ValueError(f"speculative method 'mtp' with {self.speculative.num_speculative_tokens} tokens needs "
+                             f"block_size >= {self.speculative.num_speculative_tokens - 1}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

@@ -47,9 +47,6 @@ class MTPProposer:
     def __init__(self, runner: ModelRunner, num_speculative_tokens: int, block_size: int) -> None:
         if runner.draft is None:
             raise UsageError("speculative method 'mtp': the model was loaded without its MTP layer")
-        if num_speculative_tokens - 1 > block_size:  # a draft chain's positions past the blocks fit one scratch block
-            raise UsageError(f"speculative method 'mtp': num_speculative_tokens {num_speculative_tokens} needs "
-                             f"--block-size >= {num_speculative_tokens - 1}")
         self.num_speculative_tokens = num_speculative_tokens
         self.runner = runner
         self.draft = runner.draft

@@ -14,13 +14,13 @@ import torch
 from test_speculative import PROMPTS, generate, make_engine
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from deepseek_support import write_fp8_checkpoint  # noqa: E402
-from mtp_support import MTP, ReferenceMTP, write_mtp_checkpoint  # noqa: E402
+from deepseek_support import write_fp8_checkpoint
+from mtp_support import MTP, ReferenceMTP, write_mtp_checkpoint
 
-from r1deploy.engine.engine import LLMEngine  # noqa: E402
-from r1deploy.engine_config import EngineConfig, ParallelConfig, SpeculativeConfig  # noqa: E402
-from r1deploy.errors import UsageError  # noqa: E402
-from r1deploy.spec.mtp import MTPProposer  # noqa: E402
+from r1deploy.engine.engine import LLMEngine
+from r1deploy.engine_config import EngineConfig, ParallelConfig, SpeculativeConfig
+from r1deploy.errors import UsageError
+from r1deploy.spec.mtp import MTPProposer
 
 CASES = {
     "batched": {},
@@ -94,7 +94,7 @@ def test_mtp_drafts_are_the_papers_and_abort_frees_everything(mtp_checkpoint, pl
     assert spec.scheduler.num_preemptions > 0 and spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
     expected = plain_tokens["preempted"]
     assert list(got.values())[1:] == expected[1:]
-    aborted = list(got.values())[0]
+    aborted = next(iter(got.values()))
     assert 0 < len(aborted) < len(expected[0]) and aborted == expected[0][:len(aborted)]
     reference = ReferenceMTP(path, tensors)
     assert len(seen) > 20 and any(len(d) == 3 for _, d in seen)
@@ -168,5 +168,7 @@ def test_mtp_is_refused_where_it_cannot_run(mtp_checkpoint) -> None:
         SpeculativeConfig("mtp", 4)
     with pytest.raises(ValueError, match="--tp 1"):
         EngineConfig(speculative=SpeculativeConfig("mtp", 1), parallel=ParallelConfig(tensor_parallel_size=2))
-    with pytest.raises(UsageError, match="block-size"):
-        make_engine(mtp_checkpoint[0], speculative=SpeculativeConfig("mtp", 3), block_size=1)
+    with pytest.raises(ValueError, match="block_size >= 2"):
+        EngineConfig(speculative=SpeculativeConfig("mtp", 3), block_size=1)
+    with pytest.raises(UsageError, match="without its MTP layer"):
+        MTPProposer(make_engine(mtp_checkpoint[0]).runner, 1, 16)
