@@ -75,21 +75,24 @@ class ParallelConfig:
             raise ValueError(f"timeouts must be > 0, got {self.timeout_s}, {self.init_timeout_s}")
 
 
-SPECULATIVE_METHODS = ("ngram", "oracle")
+SPECULATIVE_METHODS = ("ngram", "mtp", "oracle")
+MTP_MAX_TOKENS = 3  # DeepSeek trained one MTP layer; chaining it further drafts ever worse tokens
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's --speculative-config: k draft tokens per step, verified by one forward of 1 + k tokens."""
 
-    method: str  # "ngram": prompt lookup (the drafts continue the latest earlier match of the context's tail)
+    # "ngram": prompt lookup (the drafts continue the latest earlier match of the context's tail); "mtp": the
+    # model's own multi-token-prediction layer (DeepSeek-V3 / R1: spec/mtp.py), k = 1..3
+    method: str
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram: the shortest tail n-gram to match
     prompt_lookup_max: int = 4  # ngram: the longest, tried first
     # "oracle" (tests and benchmarks only, NOT for production: it needs the target's own greedy output in advance):
     # r1deploy/spec/oracle.py. acceptance: the probability that draft position i is left right (one value or k);
     # references: prompt token ids -> the target's greedy output ids (JSON: a list of [prompt, output] pairs);
-    # inner: a method whose proposer runs for its cost, its drafts discarded (e.g. "ngram"; MTP once it exists).
+    # inner: a method whose proposer runs for its cost, its drafts discarded ("ngram"; "mtp" times the MTP head).
     acceptance: tuple[float, ...] = ()
     references: Mapping[tuple[int, ...], tuple[int, ...]] | None = None
     seed: int = 0
@@ -101,6 +104,9 @@ class SpeculativeConfig:
                              f"got {self.method!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.method == "mtp" and self.num_speculative_tokens > MTP_MAX_TOKENS:
+            raise ValueError(f"num_speculative_tokens: the mtp method drafts 1..{MTP_MAX_TOKENS} tokens (one MTP layer, "
+                             f"chained), got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
@@ -185,6 +191,12 @@ class EngineConfig:
     # 1 = decode; 1+k = a speculative verify step of k draft tokens (each extra length costs graph memory).
     graph_query_lens: tuple[int, ...] = (1,)
 
+    @property
+    def uses_draft_model(self) -> bool:
+        """Speculation by the model's own draft head (DeepSeek's MTP layer), which the loader then builds."""
+        spec = self.speculative
+        return spec is not None and "mtp" in (spec.method, spec.inner)
+
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
@@ -199,6 +211,13 @@ class EngineConfig:
             raise ValueError("num_gpu_blocks_override must be >= 1")
         if self.speculative is not None and self.parallel.dp_attention:
             raise ValueError("speculative decoding does not run with --dp-attention yet")
+        if self.uses_draft_model and (self.parallel.tensor_parallel_size > 1 or self.offload is not None):
+            raise ValueError("speculative method 'mtp' runs in one process without --offload so far "
+                             "(use --tp 1, or method 'ngram')")
+        if self.uses_draft_model and self.speculative.num_speculative_tokens - 1 > self.block_size:
+            # a draft chain's positions past a sequence's blocks must fit its one scratch block (spec/mtp.py)
+            raise ValueError(f"speculative method 'mtp' with {self.speculative.num_speculative_tokens} tokens needs "
+                             f"block_size >= {self.speculative.num_speculative_tokens - 1}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

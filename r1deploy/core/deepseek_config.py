@@ -75,6 +75,9 @@ class DeepseekConfig:
     torch_dtype: torch.dtype
     fp8_block_size: tuple[int, int] | None  # set when the checkpoint holds block-scaled FP8 weights
     awq: AWQConfig | None = None  # set when the checkpoint holds AWQ INT4 weights (AutoAWQ "gemm")
+    # MTP (multi-token prediction) layers the checkpoint holds at index num_hidden_layers on (R1: 1); the model
+    # builds one only for speculative decoding (models/deepseek_mtp.py)
+    num_nextn_predict_layers: int = 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -159,6 +162,7 @@ class DeepseekConfig:
             torch_dtype=_DTYPES[dtype_name],
             fp8_block_size=fp8_block_size,
             awq=awq,
+            num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
         )
 
 

@@ -28,7 +28,7 @@ from r1deploy.layers.sampler import SamplerOutput, request_generator
 from r1deploy.models.hub import resolve_model_source
 from r1deploy.models.loader import LoadedModel, load_model
 from r1deploy.sampling_params import SamplingParams
-from r1deploy.spec import make_proposer
+from r1deploy.spec import BatchProposer, make_proposer, propose_drafts
 from r1deploy.spec.stats import SpecStats
 from r1deploy.worker.executor import Executor, LocalExecutor
 from r1deploy.worker.model_runner import ModelRunner
@@ -94,7 +94,7 @@ class LLMEngine:
             self.loaded = self.executor.runner.loaded
         else:
             self.loaded = loaded or load_model(model, dtype=dtype, device=device, load_format=load_format,
-                                               offload=self.config.offload)
+                                               offload=self.config.offload, draft=self.config.uses_draft_model)
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
@@ -123,7 +123,7 @@ class LLMEngine:
         # Overlap the host's work with the GPU's (see step). Under TP the workers fill pending tokens from
         # rank 0's broadcast samples. --dp-attention steps are split per rank on the host, and speculative
         # steps need their verified tokens on the host to propose the next drafts: both stay synchronous.
-        self.proposer = make_proposer(self.config.speculative, self.model_config.vocab_size)
+        self.proposer = make_proposer(self.config.speculative, self.model_config.vocab_size, self.runner)
         self.async_scheduling = (self.config.async_scheduling and not self.config.parallel.dp_attention
                                  and self.proposer is None)
         self._in_flight: _InFlight | None = None  # launched by the last step(), not yet processed
@@ -313,6 +313,8 @@ class LLMEngine:
                 self.spec_stats.record_verify_step(time.perf_counter() - verifying)
             current = None
         if step.chunks and not out_of_memory:
+            if isinstance(self.proposer, BatchProposer):  # a draft model follows the step before any rollback
+                self.proposer.after_step(step.chunks, rejected or {})
             # After `previous` was processed: the tokens this step computes K/V for are all real now. A
             # synchronous step's rejected drafts are rolled back before anything is hashed, and requests it
             # stopped are freed after their blocks are registered, as an asynchronous step's are.
@@ -337,13 +339,16 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Speculative decoding: drafts for every running request that has caught up with its newest token."""
+        wanted: list[tuple[Request, int]] = []
         for request in self.scheduler.running:
             request.spec_token_ids.clear()
             room = min(self.proposer.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
                        self.max_model_len - request.num_tokens - 1)
             # A grammar's mask for a draft position would need the drafts accepted first: no drafts there.
             if room > 0 and request.num_computed_tokens == request.num_tokens - 1 and request.grammar is None:
-                request.spec_token_ids.extend(self.proposer.propose(request.all_token_ids, room))
+                wanted.append((request, room))
+        for (request, _), drafts in zip(wanted, propose_drafts(self.proposer, wanted), strict=True):
+            request.spec_token_ids.extend(drafts)
 
     def _launch(self, step: SchedulerOutput, previous: _InFlight | None) -> _InFlight | None:
         """Launch a step on the device and start copying its samples to the host; waits for nothing."""

@@ -12,7 +12,8 @@ A model family subclasses CausalLM and declares, explicitly rather than by duck 
   quant=cls.linear_quant(config, fp8_block))` and the model hands it to every layer that builds linears;
 * `load_weights(weights)`: HF-named tensors into the parameters (a family with its own checkpoint mapping
   overrides it; the mapping lives beside the model, not in its maths);
-* `build_draft()`: the family's own speculative-decoding head (DeepSeek's MTP later); None by default;
+* `build_draft()`: the family's own speculative-decoding head (DeepSeek's MTP layer), built as the submodule
+  `draft` before load_weights (the loader calls it when the engine asks for it); None by default;
 * `forward(batch, kv_caches)` -> hidden [T, hidden] and `compute_logits(hidden)` -> [B, vocab] fp32.
 """
 
@@ -71,6 +72,7 @@ class CausalLM(nn.Module):
         # --offload: the store serving this model's weights (weights/offload.OffloadStore), read by the engine,
         # /metrics and bench; None when every weight is resident.
         self.offload_store: OffloadStore | None = None
+        self.draft: nn.Module | None = None  # build_draft(): the speculative draft head, loaded with the model
 
     # ---- what the family supports, before and after building -----------------------------------------
 
@@ -126,7 +128,8 @@ class CausalLM(nn.Module):
         load_weights(self, weights)
 
     def build_draft(self) -> nn.Module | None:
-        """The family's own draft model for speculative decoding (DeepSeek's MTP layers); None: it has none."""
+        """Build the family's own draft model for speculative decoding as `self.draft` (before load_weights,
+        under the loader's dtype / device / FP8 context) and return it; None: this model has none."""
         return None
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,8 @@ The differences live in DeepseekConfig (router scoring and top-k method, q_lora,
 Parameter names follow transformers, except that dense/shared gate_proj + up_proj are one
 `gate_up_proj` and routed experts are stacked (`experts.gate_up_proj` [E, 2I, H],
 `experts.down_proj` [E, H, I], transformers 5's layout); the checkpoint mapping (FP8 kept or dequantised,
-AWQ repacking, expert stacking, the MTP layers skipped) lives in deepseek_weights.py.
+AWQ repacking, expert stacking, the MTP layer loaded only when build_draft() built it) lives in deepseek_weights.py;
+the MTP layer itself in deepseek_mtp.py.
 
 AWQ INT4 checkpoints (config.awq, AutoAWQ "gemm"; tensor parallelism splits them like bf16 weights; no
 --dp-attention, no expert offload yet): the attention projections, dense MLPs and shared experts are AWQ linears
@@ -23,16 +24,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from r1deploy.attention.base import MLAMetadata
 from r1deploy.attention.selector import step_metadata
 from r1deploy.core.deepseek_config import DeepseekConfig
 from r1deploy.errors import UsageError
-from r1deploy.layers.mla import MLAttention
-from r1deploy.layers.moe import DeepseekMLP, DeepseekMoE
+from r1deploy.layers.moe import DeepseekMoE
 from r1deploy.layers.norm import RMSNorm
 from r1deploy.layers.parallel import ParallelLMHead, VocabParallelEmbedding, size_rank
 from r1deploy.layers.yarn import DeepseekRotary
 from r1deploy.models.base import CausalLM, KVCacheSpec, ModelCapabilities
+from r1deploy.models.deepseek_layer import DeepseekDecoderLayer, dp_attention_enabled
+from r1deploy.models.deepseek_mtp import DeepseekMTP
 from r1deploy.models.deepseek_weights import load_deepseek_weights
 from r1deploy.quant.methods import NO_QUANT, LinearQuant
 from r1deploy.weights.expert_cache import current_expert_store
@@ -43,51 +44,13 @@ if TYPE_CHECKING:  # the engine imports the models, so only type-check this edge
     from r1deploy.weights.tiered_store import TieredExpertStore
 
 
-def _dp_attention(tp: TPGroup | None) -> bool:
-    return tp is not None and tp.size > 1 and tp.dp_attention
-
-
-class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekConfig, layer_idx: int, tp: TPGroup | None = None,
-                 store: TieredExpertStore | None = None, quant: LinearQuant = NO_QUANT) -> None:
-        """Under --dp-attention (tp.dp_attention) attention and the dense MLP are whole on every rank (no tp);
-        the MoE block keeps its routed experts expert-parallel. quant: every linear's method, by checkpoint name."""
-        super().__init__()
-        local = None if _dp_attention(tp) else tp
-        prefix = f"model.layers.{layer_idx}"  # checkpoint names, for AWQ's modules_to_not_convert
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, local, prefix=f"{prefix}.self_attn", linear_method=quant)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (
-            DeepseekMoE(config, tp, prefix=f"{prefix}.mlp", layer_idx=layer_idx, store=store, quant=quant)
-            if config.is_moe_layer(layer_idx)
-            else DeepseekMLP(config.hidden_size, config.intermediate_size, local, linear_method=quant,
-                             prefix=f"{prefix}.mlp"))
-
-    def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, attn: MLAMetadata,
-        dp_token_counts: tuple[int, ...] | None = None,
-    ) -> torch.Tensor:  # [T, hidden]
-        if dp_token_counts is None:
-            h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn)
-            return h + self.mlp(self.post_attention_layernorm(h))
-        if not h.shape[0]:  # --dp-attention, no sequences on this rank this step: only join the MoE's exchange
-            if isinstance(self.mlp, DeepseekMoE):
-                self.mlp(h, dp_token_counts)
-            return h
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn)
-        if isinstance(self.mlp, DeepseekMoE):
-            return h + self.mlp(self.post_attention_layernorm(h), dp_token_counts)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
 class DeepseekModel(nn.Module):
     def __init__(self, config: DeepseekConfig, tp: TPGroup | None = None,
                  store: TieredExpertStore | None = None, quant: LinearQuant = NO_QUANT) -> None:
         super().__init__()
         # Data-parallel attention: each rank embeds its own tokens, whole table.
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   None if _dp_attention(tp) else tp)
+                                                   None if dp_attention_enabled(tp) else tp)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp, store, quant)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -123,13 +86,13 @@ class DeepseekV3ForCausalLM(CausalLM):
         its own sequences (and holds only their latent cache). quant: the linears' and experts' quantisation
         (the loader passes linear_quant(config, its FP8 choice)); None: linear_quant(config), FP8 dequantised."""
         super().__init__(config, tp)
-        self.dp_attention = _dp_attention(tp)
+        self.dp_attention = dp_attention_enabled(tp)
         self.check_parallel(config, size_rank(tp)[0], self.dp_attention)  # built directly, not by the loader
         # --offload experts: built under expert_cache.building_with(store), the routed experts are served
         # from it (load_weights routes their tensors there).
         self.offload_store: TieredExpertStore | None = current_expert_store()
-        quant = self.linear_quant(config) if quant is None else quant
-        self.model = DeepseekModel(config, tp, self.offload_store, quant)
+        self.quant = self.linear_quant(config) if quant is None else quant  # the draft layer's too (build_draft)
+        self.model = DeepseekModel(config, tp, self.offload_store, self.quant)
         self.host_routed_experts = any(
             isinstance(layer.mlp, DeepseekMoE) and layer.mlp.experts.method.reads_routing_on_host
             for layer in self.model.layers)
@@ -186,8 +149,17 @@ class DeepseekV3ForCausalLM(CausalLM):
         rank's own sub-batch, possibly empty); the MoE layers exchange tokens by them."""
         return self.model(batch, kv_caches)
 
+    def build_draft(self) -> nn.Module | None:
+        """The checkpoint's first MTP layer as `self.draft` (models/deepseek_mtp.py), sharded like the main layers
+        and quantised like them; None when the config declares no MTP layer (num_nextn_predict_layers 0)."""
+        if self.draft is None and self.config.num_nextn_predict_layers > 0:
+            self.draft = DeepseekMTP(self.config, self.model.embed_tokens, self.model.rotary_emb, self.lm_head,
+                                     self.tp, self.quant).eval()
+        return self.draft
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """The checkpoint mapping (FP8 pairs, AWQ repacking, expert stacking, MTP skipped): deepseek_weights.py."""
+        """The checkpoint mapping (FP8 pairs, AWQ repacking, expert stacking, the MTP layer into `draft` when built,
+        skipped otherwise): deepseek_weights.py."""
         load_deepseek_weights(self, weights)
 
 

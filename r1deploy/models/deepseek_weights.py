@@ -3,8 +3,9 @@
 Parameter names follow transformers, except that dense/shared gate_proj + up_proj are one `gate_up_proj` and
 routed experts are stacked (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], transformers 5's
 layout). Loading maps checkpoint names, keeps FP8 weights where the model holds them in FP8 (built with
-the loader's FP8 choice, quant/methods.LinearQuant), dequantises them elsewhere, repacks AWQ experts one tensor at a time, and skips
-the MTP layers (model.layers.{num_hidden_layers}...).
+the loader's FP8 choice, quant/methods.LinearQuant), dequantises them elsewhere, repacks AWQ experts one tensor at a
+time, and loads the first MTP layer (model.layers.{num_hidden_layers}.*) into the model's `draft` when build_draft()
+built one (deepseek_mtp.py: its embed_tokens / shared_head.head copies are skipped), skipping the MTP layers otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _EXPERT_STACK_SUFFIX = {"weight": "", "weight_scale_inv": SCALE_SUFFIX,
                         "qweight": "_packed", "qzeros": "_zeros", "scales": "_scales"}
 _MERGED = re.compile(r"\.(gate|up)_proj\.")  # dense and shared MLPs
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# The MTP layer's copies of the main model's embedding and head (deepseek_mtp.py uses the main model's)
+MTP_SHARED = ("embed_tokens.", "shared_head.head.")
 _OTHER_RANK = "<an expert another rank holds>"  # _load_one's answer for a known tensor this rank skips
 
 
@@ -42,12 +45,15 @@ def load_deepseek_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Te
     weight unquantised; AWQ tensors likewise (_awq_tensors), and the AWQ linears repack theirs once all are in.
     Raises WeightLoadError on unknown tensors or unfilled parameters."""
     config = model.config
-    params = dict(model.named_parameters())
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."  # the draft's tensors in the checkpoint
+    # Keyed by checkpoint name: the draft's parameters (draft.X) are model.layers.{n}.X there
+    params = {mtp_prefix + n[len("draft."):] if n.startswith("draft.") else n: p
+              for n, p in model.named_parameters()}
     filled = dict.fromkeys(params, 0)  # elements written, so merged/stacked params count every shard
     block = config.fp8_block_size or (128, 128)
     dtype = model.model.embed_tokens.weight.dtype
     unexpected: list[str] = []
-    stream = _main_layers(weights, config.num_hidden_layers, config.tie_word_embeddings)
+    stream = _main_layers(weights, config.num_hidden_layers, config.tie_word_embeddings, model.draft is not None)
     if config.awq is not None:
         stream = _awq_tensors(stream, params, dtype, config.awq.group_size)
     try:
@@ -56,7 +62,7 @@ def load_deepseek_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Te
             if scale_inv is not None and not keep_fp8:
                 tensor = dequantize_fp8_block(tensor, scale_inv, dtype, block)
             for part, value in [(name, tensor)] + ([(name + SCALE_SUFFIX, scale_inv)] if keep_fp8 else []):
-                target = _load_one(model, params, part, value)
+                target = _load_one(model, params, part, value, mtp_prefix)
                 if target is None:
                     unexpected.append(part)
                 elif target is not _OTHER_RANK:
@@ -66,6 +72,10 @@ def load_deepseek_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Te
     if unexpected:
         raise WeightLoadError(f"checkpoint has tensors the model does not use: {', '.join(sorted(unexpected))}")
     missing = sorted(n for n, count in filled.items() if count < params[n].numel())
+    if any(n.startswith(mtp_prefix) for n in missing):
+        raise WeightLoadError(f"speculative method 'mtp': the checkpoint has no complete MTP layer ({mtp_prefix}*: "
+                              f"{sum(n.startswith(mtp_prefix) for n in missing)} tensors missing); "
+                              "use a checkpoint that ships it (DeepSeek-V3 / R1) or another method")
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise WeightLoadError(f"checkpoint is missing {len(missing)} parameters: {shown}")
@@ -76,13 +86,16 @@ def load_deepseek_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Te
             for e in range(config.n_routed_experts))
 
 
-def _main_layers(weights: Iterable[tuple[str, torch.Tensor]], num_layers: int, tied: bool
+def _main_layers(weights: Iterable[tuple[str, torch.Tensor]], num_layers: int, tied: bool, with_mtp: bool
                  ) -> Iterable[tuple[str, torch.Tensor]]:
-    """Drop the MTP layers (model.layers.{num_hidden_layers}...), kept in the checkpoint for speculative
-    decoding later, and derived tables the model recomputes."""
+    """Drop the MTP layers (model.layers.{num_hidden_layers}...) unless the model built its draft (then the
+    first one stays, less its copies of the main model's embedding and head), and derived tables the model
+    recomputes."""
+    mtp_prefix = f"model.layers.{num_layers}."
     for name, tensor in weights:
         layer = layer_index(name)
-        if layer is not None and layer >= num_layers:
+        if layer is not None and layer >= num_layers and (
+                not with_mtp or layer > num_layers or name[len(mtp_prefix):].startswith(MTP_SHARED)):
             continue
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
@@ -116,15 +129,19 @@ def param_name(name: str) -> str:
     return name.replace(merged.group(0), ".gate_up_proj.") if merged else name
 
 
-def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str | None:
-    """Copy one checkpoint tensor into place; returns the parameter it filled, None if unknown."""
+def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
+              mtp_prefix: str) -> str | None:
+    """Copy one checkpoint tensor into place; returns the parameter it filled (its checkpoint name), None if
+    unknown. The MTP layer's (mtp_prefix) modules are the model's `draft`."""
     target = param_name(name)
     if target not in params:
         return None
     try:
         expert = expert_tensor(name)
         if expert:
-            experts = model.get_submodule(expert.module)
+            module = expert.module
+            experts = model.get_submodule("draft." + module[len(mtp_prefix):] if module.startswith(mtp_prefix)
+                                          else module)
             if not experts.owns(expert.expert):
                 return _OTHER_RANK if expert.expert < experts.num_experts else None
             experts.load_expert(expert.expert, expert.projection, tensor, _EXPERT_STACK_SUFFIX[expert.kind])

@@ -79,8 +79,10 @@ def load_model(
     tp: TPGroup | None = None,
     offload: OffloadConfig | None = None,
     quantization: Quantization = "auto",
+    draft: bool = False,
 ) -> LoadedModel:
     """tp: build and load only this tensor-parallel rank's shard (each parameter's loader narrows).
+    draft: also build and load the model's own speculative draft head (CausalLM.build_draft: DeepSeek's MTP).
     offload: target "experts": keep a MoE model's experts in a GPU / host / disk store (a local checkpoint
     directory only); "layers": stream the decoder layers beyond the GPU budget from host memory (any source).
     quantization: FP8 checkpoints kept in FP8 ("fp8"), dequantised at load ("none"), or "auto" (above)."""
@@ -94,21 +96,21 @@ def load_model(
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if model is None:
         return _load_hf_dir(embedded_model_dir(), EMBEDDED_NAME, dtype, device, load_format, tp,
-                            quantization=quantization)
+                            quantization=quantization, draft=draft)
     path = Path(model).expanduser()
     if path.is_dir():
         return _load_hf_dir(path, repo_id_of(path) or path.name, dtype, device, load_format, tp, offload,
-                            quantization)
+                            quantization, draft)
     if offload is not None:
         raise UsageError("--offload experts needs a local checkpoint directory (its safetensors are the disk tier)")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device, load_format, tp, quantization)
+        return _load_gguf(path, dtype, device, load_format, tp, quantization, draft)
     config_path = resolve_config_path(model)  # a preset or a bare config.json; raises for unknown names
     if load_format != "dummy":
         raise UsageError(f"{model!r} names a config only (presets ship no weights): pass --load-format dummy "
                          "(load_format='dummy' in Python) for random weights, a Hugging Face Hub id (org/name), or "
                          "a local model directory or .gguf file")
-    built, config = build_model(read_hf_config(config_path), dtype, device, tp, quantization)
+    built, config = build_model(read_hf_config(config_path), dtype, device, tp, quantization, draft)
     init_dummy_weights(built)
     return LoadedModel(built, config, None, config.eos_token_ids, canonical_name(model))
 
@@ -144,13 +146,14 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 def _load_hf_dir(
     path: Path, name: str, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
     tp: TPGroup | None = None, offload: OffloadConfig | None = None, quantization: Quantization = "auto",
+    draft: bool = False,
 ) -> LoadedModel:
     with phase("config"):
         raw = read_hf_config(path)
         _check_config(raw, path / "config.json")
     store = None if offload is None else _expert_store(raw, path, dtype, device, offload, quantization)
     with phase("model build"), building_with(store):  # experts built under a store get no resident copy
-        built, config = build_model(raw, dtype, device, tp, quantization)
+        built, config = build_model(raw, dtype, device, tp, quantization, draft)
     with phase("weights"):
         if load_format == "dummy":
             init_dummy_weights(built)
@@ -230,14 +233,14 @@ def _source_config(model: str | None) -> dict[str, Any]:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load_format: LoadFormat,
-               tp: TPGroup | None = None, quantization: Quantization = "auto") -> LoadedModel:
+               tp: TPGroup | None = None, quantization: Quantization = "auto", draft: bool = False) -> LoadedModel:
     from r1deploy.weights.gguf_reader import gguf_hf_config, iter_gguf_tensors, load_gguf_tokenizer, open_gguf
 
     with phase("config"):
         reader = open_gguf(path)
         hf_config = gguf_hf_config(reader)
     with phase("model build"):
-        built, config = build_model(hf_config, dtype, device, tp, quantization)
+        built, config = build_model(hf_config, dtype, device, tp, quantization, draft)
     with phase("weights"):
         if load_format == "dummy":
             init_dummy_weights(built)
@@ -249,9 +252,11 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, load
 
 
 def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.device,
-                tp: TPGroup | None = None, quantization: Quantization = "auto") -> tuple[nn.Module, ModelConfig]:
+                tp: TPGroup | None = None, quantization: Quantization = "auto", draft: bool = False
+                ) -> tuple[nn.Module, ModelConfig]:
     """Pick the model class for the config, parse the config with that class's config type, build
-    (an FP8 checkpoint's linears and experts in FP8 where `quantization` says so)."""
+    (an FP8 checkpoint's linears and experts in FP8 where `quantization` says so; draft: with the model's own
+    draft head, built in the same dtype, device and FP8 choice)."""
     cls = model_class_for_config(raw)
     config = cls.config_class.from_hf(raw)
     if tp is not None:
@@ -259,7 +264,11 @@ def build_model(raw: dict[str, Any], dtype: torch.dtype | None, device: torch.de
     quant = cls.linear_quant(config, _fp8_block(config, quantization, device))  # each linear's method, explicitly
     # Never .to(dtype) afterwards: DeepSeek's router bias must stay fp32 in a bf16 model.
     with _default_dtype(dtype or default_dtype(config, device)), device:
-        return cls(config, tp=tp, quant=quant).eval(), config
+        built = cls(config, tp=tp, quant=quant).eval()
+        if draft and built.build_draft() is None:
+            raise UsageError(f"speculative method 'mtp' needs a model with its own MTP layer; {cls.__name__} "
+                             "declares none (num_nextn_predict_layers is 0 or missing): use method 'ngram'")
+        return built, config
 
 
 def _fp8_block(config: Any, quantization: Quantization, device: torch.device) -> tuple[int, int] | None:

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool budget when running on the CPU")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3, '
-                        '"prompt_lookup_max": 4}\' (drafts verified in one forward of 1 + k tokens; exact)')
+                        '"prompt_lookup_max": 4}\', or "method": "mtp" (DeepSeek-V3/R1\'s MTP layer, k = 1..3) '
+                        '(drafts verified in one forward of 1 + k tokens; exact)')
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks over all nodes: one worker process per GPU (NCCL), or per CPU rank "
                         "(gloo); the ranks talk over loopback (one node) or --master-addr's network, which must "

@@ -9,8 +9,8 @@ position, so a run repeats whatever the batch). Under greedy a right draft is ac
 so the engine's real end-to-end speed at that acceptance is measured, not computed. Positions are independent,
 so the share of drafts accepted at position i (vLLM's per-position rate) is acceptance[0] x ... x acceptance[i].
 
-`inner`: another proposer (n-gram; DeepSeek's MTP head once it exists) whose propose() runs first for its cost,
-its drafts discarded, so a drafter's own time is in the measurement at a chosen acceptance.
+`inner`: another proposer (n-gram, or DeepSeek's MTP head, which also follows every step) that runs first for its
+cost, its drafts discarded, so a drafter's own time is in the measurement at a chosen acceptance.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from r1deploy.spec import Proposer
+    from r1deploy.engine.request import Request
+    from r1deploy.engine.scheduler import ScheduledChunk
+    from r1deploy.spec import BatchProposer, Proposer
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class OracleProposer:
     acceptance: tuple[float, ...]  # per draft position: the probability it is left right
     vocab_size: int  # a corrupted draft is another token of the vocabulary
     seed: int = 0
-    inner: Proposer | None = None
+    inner: Proposer | BatchProposer | None = None
     # prompt length -> prompt -> (its index, its reference): a lookup costs one slice per distinct prompt length
     _by_length: dict[int, dict[tuple[int, ...], tuple[int, tuple[int, ...]]]] = field(init=False, repr=False)
 
@@ -47,10 +49,26 @@ class OracleProposer:
         object.__setattr__(self, "_by_length", dict(sorted(by_length.items(), reverse=True)))
 
     def propose(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
-        """The reference tokens after the current output, corrupted per position; [] for an unknown prompt.
-        The longest known prompt that token_ids starts with is the request's."""
+        """The reference tokens after the current output, corrupted per position; [] for an unknown prompt."""
         if self.inner is not None:
             self.inner.propose(token_ids, max_tokens)  # run for its cost only
+        return self._drafts(token_ids, max_tokens)
+
+    def propose_batch(self, wanted: Sequence[tuple[Request, int]]) -> list[list[int]]:
+        """The engine's entry (spec.propose_drafts): a batch drafter inside (MTP) runs on the whole batch, as it
+        would alone, for its cost only."""
+        if hasattr(self.inner, "propose_batch"):
+            self.inner.propose_batch(wanted)
+            return [self._drafts(request.all_token_ids, room) for request, room in wanted]
+        return [self.propose(request.all_token_ids, room) for request, room in wanted]
+
+    def after_step(self, chunks: Sequence[ScheduledChunk], num_rejected: Mapping[int, int]) -> None:
+        """A batch drafter inside follows every step (its own cache), with the oracle's drafts as verified."""
+        if hasattr(self.inner, "after_step"):
+            self.inner.after_step(chunks, num_rejected)
+
+    def _drafts(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The longest known prompt that token_ids starts with is the request's."""
         for length, prompts in self._by_length.items():
             if length > len(token_ids):
                 continue

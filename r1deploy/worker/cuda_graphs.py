@@ -84,6 +84,7 @@ class _Graph:
     batch: ForwardBatch  # the static batch it was captured with (keeps its tensors alive)
     metadata: AttentionMetadata | MLAMetadata
     logits: torch.Tensor  # [bucket * query_len, vocab] fp32, written by every replay
+    hidden: torch.Tensor  # [bucket * query_len, hidden]: the final hidden states a draft head reads
 
 
 class DecodeGraphRunner:
@@ -115,14 +116,21 @@ class DecodeGraphRunner:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(self.model(batch, self.kv_caches))
-                self.graphs[(size, query_len)] = _Graph(graph, batch, metadata, logits)
+                    hidden = self.model(batch, self.kv_caches)
+                    logits = self.model.compute_logits(hidden)
+                self.graphs[(size, query_len)] = _Graph(graph, batch, metadata, logits, hidden)
         torch.cuda.synchronize()
 
     def covers(self, query_lens: list[int] | tuple[int, ...]) -> bool:
         """Whether a step with these per-sequence new-token counts has a graph."""
         return (0 < len(query_lens) <= self.max_batch and query_lens[0] in self.query_lens
                 and all(n == query_lens[0] for n in query_lens))
+
+    def hidden(self, batch: ForwardBatch) -> torch.Tensor:
+        """The final hidden states [T, hidden] of every token of the step `run` replayed last (valid until the
+        next replay)."""
+        bucket = self.buckets[bisect.bisect_left(self.buckets, batch.num_seqs)]
+        return self.graphs[(bucket, batch.query_lens_cpu[0])].hidden[: batch.num_tokens]
 
     def run(self, batch: ForwardBatch, pending: PendingTokens | None = None) -> torch.Tensor:
         """Logits of a covered step built in pinned host memory (ForwardBatch.build with device='cpu',

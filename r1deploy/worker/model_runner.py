@@ -19,6 +19,7 @@ from r1deploy.layers.sampler import Sampler, SamplerOutput
 from r1deploy.models.loader import LoadedModel
 from r1deploy.startup import phase
 from r1deploy.worker.cuda_graphs import DecodeGraphRunner
+from r1deploy.worker.draft_runner import DraftRunner
 
 if TYPE_CHECKING:
     from r1deploy.distributed.group import TPGroup
@@ -65,6 +66,13 @@ class ModelRunner:
         with phase("KV cache sizing and allocation"):
             self.pool = self._size_pool()
             self.kv_caches = self._allocate_kv_caches(self.pool.num_blocks)
+        # A draft head of the model's own (speculative "mtp"): its cache and forward, and the main model's final
+        # hidden states of the last step, which it reads (kept only then: the plain path stores nothing).
+        self.draft: DraftRunner | None = None
+        self.hidden: torch.Tensor | None = None
+        if self.model.draft is not None:
+            self.draft = DraftRunner(self.model.draft, self.attn_backend, self.pool.num_blocks, config.block_size,
+                                     config.max_num_seqs, self.kv_dtype, self.device)
         self.graphs: DecodeGraphRunner | None = None
         # Only models whose forward has no host-side, data-dependent shapes can be captured. Under tensor
         # parallelism every rank captures the same buckets in the same order (the all-reduces are captured
@@ -82,6 +90,7 @@ class ModelRunner:
         (a benchmark, a test) needs that memory back at once."""
         self.graphs = None
         self.kv_caches = []
+        self.draft = self.hidden = None
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         """One paged cache per layer, in the layout the model class declares (GQA K/V or MLA latent)."""
@@ -90,6 +99,8 @@ class ModelRunner:
 
     def _size_pool(self) -> KVPoolSize:
         per_block = self.config.block_size * self.kv_spec.bytes_per_token(self.kv_dtype)
+        if self.model.draft is not None:  # its latent layer shares the pool's block ids
+            per_block += self.config.block_size * self.model.draft.cache_spec.bytes_per_token(self.kv_dtype)
         if self.config.num_gpu_blocks_override is not None:
             n = self.config.num_gpu_blocks_override
             return KVPoolSize(n, per_block, n * per_block)
@@ -165,6 +176,8 @@ class ModelRunner:
         moved to the device. Tensor-parallel ranks call this in lockstep."""
         if self.graphs is not None and self.graphs.covers(batch.query_lens_cpu):
             logits = self.graphs.run(batch, pending)  # decode: [B, vocab]; verify: the sampled rows [R, vocab]
+            if self.draft is not None:
+                self.hidden = self.graphs.hidden(batch)
             if batch.query_lens_cpu[0] > 1:
                 return logits if batch.num_logits else None
             rows = [i for i, n in enumerate(batch.num_sampled_cpu) if n]
@@ -174,6 +187,8 @@ class ModelRunner:
             pending.fill(batch.input_ids)
         batch = self._with_attn_metadata(batch)
         hidden = self.model(batch, self.kv_caches)
+        if self.draft is not None:
+            self.hidden = hidden
         return self.model.compute_logits(hidden[batch.logits_indices]) if batch.num_logits else None
 
     def _select_rows(self, t: torch.Tensor, rows: list[int], num_seqs: int) -> torch.Tensor | None:

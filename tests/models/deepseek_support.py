@@ -100,7 +100,7 @@ class PagedDriver:
 # FP8 checkpoints in miniature. Small tiles, so the tiny shapes span several, with partial edge tiles
 # (kv_a_proj_with_mqa has 32 + 8 = 40 rows: 3 row tiles, the last 8 tall): R1's 576-row case.
 FP8_TILE = (16, 16)
-_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # unquantised in R1's checkpoint
+_NOT_FP8 = ("norm", "embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight")  # unquantised in R1's checkpoint
 
 
 def is_fp8_weight(name: str, tensor: torch.Tensor) -> bool:
