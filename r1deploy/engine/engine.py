@@ -22,6 +22,7 @@ from r1deploy.engine.generation_defaults import generation_defaults
 from r1deploy.engine.model_input import build_model_input
 from r1deploy.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1deploy.engine.request import Request, RequestStatus
+from r1deploy.engine.request_checks import checked_max_tokens
 from r1deploy.engine.scheduler import Scheduler, SchedulerOutput
 from r1deploy.engine_config import EngineConfig
 from r1deploy.layers.sampler import SamplerOutput, request_generator
@@ -210,21 +211,7 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenize(prompt)
         else:
             text, token_ids = None, [int(t) for t in prompt]
-        if not token_ids:
-            raise ValueError("prompt: empty prompt")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in token_ids):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        if any(t >= vocab for t, _ in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
-                             "(and at least one token must be generated)")
-        room = self.max_model_len - len(token_ids)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise ValueError(f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
-                             f"exceeds max_model_len ({self.max_model_len})")
+        max_tokens = checked_max_tokens(token_ids, params, self.model_config.vocab_size, self.max_model_len)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
