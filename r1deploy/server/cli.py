@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -109,6 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "429 with Retry-After")
     p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes,
                    help="largest request body accepted; larger ones get 413")
+    p.add_argument("--client-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a client must send each request (headers and body) within this long, and a stream write "
+                        "it does not read may stall this long; then its connection is closed (408 for a late body)")
     p.add_argument("--drain-timeout", type=float, default=ServerSettings.drain_timeout_s,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.engine_config import EngineConfig, SpeculativeConfig
     from r1deploy.server.app import create_app
     from r1deploy.server.chat_template import load_chat_template, load_default_kwargs
+    from r1deploy.server.client_timeouts import ClientTimeoutProtocol
     from r1deploy.server.draining import DrainingServer
 
     engine_options = {name: getattr(args, name) for name in
@@ -170,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:
             parallel["init_timeout_s"] = args.dist_init_timeout
+        if args.client_timeout <= 0:
+            raise ValueError(f"--client-timeout must be > 0 seconds, got {args.client_timeout:g}")
         offload = offload_config(args)
         speculative = None if args.speculative_config is None else SpeculativeConfig.of(args.speculative_config)
         config = EngineConfig(**engine_options, **generation_options(args), parallel=MultiNodeConfig(**parallel),
@@ -207,8 +214,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load, ready, failed)
     state: ServerState = app.state.server
+    http = functools.partial(ClientTimeoutProtocol, client_timeout_s=args.client_timeout)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5), state)
+                                           timeout_graceful_shutdown=5, http=http), state)
     print(f"r1deploy serve: loading {args.model or 'the embedded model'}; "
           f"http://{_display_host(args.host)}:{args.port}/health/ready turns 200 when ready", flush=True)
     server.run()
