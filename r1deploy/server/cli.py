@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from r1deploy.errors import UsageError
 from r1deploy.models.hub import resolve_model_source
+from r1deploy.models.model_names import path_like
 from r1deploy.server.options import add_vllm_options, generation_options
 from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
 
@@ -175,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:
             parallel["init_timeout_s"] = args.dist_init_timeout
+        if args.served_model_name is not None and path_like(args.served_model_name):
+            raise ValueError(f"--served-model-name {args.served_model_name!r}: {path_like(args.served_model_name)}")
         if args.client_timeout <= 0:
             raise ValueError(f"--client-timeout must be > 0 seconds, got {args.client_timeout:g}")
         offload = offload_config(args)

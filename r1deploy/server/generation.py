@@ -14,6 +14,7 @@ from fastapi import Request
 from r1deploy.engine.engine import OUT_OF_MEMORY
 from r1deploy.engine.llm import fan_out
 from r1deploy.engine.outputs import RequestOutput
+from r1deploy.models.model_names import path_like
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.server.errors import APIError, bad_input
 from r1deploy.server.protocol import SamplingRequest
@@ -33,6 +34,10 @@ def new_id(prefix: str) -> str:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
+    """404 for another model's name; 400 for a name that looks like a path (never opened: one model is served)."""
+    reason = None if model is None else path_like(model)
+    if reason is not None:
+        raise APIError(400, f"model: {reason}", param="model", code="invalid_model_name")
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
