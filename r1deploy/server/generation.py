@@ -21,6 +21,7 @@ from r1deploy.server.protocol import SamplingRequest
 from r1deploy.server.request_fields import check_fields, logit_bias
 from r1deploy.server.state import ServerState
 from r1deploy.structured import StructuredOutputsParams
+from r1deploy.structured.grammar import DEAD_END
 
 T = TypeVar("T")
 
@@ -140,6 +141,8 @@ class Job:
             if state.engine_failed:
                 error = APIError(500, "the engine failed; the server is shutting down for a restart",
                                  code="engine_dead")
+            elif DEAD_END in str(exc):  # the request's own constraint, not the server, ran out of tokens
+                error = APIError(400, DEAD_END + str(exc).split(DEAD_END, 1)[1], param="structured_outputs")
             elif OUT_OF_MEMORY in str(exc):  # that step's requests failed; the engine serves on
                 error = APIError(503, str(exc).removeprefix("engine failed: "), code="out_of_memory")
             self._queue.put_nowait(error)
