@@ -89,8 +89,8 @@ class ClientTimeoutProtocol(H11Protocol):
             cycle.message_event.set()  # the app waiting for the body gets http.disconnect
             self.transport.close()
         else:
-            log.info("%s: request headers not received within %gs; closing", self._who(), self.client_timeout_s)
-            self.timeout_keep_alive_handler()  # uvicorn's idle close
+            log.info("%s: request not received within %gs; closing", self._who(), self.client_timeout_s)
+            self.transport.abort()  # close() could wait for ever to flush to a client that reads nothing
 
     def _send_stalled(self) -> None:
         self._send_deadline = None
