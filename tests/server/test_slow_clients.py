@@ -126,7 +126,7 @@ def test_a_client_that_never_reads_its_stream_is_cut_off_and_its_requests_aborte
     stuck.sendall(_post_head(len(body)) + body)
     began = time.monotonic()
     while _metric(base, "r1deploy_aborted_requests_total") < aborted_before + 16:
-        assert time.monotonic() - began < 45, "the never-read stream was not cut off"
+        assert time.monotonic() - began < 120, "the never-read stream was not cut off"  # filling the buffers: ~10 s idle
         assert _served(base) < 10  # others are served while it stalls
         time.sleep(0.5)
     assert _metric(base, "r1deploy_kv_cache_blocks_used") == 0
