@@ -157,7 +157,8 @@ def _tokenizer(path: str | None) -> workload.Tokenizer | None:
     try:
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(Path(path).expanduser())))
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()), trust_remote_code=False)
+        return HFTokenizer(tokenizer)
     except (OSError, ValueError):
         return None  # a directory without tokenizer files: counts come from the server's usage
 

@@ -77,12 +77,15 @@ class MultiprocExecutor:
             raise
         return MultiprocExecutor(processes, runner, config)
 
-    def execute(self, model_input: ModelInput, previous: torch.Tensor | None) -> SamplerOutput | None:
+    def check_health(self) -> None:
         if self.error is not None:
             raise TensorParallelError(self.error)
         dead = dead_workers(self.processes)
         if dead:
             self._fail(f"{dead}; the engine cannot run")
+
+    def execute(self, model_input: ModelInput, previous: torch.Tensor | None) -> SamplerOutput | None:
+        self.check_health()
         try:
             return self._execute(model_input, previous)
         except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors come as several types

@@ -19,6 +19,8 @@ from r1deploy.engine.outputs import RequestOutput
 from r1deploy.engine.request import Request
 from r1deploy.sampling_params import SamplingParams
 
+HEALTH_POLL_S = 1.0  # how often an idle loop checks its ranks
+
 
 @dataclass(frozen=True)
 class _Abort:
@@ -81,12 +83,17 @@ class AsyncLLMEngine:
         self._inbox.put(_Abort(request_id))
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False once shutdown was asked."""
+        """Apply queued adds and aborts; False once shutdown was asked. While idle (block), check the
+        executor's ranks every HEALTH_POLL_S: a tensor-parallel worker that died between requests fails the
+        loop now, so health turns 503 and the server exits for a restart without waiting for a request."""
         while True:
             try:
-                item = self._inbox.get(block=block)
+                item = self._inbox.get(block=block, timeout=HEALTH_POLL_S if block else None)
             except queue.Empty:
-                return True
+                if not block:
+                    return True
+                self.engine.executor.check_health()
+                continue
             block = False
             if item is None:
                 return False

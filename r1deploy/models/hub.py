@@ -10,23 +10,18 @@ which honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN and shows its o
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from r1deploy.errors import UsageError
-from r1deploy.presets import PRESET_DIR, canonical_name
+from r1deploy.models.model_names import check_model_source, is_repo_id
+from r1deploy.presets import preset_path
 
 log = logging.getLogger("r1deploy.models")
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                  "chat_template.jinja", "chat_template.json"]
 _WEIGHT_FILES = ["*.safetensors", "model.safetensors.index.json"]
-
-
-def is_repo_id(model: str) -> bool:
-    return _REPO_ID.fullmatch(model) is not None and "--" not in model and ".." not in model
 
 
 def repo_id_of(path: Path) -> str | None:
@@ -39,7 +34,9 @@ def repo_id_of(path: Path) -> str | None:
 
 def resolve_model_source(model: str | None, *, revision: str | None = None, download_dir: str | None = None,
                          load_format: str = "auto") -> str | None:
-    """The local path (or preset name) to load for `model`; a Hub id is downloaded into the cache first."""
+    """The local path (or preset name) to load for `model`; a Hub id is downloaded into the cache first. Anything
+    else is refused here (UsageError), before a file is opened or the Hub asked."""
+    check_model_source(model)
     if model is None or Path(model).expanduser().exists() or not is_repo_id(model):
         if revision is not None:
             raise UsageError(f"--revision {revision} applies to Hugging Face Hub ids (org/name), not {model!r}")
@@ -47,12 +44,12 @@ def resolve_model_source(model: str | None, *, revision: str | None = None, down
     try:
         return str(_download(model, revision, download_dir, weights=load_format != "dummy"))
     except UsageError as exc:
-        preset = PRESET_DIR / f"{canonical_name(model)}.json"
-        if load_format == "dummy" and preset.is_file():
+        preset = preset_path(model)
+        if load_format == "dummy" and preset is not None:
             log.warning("%s: %s; using the %s preset's config (random weights)", model, exc, preset.stem)
             return model
         hint = (f"; or pass --load-format dummy for random weights at the {preset.stem} preset's shape"
-                if preset.is_file() else "")
+                if preset is not None else "")
         raise UsageError(f"{exc}{hint}") from None
 
 

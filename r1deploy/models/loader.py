@@ -161,7 +161,8 @@ def _load_hf_dir(
             shown = tp is None or tp.rank == 0  # one progress display, not one per rank
             load_model_weights(built, weights_with_progress(safetensors_files(path), iter_safetensors_file, shown))
     with phase("tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+        # never the checkpoint's own Python code (trust_remote_code): only stock tokenizer classes load
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if _has_tokenizer(path) else None
     return LoadedModel(built, config, tokenizer, _eos_ids(config, tokenizer, path), name, path)
 
 

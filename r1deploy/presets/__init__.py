@@ -27,6 +27,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+def preset_path(name: str) -> Path | None:
+    """The preset file a name or alias means, or None; only shipped presets, so no name reaches outside them."""
+    key = canonical_name(name)
+    return PRESET_DIR / f"{key}.json" if key in preset_names() else None
+
+
 def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = key.removeprefix("deepseek-ai/").replace("deepseek-r1-distill-", "r1-distill-")
@@ -42,8 +48,8 @@ def resolve_config_path(model: str) -> Path:
         raise UsageError(f"model directory {path} has no config.json")
     if path.is_file():
         return path
-    preset = PRESET_DIR / f"{canonical_name(model)}.json"
-    if preset.is_file():
+    preset = preset_path(model)
+    if preset is not None:
         return preset
     raise UsageError(f"unknown model {model!r}: use a config.json, a model directory, or one of "
                      f"{', '.join(preset_names())} (aliases: {', '.join(ALIASES)})")

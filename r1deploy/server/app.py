@@ -25,6 +25,7 @@ from r1deploy.server.errors import error_response, install_error_handlers
 from r1deploy.server.generation import ClientGone
 from r1deploy.server.metrics import CONTENT_TYPE
 from r1deploy.server.middleware import GateMiddleware
+from r1deploy.server.openapi import ERROR_RESPONSES, install_openapi
 from r1deploy.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1deploy.server.reasoning import vocab_has_think
 from r1deploy.server.request_defaults import with_generation_defaults
@@ -64,7 +65,8 @@ def create_app(
             state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # No /docs or /redoc: interactive pages are not part of the API and pull scripts from a CDN.
-    app = FastAPI(title="r1deploy", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="r1deploy", lifespan=lifespan, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
+    install_openapi(app)
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, state=state)

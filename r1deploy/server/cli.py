@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from r1deploy.errors import UsageError
 from r1deploy.models.hub import resolve_model_source
+from r1deploy.models.model_names import path_like
 from r1deploy.server.options import add_vllm_options, generation_options
 from r1deploy.server.state import REASONING_PARSERS, Phase, ServerSettings, ServerState
 
@@ -110,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "429 with Retry-After")
     p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes,
                    help="largest request body accepted; larger ones get 413")
+    p.add_argument("--client-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a client must send each request (headers and body) within this long, and a stream write "
+                        "it does not read may stall this long; then its connection is closed (408 for a late body)")
     p.add_argument("--drain-timeout", type=float, default=ServerSettings.drain_timeout_s,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from r1deploy.engine_config import EngineConfig, SpeculativeConfig
     from r1deploy.server.app import create_app
     from r1deploy.server.chat_template import load_chat_template, load_default_kwargs
+    from r1deploy.server.client_timeouts import ClientTimeoutProtocol
     from r1deploy.server.draining import DrainingServer
 
     engine_options = {name: getattr(args, name) for name in
@@ -171,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
             parallel["timeout_s"] = args.dist_timeout
         if args.dist_init_timeout is not None:
             parallel["init_timeout_s"] = args.dist_init_timeout
+        if args.served_model_name is not None and path_like(args.served_model_name):
+            raise ValueError(f"--served-model-name {args.served_model_name!r}: {path_like(args.served_model_name)}")
+        if args.client_timeout <= 0:
+            raise ValueError(f"--client-timeout must be > 0 seconds, got {args.client_timeout:g}")
         offload = offload_config(args)
         speculative = None if args.speculative_config is None else SpeculativeConfig.of(args.speculative_config)
         config = EngineConfig(**engine_options, **generation_options(args), parallel=MultiNodeConfig(**parallel),
@@ -208,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load, ready, failed)
     state: ServerState = app.state.server
+    http = functools.partial(ClientTimeoutProtocol, client_timeout_s=args.client_timeout)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5), state)
+                                           timeout_graceful_shutdown=5, http=http), state)
     print(f"r1deploy serve: loading {args.model or 'the embedded model'}; "
           f"http://{_display_host(args.host)}:{args.port}/health/ready turns 200 when ready", flush=True)
     server.run()

@@ -19,7 +19,7 @@ from r1deploy.server.protocol import ErrorInfo, ErrorResponse
 log = logging.getLogger("r1deploy.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable"}
 
 

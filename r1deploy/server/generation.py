@@ -14,12 +14,14 @@ from fastapi import Request
 from r1deploy.engine.engine import OUT_OF_MEMORY
 from r1deploy.engine.llm import fan_out
 from r1deploy.engine.outputs import RequestOutput
+from r1deploy.models.model_names import path_like
 from r1deploy.sampling_params import SamplingParams
 from r1deploy.server.errors import APIError, bad_input
 from r1deploy.server.protocol import SamplingRequest
 from r1deploy.server.request_fields import check_fields, logit_bias
 from r1deploy.server.state import ServerState
 from r1deploy.structured import StructuredOutputsParams
+from r1deploy.structured.grammar import DEAD_END
 
 T = TypeVar("T")
 
@@ -33,6 +35,10 @@ def new_id(prefix: str) -> str:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
+    """404 for another model's name; 400 for a name that looks like a path (never opened: one model is served)."""
+    reason = None if model is None else path_like(model)
+    if reason is not None:
+        raise APIError(400, f"model: {reason}", param="model", code="invalid_model_name")
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
@@ -135,6 +141,8 @@ class Job:
             if state.engine_failed:
                 error = APIError(500, "the engine failed; the server is shutting down for a restart",
                                  code="engine_dead")
+            elif DEAD_END in str(exc):  # the request's own constraint, not the server, ran out of tokens
+                error = APIError(400, DEAD_END + str(exc).split(DEAD_END, 1)[1], param="structured_outputs")
             elif OUT_OF_MEMORY in str(exc):  # that step's requests failed; the engine serves on
                 error = APIError(503, str(exc).removeprefix("engine failed: "), code="out_of_memory")
             self._queue.put_nowait(error)

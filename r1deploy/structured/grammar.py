@@ -17,6 +17,8 @@ from r1deploy.structured.params import StructuredOutputsParams
 
 THINK_START = "<think>"
 THINK_END = "</think>"
+# A constraint the model's vocabulary cannot satisfy: the client's request, so a 400 (server/generation.py).
+DEAD_END = "structured_outputs: no token of this model's vocabulary"
 
 
 class GrammarBackend:
@@ -55,7 +57,11 @@ class GrammarBackend:
         waits_for = None
         if spec.after_reasoning and self.think_end is not None and not self._thought_closed(prompt_ids):
             waits_for = self.think_end
-        return RequestGrammar(self._xgr.GrammarMatcher(self.compile(spec)), waits_for)
+        matcher = self._xgr.GrammarMatcher(self.compile(spec))
+        if not allowed_tokens(matcher, self.vocab_size).any():
+            # e.g. choices in a script the vocabulary cannot spell (a word-level tokenizer): refused up front
+            raise ValueError(f"{DEAD_END} begins the {spec.kind}")
+        return RequestGrammar(matcher, waits_for)
 
     def _thought_closed(self, prompt_ids: Sequence[int]) -> bool:
         """The prompt already ends the thought (a template that skips thinking writes `<think></think>`)."""
@@ -82,8 +88,18 @@ class RequestGrammar:
             if token_id == self.waits_for:
                 self.waits_for = None
             return
-        if not self.matcher.accept_token(token_id):
-            raise ValueError(f"structured_outputs: token {token_id} does not match the grammar")
+        if not self.matcher.accept_token(token_id):  # sampled under the mask: the mask allowed no token
+            raise ValueError(f"{DEAD_END} continues the constraint here (token {token_id} sampled)")
+
+
+def allowed_tokens(matcher: Any, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: the tokens the matcher accepts next."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten()[:vocab_size].bool()
 
 
 def batch_bitmask(grammars: Sequence[RequestGrammar | None], vocab_size: int) -> torch.Tensor | None:

@@ -89,7 +89,7 @@ def iter_gguf_tensors(reader: GGUFReader, hf_config: dict[str, Any]) -> Iterator
 
 
 def load_gguf_tokenizer(path: Path, reader: GGUFReader) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     # transformers' GGUF tokenizer import can pick the wrong special tokens (it takes eos = bos for
     # SmolLM2); the GGUF metadata is the authority.
     for role in ("bos", "eos", "pad", "unk"):

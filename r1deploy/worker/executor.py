@@ -24,6 +24,10 @@ class Executor(Protocol):
         device ([B_prev] int64), which model_input.pending_index refers to (async scheduling)."""
         ...
 
+    def check_health(self) -> None:
+        """Raise if the ranks can no longer run a step (called while idle, so a dead rank shows without a request)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -37,6 +41,9 @@ class LocalExecutor:
         if logits is None:
             return None
         return self.runner.sample(logits, model_input.sampling)
+
+    def check_health(self) -> None:
+        pass  # one process: if it runs, its only rank does
 
     def shutdown(self) -> None:
         self.runner.release()
