@@ -189,7 +189,8 @@ class EngineConfig:
     attention_backend: str | None = None
     # CUDA graphs are captured for steps whose sequences all have one of these numbers of new tokens:
     # 1 = decode; 1+k = a speculative verify step of k draft tokens (each extra length costs graph memory).
-    graph_query_lens: tuple[int, ...] = (1,)
+    # None: 1, and 1+k when speculating (vLLM and SGLang capture their verify steps too).
+    graph_query_lens: tuple[int, ...] | None = None
 
     @property
     def uses_draft_model(self) -> bool:
@@ -221,6 +222,9 @@ class EngineConfig:
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if self.graph_query_lens is None:
+            verify = () if self.speculative is None else (1 + self.speculative.num_speculative_tokens,)
+            object.__setattr__(self, "graph_query_lens", (1, *(n for n in verify if n <= DECODE_MAX_QUERY_LEN)))
         if not self.graph_query_lens or not all(1 <= n <= DECODE_MAX_QUERY_LEN for n in self.graph_query_lens):
             raise ValueError(f"graph_query_lens must hold lengths in [1, {DECODE_MAX_QUERY_LEN}], "
                              f"got {self.graph_query_lens!r}")

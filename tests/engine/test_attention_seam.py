@@ -14,7 +14,7 @@ from r1deploy.attention.mla_torch import TorchMLABackend
 from r1deploy.attention.selector import make_attention_backend, step_metadata
 from r1deploy.attention.torch_backend import TorchAttentionBackend
 from r1deploy.core.forward_batch import ForwardBatch, PendingTokens
-from r1deploy.engine_config import EngineConfig
+from r1deploy.engine_config import EngineConfig, SpeculativeConfig
 from r1deploy.errors import UsageError
 from r1deploy.worker.cuda_graphs import GraphBuffers
 
@@ -82,6 +82,15 @@ def test_step_metadata_is_the_engines_or_the_default_backends() -> None:
     assert isinstance(step_metadata(batch, "mla"), MLAMetadata)
     with pytest.raises(TypeError, match="MLAMetadata"):
         step_metadata(dataclasses.replace(batch, attn_metadata=built), "mla")
+
+
+def test_verify_steps_get_graphs_by_default_when_speculating() -> None:
+    assert EngineConfig().graph_query_lens == (1,)
+    spec = SpeculativeConfig("ngram", 3)
+    assert EngineConfig(speculative=spec).graph_query_lens == (1, 4)
+    assert EngineConfig(speculative=spec, graph_query_lens=(1,)).graph_query_lens == (1,)  # an explicit choice stays
+    too_long = SpeculativeConfig("ngram", DECODE_MAX_QUERY_LEN)
+    assert EngineConfig(speculative=too_long).graph_query_lens == (1,)  # past the decode kernels' query axis
 
 
 def test_engine_config_validates_the_attention_options() -> None:
