@@ -172,3 +172,28 @@ def test_mtp_is_refused_where_it_cannot_run(mtp_checkpoint) -> None:
         EngineConfig(speculative=SpeculativeConfig("mtp", 3), block_size=1)
     with pytest.raises(UsageError, match="without its MTP layer"):
         MTPProposer(make_engine(mtp_checkpoint[0]).runner, 1, 16)
+
+
+def test_oracle_times_the_mtp_head_and_keeps_greedy(mtp_checkpoint, plain_tokens) -> None:
+    """gpu_spec.py's setup: the oracle's drafts at acceptance 1.0, the MTP head run beside them for its cost (and
+    following every step with its own cache); greedy output unchanged, every draft accepted."""
+    references = {tuple(p): tuple(t) for p, t in zip(PROMPTS, plain_tokens["batched"], strict=True)}
+    spec = SpeculativeConfig.of({"method": "oracle", "num_speculative_tokens": 2, "acceptance": 1.0,
+                                 "references": references, "inner": "mtp"})
+    engine = make_engine(mtp_checkpoint[0], speculative=spec)
+    mtp_calls = record_drafts_of(engine.proposer.inner)
+    assert list(generate(engine, PROMPTS).values()) == plain_tokens["batched"]
+    assert mtp_calls and engine.spec_stats.acceptance_per_position == [1.0, 1.0]
+
+
+def record_drafts_of(proposer: MTPProposer) -> list[int]:
+    """Counts the MTP proposer's batch proposals (one entry per call: the number of requests drafted for)."""
+    calls: list[int] = []
+    propose = proposer.propose_batch
+
+    def counting(wanted):
+        calls.append(len(wanted))
+        return propose(wanted)
+
+    proposer.propose_batch = counting
+    return calls
