@@ -23,6 +23,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": ErrorRe
 STREAMING_ROUTES = ("/v1/completions", "/v1/chat/completions")
 TEXT_ROUTES = ("/metrics",)
 EMPTY_ROUTES = ("/health",)  # vLLM's: 200 with an empty body
+# One parsed server-sent event, as OpenAPI 3.2 documents text/event-stream (3.0/3.1 tools read `schema` per event):
+# our `data` is a chunk's JSON, an error's JSON or the final [DONE], so it stays a string here.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer", "minimum": 0}}}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -47,7 +52,7 @@ def corrected(document: dict[str, Any]) -> dict[str, Any]:
                 responses["default"] = default  # last, as it reads: every status not listed above
             ok = responses.get("200", {})
             if path in STREAMING_ROUTES:
-                ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
             if path in TEXT_ROUTES:
                 ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path in EMPTY_ROUTES:

@@ -24,7 +24,8 @@ async def test_errors_are_documented_as_400_and_openai_shaped(client: httpx.Asyn
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert "content" not in paths["/health"]["get"]["responses"]["200"]  # vLLM's empty 200
     for route in ("/v1/completions", "/v1/chat/completions"):
-        assert "text/event-stream" in paths[route]["post"]["responses"]["200"]["content"]
+        event = paths[route]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert event["required"] == ["data"] and event["properties"]["data"] == {"type": "string"}
     error = document["components"]["schemas"]["ErrorInfo"]
     assert set(error["properties"]) == {"message", "type", "param", "code"}
 
